@@ -1,0 +1,93 @@
+"""MoEConfig: the typed description of one MoE feed-forward layer, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+ROUTERS = ("topk", "hash", "random")
+ACTIVATIONS = ("gelu", "silu", "relu")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """One MoE feed-forward layer.
+
+    Every invalid field raises ``ValueError("MoEConfig.<field>=...: why")`` at construction,
+    before anything is traced.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int = 8
+    experts_per_token: int = 1
+    router: str = "topk"  # "topk" (learned), "hash" (Hash Layers), "random"
+    capacity_factor: float = 1.25  # slots per expert = ceil(cf * k * group_tokens / E)
+    # Capacity when the layer is in eval mode (``layer.eval()``); None = no token is ever dropped.
+    eval_capacity_factor: float | None = None
+    # Tokens that share one capacity budget. None = all tokens on one device (the usual
+    # per-device rule). A fixed size makes drops independent of the mesh layout, as long as
+    # each device holds a whole number of groups.
+    capacity_group_size: int | None = None
+    activation: str = "gelu"
+    gated: bool = True  # GLU (SwiGLU with silu) when True; plain wi/wo MLP when False
+    aux_loss_coef: float = 0.01  # Switch load-balance loss coefficient
+    z_loss_coef: float = 1e-3  # router z-loss coefficient
+    router_jitter: float = 0.0  # multiplicative router-input noise in training: x * U(1-eps, 1+eps)
+    hash_seed: int = 0  # seeds the hash router's token -> expert table
+    eval_seed: int = 0  # seeds the random router in eval mode (deterministic evaluation)
+    dtype: str = "float32"  # activation / expert compute dtype; the router is always float32
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        def fail(name, why):
+            raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("d_model", "d_ff", "num_experts", "experts_per_token"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, "must be a positive integer")
+        if self.router not in ROUTERS:
+            fail("router", f"unknown router; choose one of {', '.join(ROUTERS)}")
+        if self.experts_per_token > self.num_experts:
+            fail("experts_per_token", f"cannot exceed num_experts={self.num_experts}")
+        if not _positive_finite(self.capacity_factor):
+            fail("capacity_factor", "must be a number > 0")
+        if self.eval_capacity_factor is not None and not _positive_finite(self.eval_capacity_factor):
+            fail("eval_capacity_factor", "must be a number > 0 or None (no drops)")
+        if self.capacity_group_size is not None and (
+            not isinstance(self.capacity_group_size, int) or self.capacity_group_size < 1
+        ):
+            fail("capacity_group_size", "must be a positive integer or None")
+        if self.activation not in ACTIVATIONS:
+            fail("activation", f"unknown activation; choose one of {', '.join(ACTIVATIONS)}")
+        if not isinstance(self.gated, bool):
+            fail("gated", "must be True or False")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                fail(name, "must be a finite number >= 0")
+        if not isinstance(self.router_jitter, (int, float)) or not 0 <= self.router_jitter < 1:
+            fail("router_jitter", "must be in [0, 1)")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                fail(name, f"choose one of {', '.join(DTYPES)}")
+
+    def capacity(self, group_tokens: int, deterministic: bool = False) -> int:
+        """Slots per expert for a group of ``group_tokens`` tokens (C in the shape names)."""
+        cf = self.eval_capacity_factor if deterministic else self.capacity_factor
+        if cf is None:  # no drops: an expert can receive each token of the group at most once
+            return group_tokens
+        slots = math.ceil(cf * self.experts_per_token * group_tokens / self.num_experts)
+        return max(1, min(slots, group_tokens))
+
+    @property
+    def active_ffn_flops_per_token(self) -> int:
+        """Forward FLOPs of the expert FFNs one token uses (k experts), router excluded."""
+        mats = 3 if self.gated else 2
+        return 2 * mats * self.d_model * self.d_ff * self.experts_per_token
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

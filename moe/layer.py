@@ -1,0 +1,177 @@
+"""MoEFeedForward: routing + capacity dispatch + batched experts, returning (y, aux).
+
+Shape letters: B batch, S sequence, D model width, H expert hidden width, E experts,
+K experts per token.
+
+Parameters (global arrays, created already sharded under the current mesh):
+  router_w [D,E]    (topk router only; replicated, kept in float32)
+  wi [E,D,H], wg [E,D,H] (gated only), wo [E,H,D]   (E over ``expert``, H over ``tensor``)
+The routed computation runs inside one ``jax.shard_map`` over the whole mesh; with no mesh
+set the very same function runs on one device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from moe import routing
+from moe.config import MoEConfig
+from moe.dispatch import DispatchPlan, dispatch_combine
+from moe.experts import expert_ffn
+from sharding.mesh import EXPERT_AXIS, TENSOR_AXIS, axis_size, batch_axes, current_mesh
+from sharding.rules import logical_to_spec
+
+EXPERT_IN_AXES = ("experts", "expert_embed", "expert_mlp")
+EXPERT_OUT_AXES = ("experts", "expert_mlp", "expert_embed")
+ROUTER_AXES = ("router_in", "router_out")
+
+
+def sharded_param(key, shape, logical_axes, std: float, dtype, mesh) -> nnx.Param:
+    """A normal(0, std) parameter created directly in its sharding (no unsharded copy)."""
+    if mesh is None:
+        return nnx.Param(jax.random.normal(key, shape, dtype) * std, logical_axes=logical_axes)
+    spec = logical_to_spec(logical_axes, mesh)
+    value = jax.random.normal(key, shape, dtype, out_sharding=spec) * jnp.asarray(std, dtype)
+    return nnx.Param(value, logical_axes=logical_axes, out_sharding=tuple(spec))
+
+
+class MoEFeedForward(nnx.Module):
+    """Sparse MoE FFN. ``y, aux = layer(x_BSD, token_ids_BS)``.
+
+    ``aux`` holds float32 scalars ``aux_loss`` and ``z_loss`` (unweighted, 0 where the router
+    has none), ``router_loss`` (their weighted sum, ready to add to the training loss),
+    ``dropped_fraction`` and ``router_entropy``, and ``expert_load`` [E]; all over the global batch.
+    ``layer.eval()`` switches off router jitter, fixes the random router's seed and uses
+    ``eval_capacity_factor``; ``layer.train()`` switches back.
+    """
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"MoEFeedForward expects a MoEConfig, got {type(cfg).__name__}")
+        mesh = current_mesh()
+        n_ep = axis_size(mesh, EXPERT_AXIS)
+        if cfg.num_experts % n_ep:
+            raise ValueError(
+                f"MoEConfig.num_experts={cfg.num_experts}: not divisible by the '{EXPERT_AXIS}' mesh axis (size {n_ep})"
+            )
+        n_tp = axis_size(mesh, TENSOR_AXIS)
+        if cfg.d_ff % n_tp:
+            raise ValueError(f"MoEConfig.d_ff={cfg.d_ff}: not divisible by the '{TENSOR_AXIS}' mesh axis (size {n_tp})")
+        self.cfg = cfg
+        self.deterministic = False
+        d, h, e = cfg.d_model, cfg.d_ff, cfg.num_experts
+        pdtype = jnp.dtype(cfg.param_dtype)
+        key = rngs.params()
+        k_router, k_wi, k_wg, k_wo = jax.random.split(key, 4)
+        if cfg.router == "topk":
+            self.router_w = sharded_param(k_router, (d, e), ROUTER_AXES, 0.1 * d**-0.5, jnp.float32, mesh)
+        self.wi = sharded_param(k_wi, (e, d, h), EXPERT_IN_AXES, d**-0.5, pdtype, mesh)
+        if cfg.gated:
+            self.wg = sharded_param(k_wg, (e, d, h), EXPERT_IN_AXES, d**-0.5, pdtype, mesh)
+        self.wo = sharded_param(k_wo, (e, h, d), EXPERT_OUT_AXES, h**-0.5, pdtype, mesh)
+        self.rngs = rngs["routing"].fork() if cfg.router == "random" or cfg.router_jitter > 0 else nnx.data(None)
+
+    # ------------------------------------------------------------------ routing
+    def route(self, x_BSD: jax.Array, token_ids_BS: jax.Array | None, key: jax.Array | None = None) -> routing.Routing:
+        """Routing decisions for a batch (global arrays; layout-invariant)."""
+        cfg = self.cfg
+        e, k = cfg.num_experts, cfg.experts_per_token
+        mesh = current_mesh()
+        if cfg.router == "hash":
+            if token_ids_BS is None:
+                raise ValueError("MoEConfig.router='hash': the layer needs token_ids")
+            return routing.hash_route(token_ids_BS, e, k, cfg.hash_seed)
+        if cfg.router == "random":
+            if key is None:
+                key = jax.random.key(cfg.eval_seed) if self.deterministic else self.rngs()
+            spec = None if mesh is None else logical_to_spec(("batch", "seq", None), mesh)
+            return routing.random_route(key, x_BSD.shape[:2], e, k, out_sharding=spec)
+        x32_BSD = x_BSD.astype(jnp.float32)
+        if cfg.router_jitter > 0 and not self.deterministic:
+            if key is None:
+                key = self.rngs()
+            spec = None if mesh is None else logical_to_spec(("batch", "seq", "embed"), mesh)
+            noise = jax.random.uniform(
+                key, x32_BSD.shape, jnp.float32, 1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter, out_sharding=spec
+            )
+            x32_BSD = x32_BSD * noise
+        logits_BSE = jnp.einsum("bsd,de->bse", x32_BSD, self.router_w[...].astype(jnp.float32))
+        return routing.topk_route(logits_BSE, k)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, x_BSD: jax.Array, token_ids_BS: jax.Array | None = None, *, key: jax.Array | None = None):
+        cfg = self.cfg
+        if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoEFeedForward: x must be [batch, seq, {cfg.d_model}], got shape {x_BSD.shape}")
+        x_BSD = x_BSD.astype(jnp.dtype(cfg.dtype))
+        r = self.route(x_BSD, token_ids_BS, key)
+
+        mesh = current_mesh()
+        b_axes = batch_axes(mesh)
+        n_batch = 1
+        for a in b_axes:
+            n_batch *= mesh.shape[a]
+        b, s, _ = x_BSD.shape
+        if b % n_batch:
+            raise ValueError(f"MoEFeedForward: batch size {b} is not divisible by the {n_batch} batch shards {b_axes}")
+        local_tokens = (b // n_batch) * s
+        group = cfg.capacity_group_size or local_tokens
+        if local_tokens % group:
+            raise ValueError(
+                f"MoEConfig.capacity_group_size={cfg.capacity_group_size}: must divide the {local_tokens} tokens per device"
+            )
+        n_ep = axis_size(mesh, EXPERT_AXIS)
+        n_tp = axis_size(mesh, TENSOR_AXIS)
+        plan = DispatchPlan(
+            num_experts=cfg.num_experts,
+            capacity=cfg.capacity(group, self.deterministic),
+            group_tokens=group,
+            expert_axis=EXPERT_AXIS if n_ep > 1 else None,
+            expert_axis_size=n_ep,
+            stat_axes=b_axes,
+        )
+        experts = functools.partial(
+            expert_ffn, activation=cfg.activation, tensor_axis=TENSOR_AXIS if n_tp > 1 else None
+        )
+        weights = (self.wi[...], self.wo[...], self.wg[...] if cfg.gated else None)
+
+        def local(x, ids, gates, wi, wo, wg):
+            return dispatch_combine(x, ids, gates, lambda buf: experts(buf, wi, wo, wg), plan)
+
+        if mesh is None:
+            y_BSD, dropped = local(x_BSD, r.expert_ids, r.gates, *weights)
+        else:
+            in_specs = (
+                logical_to_spec(("batch", "seq", "embed"), mesh),
+                logical_to_spec(("batch", "seq", None), mesh),
+                logical_to_spec(("batch", "seq", None), mesh),
+                logical_to_spec(EXPERT_IN_AXES, mesh),
+                logical_to_spec(EXPERT_OUT_AXES, mesh),
+                None if weights[2] is None else logical_to_spec(EXPERT_IN_AXES, mesh),
+            )
+            args = (x_BSD, r.expert_ids, r.gates, *weights)
+            # Explicit-mode shard_map needs its inputs in exactly in_specs: reshard (a no-op
+            # when they already are; an all-gather for FSDP-sharded weights).
+            args = tuple(
+                a if spec is None else jax.sharding.reshard(a, spec) for a, spec in zip(args, in_specs, strict=True)
+            )
+            out_specs = (logical_to_spec(("batch", "seq", "embed"), mesh), P())
+            y_BSD, dropped = jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(*args)
+            if jax.typeof(y_BSD).sharding.spec != jax.typeof(x_BSD).sharding.spec:
+                y_BSD = jax.sharding.reshard(y_BSD, jax.typeof(x_BSD).sharding.spec)
+
+        total = b * s * cfg.experts_per_token
+        aux = {
+            "aux_loss": r.aux_loss,
+            "z_loss": r.z_loss,
+            "router_loss": cfg.aux_loss_coef * r.aux_loss + cfg.z_loss_coef * r.z_loss,
+            "dropped_fraction": dropped / total,
+            "expert_load": r.expert_load,
+            "router_entropy": r.router_entropy,
+        }
+        return y_BSD, aux

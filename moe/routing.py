@@ -1,0 +1,118 @@
+"""Routers: tokens -> (expert ids, gate weights, router losses, statistics).
+
+Shape letters: B batch, S sequence, D model width, E experts, K experts per token.
+
+Routing is per-token math on global arrays (outside any ``shard_map``), so decisions and
+statistics are the same on 1 device or 64: every mean below runs over the global batch, and the
+random router draws from a counter-based key (threefry, partitionable) indexed by the token's
+global position, never by the device.
+
+All three routers share one interface and return a ``Routing``:
+  * ``topk``  learned softmax router in float32; k=1 is Switch (gate = router probability),
+              k>1 renormalises the chosen probabilities (Mixtral).
+  * ``hash``  Hash Layers: a fixed pseudo-random table token id -> expert(s), seeded by
+              ``hash_seed``; no parameters; gate 1 (1/k each for k>1).
+  * ``random`` a fresh uniformly random choice of k distinct experts per token on every call;
+              gate 1 (1/k each for k>1).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+    expert_ids: jax.Array  # [B,S,K] int32, k distinct experts per token, best first
+    gates: jax.Array  # [B,S,K] float32
+    aux_loss: jax.Array  # scalar, Switch load-balance loss E * sum_i f_i P_i (unweighted; 1 when balanced)
+    z_loss: jax.Array  # scalar, mean over tokens of logsumexp(logits)^2 (unweighted)
+    expert_load: jax.Array  # [E] share of the B*S*K assignments sent to each expert (sums to 1)
+    router_entropy: jax.Array  # scalar, mean entropy (nats) of the router distribution; 0 without one
+
+
+def expert_load(expert_ids_BSK: jax.Array, num_experts: int) -> jax.Array:
+    """[E] fraction of all token-expert assignments that go to each expert (global)."""
+    one_hot_BSKE = jax.nn.one_hot(expert_ids_BSK, num_experts, dtype=jnp.float32)
+    return jnp.mean(jnp.sum(one_hot_BSKE, axis=2), axis=(0, 1)) / expert_ids_BSK.shape[-1]
+
+
+def load_balance_loss(probs_BSE: jax.Array, load_E: jax.Array) -> jax.Array:
+    """Switch Transformer auxiliary loss E * sum_i f_i * P_i.
+
+    f_i (``load_E``) is the share of assignments routed to expert i and carries no gradient;
+    P_i is the mean router probability of expert i. Equals 1 under perfect balance.
+    """
+    num_experts = probs_BSE.shape[-1]
+    mean_prob_E = jnp.mean(probs_BSE, axis=(0, 1))
+    return num_experts * jnp.sum(jax.lax.stop_gradient(load_E) * mean_prob_E)
+
+
+def router_z_loss(logits_BSE: jax.Array) -> jax.Array:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_BSE, axis=-1)))
+
+
+def topk_route(logits_BSE: jax.Array, k: int) -> Routing:
+    """Learned top-k routing from float32 router logits."""
+    logits_BSE = logits_BSE.astype(jnp.float32)
+    num_experts = logits_BSE.shape[-1]
+    probs_BSE = jax.nn.softmax(logits_BSE, axis=-1)
+    gates_BSK, ids_BSK = jax.lax.top_k(probs_BSE, k)
+    if k > 1:
+        gates_BSK = gates_BSK / jnp.sum(gates_BSK, axis=-1, keepdims=True)
+    load_E = expert_load(ids_BSK, num_experts)
+    entropy = -jnp.mean(jnp.sum(probs_BSE * jax.nn.log_softmax(logits_BSE, axis=-1), axis=-1))
+    return Routing(
+        expert_ids=ids_BSK.astype(jnp.int32),
+        gates=gates_BSK,
+        aux_loss=load_balance_loss(probs_BSE, load_E),
+        z_loss=router_z_loss(logits_BSE),
+        expert_load=load_E,
+        router_entropy=entropy,
+    )
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijective avalanche mix of uint32 values."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def hash_scores(token_ids_BS: jax.Array, num_experts: int, seed: int) -> jax.Array:
+    """[B,S,E] pseudo-random scores that depend only on (token id, expert, seed).
+
+    Their ranking per token is a fixed random permutation of the experts: the top k are the
+    token's experts. It plays the part of Hash Layers' random lookup table, for any vocabulary.
+    """
+    seed_mix = _mix32(jnp.uint32(seed & 0xFFFFFFFF) ^ jnp.uint32(0x9E3779B9))
+    ids_BS1 = token_ids_BS.astype(jnp.uint32)[..., None]
+    experts_E = jnp.arange(num_experts, dtype=jnp.uint32)
+    h_BSE = _mix32(_mix32(ids_BS1 ^ seed_mix) + experts_E * jnp.uint32(0x632BE5AB))
+    return (h_BSE >> 8).astype(jnp.float32)  # 24 bits: exact in float32, top_k-friendly
+
+
+def _fixed_route(scores_BSE: jax.Array, k: int) -> Routing:
+    """Routing with no router distribution: the top-k scores choose; gates 1/k."""
+    _, ids_BSK = jax.lax.top_k(scores_BSE, k)
+    ids_BSK = ids_BSK.astype(jnp.int32)
+    gates_BSK = jnp.full(ids_BSK.shape, 1.0 / k, jnp.float32)
+    zero = jnp.zeros((), jnp.float32)
+    load_E = expert_load(ids_BSK, scores_BSE.shape[-1])
+    return Routing(ids_BSK, gates_BSK, zero, zero, load_E, zero)
+
+
+def hash_route(token_ids_BS: jax.Array, num_experts: int, k: int, seed: int) -> Routing:
+    """Hash Layers routing: equal token ids always go to equal experts."""
+    return _fixed_route(hash_scores(token_ids_BS, num_experts, seed), k)
+
+
+def random_route(key: jax.Array, shape_BS: tuple[int, int], num_experts: int, k: int, out_sharding=None) -> Routing:
+    """Uniformly random k distinct experts per token, from ``key`` and the token's global position."""
+    scores_BSE = jax.random.uniform(key, (*shape_BS, num_experts), jnp.float32, out_sharding=out_sharding)
+    return _fixed_route(scores_BSE, k)

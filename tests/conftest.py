@@ -1,0 +1,35 @@
+"""Every test runs on CPU with 8 emulated devices (set before JAX starts its backend)."""
+
+import os
+
+os.environ["JAX_PLATFORMS"] = os.environ.get("JAX_PLATFORMS", "cpu")
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from sharding import make_mesh  # noqa: E402
+
+MESHES = {
+    "none": None,  # no mesh set at all
+    "1dev": dict(data=1, expert=1),  # a 1-device mesh
+    "d2e4": dict(data=2, expert=4),
+    "d1e8": dict(data=1, expert=8),
+    "e4t2": dict(expert=4, tensor=2),
+}
+
+
+def build_mesh(name):
+    sizes = MESHES[name]
+    if sizes is None:
+        return None
+    n = 1
+    for v in sizes.values():
+        n *= v
+    return make_mesh(devices=jax.devices()[:n], **sizes)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == 8, "tests expect 8 emulated CPU devices"

@@ -1,0 +1,92 @@
+"""A naive single-device reference for the MoE layer: a Python loop over groups and experts.
+
+It shares nothing with moe/dispatch.py: routing decisions are taken in NumPy, capacity is
+applied by walking each group's assignments in (choice, token) order, and each expert's
+kept tokens go through that expert's FFN one expert at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from moe.routing import hash_scores
+
+
+def _act(name):
+    return {"gelu": lambda v: jax.nn.gelu(v, approximate=False), "silu": jax.nn.silu, "relu": jax.nn.relu}[name]
+
+
+def oracle_routing(cfg, params, x, token_ids, key=None):
+    """NumPy expert ids [T,K] for global tokens in (batch, seq) order."""
+    t = x.shape[0] * x.shape[1]
+    k, e = cfg.experts_per_token, cfg.num_experts
+    if cfg.router == "topk":
+        logits = np.asarray(jnp.einsum("bsd,de->bse", x.astype(jnp.float32), params["router_w"])).reshape(t, e)
+        return np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    if cfg.router == "hash":
+        scores = np.asarray(hash_scores(jnp.asarray(token_ids), e, cfg.hash_seed)).reshape(t, e)
+    else:
+        scores = np.asarray(jax.random.uniform(key, (x.shape[0], x.shape[1], e), jnp.float32)).reshape(t, e)
+    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+
+
+def kept_assignments(ids, num_groups, capacity, num_experts):
+    """Per expert, the list of kept (token, choice) pairs; the number dropped."""
+    t, k = ids.shape
+    tg = t // num_groups
+    kept = {e: [] for e in range(num_experts)}
+    dropped = 0
+    for g in range(num_groups):
+        used = [0] * num_experts
+        for j in range(k):
+            for tok in range(g * tg, (g + 1) * tg):
+                e = int(ids[tok, j])
+                if used[e] < capacity:
+                    kept[e].append((tok, j))
+                    used[e] += 1
+                else:
+                    dropped += 1
+    return kept, dropped
+
+
+def make_oracle(cfg, ids, num_groups, capacity):
+    """Returns f(params, x) -> (y, router_loss, dropped_fraction) with routing fixed to ``ids``."""
+    kept, dropped = kept_assignments(ids, num_groups, capacity, cfg.num_experts)
+    t, k = ids.shape
+    act = _act(cfg.activation)
+
+    def f(params, x):
+        b, s, d = x.shape
+        x_td = x.reshape(t, d)
+        router_loss = jnp.zeros((), jnp.float32)
+        if cfg.router == "topk":
+            logits = (x_td.astype(jnp.float32) @ params["router_w"]).astype(jnp.float32)
+            probs = jax.nn.softmax(logits, axis=-1)
+            gates = probs[np.arange(t)[:, None], ids]
+            if k > 1:
+                gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+            load = np.zeros(cfg.num_experts)
+            for e in ids.reshape(-1):
+                load[e] += 1
+            load /= ids.size
+            aux = cfg.num_experts * jnp.sum(load * jnp.mean(probs, axis=0))
+            z = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+            router_loss = cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+        else:
+            gates = jnp.full((t, k), 1.0 / k)
+        y = jnp.zeros((t, d), jnp.float32)
+        for e in range(cfg.num_experts):  # the naive per-expert loop
+            if not kept[e]:
+                continue
+            toks = np.array([p[0] for p in kept[e]])
+            choice = np.array([p[1] for p in kept[e]])
+            xe = x_td[toks]
+            h = xe @ params["wi"][e]
+            h = act(xe @ params["wg"][e]) * h if cfg.gated else act(h)
+            out = h @ params["wo"][e]
+            y = y.at[toks].add(gates[toks, choice][:, None] * out)
+        return y.reshape(b, s, d), router_loss, dropped / ids.size
+
+    return f
