@@ -91,3 +91,55 @@ class MoEConfig:
 
 def _positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """A decoder-only language model; also the ``model`` section of the run config."""
+
+    vocab_size: int = 0  # 0 = the tokenizer's vocabulary, rounded up to a multiple of 64
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 4
+    d_ff: int = 512  # hidden width of dense FFN blocks
+    moe_every: int = 1  # every n-th block has an MoE FFN (blocks n-1, 2n-1, ...); 0 = dense model
+    num_experts: int = 8
+    experts_per_token: int = 1
+    expert_d_ff: int = 0  # hidden width of each expert; 0 = d_ff
+    router: str = "topk"
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 0.0  # capacity in evaluation; 0 = no token is dropped
+    capacity_group_size: int = 0  # 0 = all tokens on one device share the capacity
+    activation: str = "silu"
+    gated: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+    router_jitter: float = 0.0
+    hash_seed: int = 0
+    tie_embeddings: bool = True
+    rope_theta: float = 10_000.0
+    dtype: str = "float32"  # activations; the router is always float32
+    param_dtype: str = "float32"
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(
+            d_model=self.d_model,
+            d_ff=self.expert_d_ff or self.d_ff,
+            num_experts=self.num_experts,
+            experts_per_token=self.experts_per_token,
+            router=self.router,
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor or None,
+            capacity_group_size=self.capacity_group_size or None,
+            activation=self.activation,
+            gated=self.gated,
+            aux_loss_coef=self.aux_loss_coef,
+            z_loss_coef=self.z_loss_coef,
+            router_jitter=self.router_jitter,
+            hash_seed=self.hash_seed,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    def is_moe_block(self, index: int) -> bool:
+        return self.moe_every > 0 and (index + 1) % self.moe_every == 0

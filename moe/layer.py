@@ -23,21 +23,42 @@ from moe import routing
 from moe.config import MoEConfig
 from moe.dispatch import DispatchPlan, dispatch_combine
 from moe.experts import expert_ffn
-from sharding.mesh import EXPERT_AXIS, TENSOR_AXIS, axis_size, batch_axes, current_mesh
-from sharding.rules import logical_to_spec
+from sharding.mesh import axis_size, current_mesh
+from sharding.rules import logical_to_spec, mesh_axis_of
 
 EXPERT_IN_AXES = ("experts", "expert_embed", "expert_mlp")
 EXPERT_OUT_AXES = ("experts", "expert_mlp", "expert_embed")
 ROUTER_AXES = ("router_in", "router_out")
+ACT_AXES = ("batch", "seq", "act_embed")
+ROUTE_AXES = ("batch", "seq", None)
 
 
-def sharded_param(key, shape, logical_axes, std: float, dtype, mesh) -> nnx.Param:
-    """A normal(0, std) parameter created directly in its sharding (no unsharded copy)."""
+def sharded_param(key, shape, logical_axes, std: float, dtype, mesh=None, init: str = "normal") -> nnx.Param:
+    """A normal(0, std) (or ``init="ones"``) parameter created directly in its sharding.
+
+    The value is born sharded by the current rules (no unsharded copy ever exists); the
+    logical axis names are kept as metadata for the sharding table.
+    """
+    mesh = current_mesh() if mesh is None else mesh
+    spec = None if mesh is None else logical_to_spec(logical_axes, mesh)
+    if init == "ones":
+        value = jnp.ones(shape, dtype, device=None if spec is None else jax.sharding.NamedSharding(mesh, spec))
+    else:
+        value = jax.random.normal(key, shape, dtype, out_sharding=spec) * jnp.asarray(std, dtype)
+    meta = {} if spec is None else {"out_sharding": tuple(spec)}
+    return nnx.Param(value, logical_axes=tuple(logical_axes), **meta)
+
+
+def compute_value(param: nnx.Param, logical_axes) -> jax.Array:
+    """The parameter gathered to its compute sharding (a no-op unless it is FSDP-sharded)."""
+    value = param[...]
+    mesh = current_mesh()
     if mesh is None:
-        return nnx.Param(jax.random.normal(key, shape, dtype) * std, logical_axes=logical_axes)
-    spec = logical_to_spec(logical_axes, mesh)
-    value = jax.random.normal(key, shape, dtype, out_sharding=spec) * jnp.asarray(std, dtype)
-    return nnx.Param(value, logical_axes=logical_axes, out_sharding=tuple(spec))
+        return value
+    spec = logical_to_spec(logical_axes, mesh, compute=True)
+    if jax.typeof(value).sharding.spec != spec:
+        value = jax.sharding.reshard(value, spec)
+    return value
 
 
 class MoEFeedForward(nnx.Module):
@@ -54,14 +75,14 @@ class MoEFeedForward(nnx.Module):
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"MoEFeedForward expects a MoEConfig, got {type(cfg).__name__}")
         mesh = current_mesh()
-        n_ep = axis_size(mesh, EXPERT_AXIS)
+        ep_axis, tp_axis = mesh_axis_of("experts", mesh), mesh_axis_of("expert_mlp", mesh)
+        n_ep, n_tp = axis_size(mesh, ep_axis), axis_size(mesh, tp_axis)
         if cfg.num_experts % n_ep:
             raise ValueError(
-                f"MoEConfig.num_experts={cfg.num_experts}: not divisible by the '{EXPERT_AXIS}' mesh axis (size {n_ep})"
+                f"MoEConfig.num_experts={cfg.num_experts}: not divisible by the '{ep_axis}' mesh axis (size {n_ep})"
             )
-        n_tp = axis_size(mesh, TENSOR_AXIS)
         if cfg.d_ff % n_tp:
-            raise ValueError(f"MoEConfig.d_ff={cfg.d_ff}: not divisible by the '{TENSOR_AXIS}' mesh axis (size {n_tp})")
+            raise ValueError(f"MoEConfig.d_ff={cfg.d_ff}: not divisible by the '{tp_axis}' mesh axis (size {n_tp})")
         self.cfg = cfg
         self.deterministic = False
         d, h, e = cfg.d_model, cfg.d_ff, cfg.num_experts
@@ -69,11 +90,11 @@ class MoEFeedForward(nnx.Module):
         key = rngs.params()
         k_router, k_wi, k_wg, k_wo = jax.random.split(key, 4)
         if cfg.router == "topk":
-            self.router_w = sharded_param(k_router, (d, e), ROUTER_AXES, 0.1 * d**-0.5, jnp.float32, mesh)
-        self.wi = sharded_param(k_wi, (e, d, h), EXPERT_IN_AXES, d**-0.5, pdtype, mesh)
+            self.router_w = sharded_param(k_router, (d, e), ROUTER_AXES, 0.1 * d**-0.5, jnp.float32)
+        self.wi = sharded_param(k_wi, (e, d, h), EXPERT_IN_AXES, d**-0.5, pdtype)
         if cfg.gated:
-            self.wg = sharded_param(k_wg, (e, d, h), EXPERT_IN_AXES, d**-0.5, pdtype, mesh)
-        self.wo = sharded_param(k_wo, (e, h, d), EXPERT_OUT_AXES, h**-0.5, pdtype, mesh)
+            self.wg = sharded_param(k_wg, (e, d, h), EXPERT_IN_AXES, d**-0.5, pdtype)
+        self.wo = sharded_param(k_wo, (e, h, d), EXPERT_OUT_AXES, h**-0.5, pdtype)
         self.rngs = rngs["routing"].fork() if cfg.router == "random" or cfg.router_jitter > 0 else nnx.data(None)
 
     # ------------------------------------------------------------------ routing
@@ -89,18 +110,18 @@ class MoEFeedForward(nnx.Module):
         if cfg.router == "random":
             if key is None:
                 key = jax.random.key(cfg.eval_seed) if self.deterministic else self.rngs()
-            spec = None if mesh is None else logical_to_spec(("batch", "seq", None), mesh)
+            spec = None if mesh is None else logical_to_spec(ROUTE_AXES, mesh)
             return routing.random_route(key, x_BSD.shape[:2], e, k, out_sharding=spec)
         x32_BSD = x_BSD.astype(jnp.float32)
         if cfg.router_jitter > 0 and not self.deterministic:
             if key is None:
                 key = self.rngs()
-            spec = None if mesh is None else logical_to_spec(("batch", "seq", "embed"), mesh)
+            spec = None if mesh is None else logical_to_spec(ACT_AXES, mesh)
             noise = jax.random.uniform(
                 key, x32_BSD.shape, jnp.float32, 1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter, out_sharding=spec
             )
             x32_BSD = x32_BSD * noise
-        logits_BSE = jnp.einsum("bsd,de->bse", x32_BSD, self.router_w[...].astype(jnp.float32))
+        logits_BSE = jnp.einsum("bsd,de->bse", x32_BSD, compute_value(self.router_w, ROUTER_AXES).astype(jnp.float32))
         return routing.topk_route(logits_BSE, k)
 
     # ------------------------------------------------------------------ forward
@@ -112,7 +133,8 @@ class MoEFeedForward(nnx.Module):
         r = self.route(x_BSD, token_ids_BS, key)
 
         mesh = current_mesh()
-        b_axes = batch_axes(mesh)
+        b_spec = logical_to_spec(("batch",), mesh)[0]
+        b_axes = () if b_spec is None else (b_spec,) if isinstance(b_spec, str) else tuple(b_spec)
         n_batch = 1
         for a in b_axes:
             n_batch *= mesh.shape[a]
@@ -125,20 +147,21 @@ class MoEFeedForward(nnx.Module):
             raise ValueError(
                 f"MoEConfig.capacity_group_size={cfg.capacity_group_size}: must divide the {local_tokens} tokens per device"
             )
-        n_ep = axis_size(mesh, EXPERT_AXIS)
-        n_tp = axis_size(mesh, TENSOR_AXIS)
+        ep_axis, tp_axis = mesh_axis_of("experts", mesh), mesh_axis_of("expert_mlp", mesh)
         plan = DispatchPlan(
             num_experts=cfg.num_experts,
             capacity=cfg.capacity(group, self.deterministic),
             group_tokens=group,
-            expert_axis=EXPERT_AXIS if n_ep > 1 else None,
-            expert_axis_size=n_ep,
+            expert_axis=ep_axis,
+            expert_axis_size=axis_size(mesh, ep_axis),
             stat_axes=b_axes,
         )
-        experts = functools.partial(
-            expert_ffn, activation=cfg.activation, tensor_axis=TENSOR_AXIS if n_tp > 1 else None
+        experts = functools.partial(expert_ffn, activation=cfg.activation, tensor_axis=tp_axis)
+        weights = (
+            compute_value(self.wi, EXPERT_IN_AXES),
+            compute_value(self.wo, EXPERT_OUT_AXES),
+            compute_value(self.wg, EXPERT_IN_AXES) if cfg.gated else None,
         )
-        weights = (self.wi[...], self.wo[...], self.wg[...] if cfg.gated else None)
 
         def local(x, ids, gates, wi, wo, wg):
             return dispatch_combine(x, ids, gates, lambda buf: experts(buf, wi, wo, wg), plan)
@@ -147,20 +170,20 @@ class MoEFeedForward(nnx.Module):
             y_BSD, dropped = local(x_BSD, r.expert_ids, r.gates, *weights)
         else:
             in_specs = (
-                logical_to_spec(("batch", "seq", "embed"), mesh),
-                logical_to_spec(("batch", "seq", None), mesh),
-                logical_to_spec(("batch", "seq", None), mesh),
-                logical_to_spec(EXPERT_IN_AXES, mesh),
-                logical_to_spec(EXPERT_OUT_AXES, mesh),
-                None if weights[2] is None else logical_to_spec(EXPERT_IN_AXES, mesh),
+                logical_to_spec(ACT_AXES, mesh),
+                logical_to_spec(ROUTE_AXES, mesh),
+                logical_to_spec(ROUTE_AXES, mesh),
+                logical_to_spec(EXPERT_IN_AXES, mesh, compute=True),
+                logical_to_spec(EXPERT_OUT_AXES, mesh, compute=True),
+                None if weights[2] is None else logical_to_spec(EXPERT_IN_AXES, mesh, compute=True),
             )
             args = (x_BSD, r.expert_ids, r.gates, *weights)
             # Explicit-mode shard_map needs its inputs in exactly in_specs: reshard (a no-op
-            # when they already are; an all-gather for FSDP-sharded weights).
+            # when they already are).
             args = tuple(
                 a if spec is None else jax.sharding.reshard(a, spec) for a, spec in zip(args, in_specs, strict=True)
             )
-            out_specs = (logical_to_spec(("batch", "seq", "embed"), mesh), P())
+            out_specs = (logical_to_spec(ACT_AXES, mesh), P())
             y_BSD, dropped = jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(*args)
             if jax.typeof(y_BSD).sharding.spec != jax.typeof(x_BSD).sharding.spec:
                 y_BSD = jax.sharding.reshard(y_BSD, jax.typeof(x_BSD).sharding.spec)

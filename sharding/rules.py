@@ -1,45 +1,116 @@
 """Logical axis names -> mesh axes, decided in one table apart from the model.
 
-Model code names each array dimension with a logical name (``"batch"``, ``"experts"``,
-``"expert_mlp"`` ...); this table maps the name to mesh axes. Mesh axes missing from the
-current mesh are dropped, so the same model runs on any mesh, including none.
+Model code names each array dimension with a logical name; a preset maps the names to mesh
+axes. Mesh axes that the current mesh lacks, or that have size 1, are dropped, so the same
+model runs on any mesh (or none). Parameters are stored in their *param* spec; before use
+they are gathered to their *compute* spec, which is the param spec without ``fsdp`` (FSDP
+shards storage only, the batch already runs over ``fsdp``).
+
+Presets:
+  dp      parameters replicated, experts too (the ``expert`` axis is then only a batch axis)
+  ep      experts over ``expert``; dense parameters replicated            (default)
+  fsdp    ep + dense and expert weights' model dimension over ``fsdp``
+  ep+tp   ep + hidden, head and vocabulary dimensions over ``tensor``
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import BATCH_AXES, EXPERT_AXIS, TENSOR_AXIS
 
-# logical name -> mesh axis, tuple of mesh axes, or None (replicated)
-DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+FSDP_AXIS = "fsdp"
+
+Rules = dict[str, "str | tuple[str, ...] | None"]
+
+_EP: Rules = {
+    # activations
     "batch": BATCH_AXES,
     "seq": None,
+    "act_embed": None,
+    "act_heads": None,
+    "act_mlp": None,
+    "act_vocab": None,
+    # dense parameters
+    "vocab": None,
     "embed": None,
+    "heads": None,
+    "head_dim": None,
+    "mlp": None,
+    "norm": None,
+    # MoE parameters
     "experts": EXPERT_AXIS,
     "expert_embed": None,
-    "expert_mlp": TENSOR_AXIS,
+    "expert_mlp": None,
     "router_in": None,
     "router_out": None,
 }
 
+PRESETS: dict[str, Rules] = {
+    "dp": {**_EP, "experts": None},
+    "ep": _EP,
+    "fsdp": {**_EP, "embed": FSDP_AXIS, "expert_embed": FSDP_AXIS},
+    "ep+tp": {
+        **_EP,
+        "mlp": TENSOR_AXIS,
+        "heads": TENSOR_AXIS,
+        "vocab": TENSOR_AXIS,
+        "expert_mlp": TENSOR_AXIS,
+        "act_heads": TENSOR_AXIS,
+        "act_mlp": TENSOR_AXIS,
+        "act_vocab": TENSOR_AXIS,
+    },
+}
 
-def logical_to_spec(logical_axes, mesh=None, rules=None) -> P:
+_current: contextvars.ContextVar[str] = contextvars.ContextVar("switchyard_rules", default="ep")
+
+
+@contextlib.contextmanager
+def use_rules(preset: str):
+    """Within the block, model code shards by ``preset``."""
+    if preset not in PRESETS:
+        raise ValueError(f"mesh.rules={preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+    token = _current.set(preset)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def current_rules() -> str:
+    return _current.get()
+
+
+def logical_to_spec(logical_axes, mesh=None, rules: str | None = None, *, compute: bool = False) -> P:
     """PartitionSpec for an array whose dimensions carry ``logical_axes``.
 
-    Mesh axes that ``mesh`` lacks are dropped; with ``mesh=None`` every dimension is replicated.
+    Mesh axes that ``mesh`` lacks or that have size 1 are dropped; with ``mesh=None`` every
+    dimension is replicated. ``compute=True`` drops ``fsdp`` from parameter dimensions.
     """
-    rules = DEFAULT_RULES if rules is None else rules
-    present = () if mesh is None else tuple(mesh.axis_names)
+    table = PRESETS[rules or _current.get()]
+    sizes = {} if mesh is None else dict(mesh.shape)
     out = []
     for name in logical_axes:
         if name is None:
             out.append(None)
             continue
-        if name not in rules:
+        if name not in table:
             raise KeyError(f"no sharding rule for logical axis {name!r}")
-        target = rules[name]
+        target = table[name]
         axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        axes = tuple(a for a in axes if a in present)
+        if compute and name != "batch":
+            axes = tuple(a for a in axes if a != FSDP_AXIS)
+        axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)
+
+
+def mesh_axis_of(logical_name: str, mesh, rules: str | None = None) -> str | None:
+    """The single mesh axis a logical axis maps to on ``mesh`` (None if replicated)."""
+    spec = logical_to_spec((logical_name,), mesh, rules, compute=True)[0]
+    if spec is None or isinstance(spec, str):
+        return spec
+    raise ValueError(f"logical axis {logical_name!r} maps to several mesh axes {spec}")

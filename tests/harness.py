@@ -9,6 +9,7 @@ from flax import nnx
 
 from conftest import build_mesh
 from moe import MoEFeedForward
+from sharding.rules import use_rules
 
 B, S, D, H, E = 8, 16, 16, 32, 8
 PARAM_NAMES = ("router_w", "wi", "wg", "wo")
@@ -25,7 +26,8 @@ def make_inputs(seed=0, b=B, s=S):
 def run_layer(cfg, mesh_name, x, token_ids, ct, key=None, deterministic=False):
     """Forward + gradients of sum(y * ct) + router_loss on the named mesh; all results as NumPy."""
     mesh = build_mesh(mesh_name)
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    rules = "ep+tp" if mesh is not None and "tensor" in mesh.axis_names else "ep"
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(), use_rules(rules):
         layer = MoEFeedForward(cfg, rngs=nnx.Rngs(0))
         if deterministic:
             layer.eval()

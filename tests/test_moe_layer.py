@@ -12,6 +12,7 @@ from conftest import build_mesh
 from harness import D, E, H, make_inputs, run_layer
 from moe import MoEConfig, MoEFeedForward
 from moe import routing
+from sharding.rules import use_rules
 
 
 def _cfg(**kw):
@@ -89,7 +90,7 @@ def test_expert_gradients_are_not_averaged_over_the_expert_axis():
 def test_parameters_are_created_sharded():
     for mesh_name, wi_spec in (("d2e4", ("expert", None, None)), ("e4t2", ("expert", None, "tensor"))):
         mesh = build_mesh(mesh_name)
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), use_rules("ep+tp"):
             layer = MoEFeedForward(_cfg(), rngs=nnx.Rngs(0))
             assert tuple(jax.typeof(layer.wi[...]).sharding.spec) == wi_spec
             assert tuple(layer.wi.out_sharding) == wi_spec

@@ -19,6 +19,115 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _split_overrides(rest: list[str], prog: str) -> list[tuple[str, str]]:
+    """``--config.a.b=v`` or ``--config.a.b v`` pairs; anything else is an error."""
+    out, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--config."):
+            _fail(prog, f"{arg}: unrecognised argument")
+        key, eq, value = arg[len("--config."):].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                _fail(prog, f"{arg}: missing value")
+            value, i = rest[i + 1], i + 1
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def _fail(prog: str, message: str, code: int = 2):
+    print(f"{prog}: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu_devices", type=int, default=8, help="CPU devices to emulate when no accelerator is used")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks")
+
+
+def train_main(argv=None) -> int:
+    """moe-train --config=configs/default.py --workdir=DIR [--config.KEY=VALUE ...]"""
+    prog = "moe-train"
+    p = argparse.ArgumentParser(prog=prog, description="Train a sparse MoE language model.")
+    p.add_argument("--config", required=True, help="a configs/*.py file defining get_config()")
+    p.add_argument("--workdir", required=True, help="run folder: config, logs, checkpoints")
+    p.add_argument("--dry_run", action="store_true", help="validate and print the config and parameter counts")
+    _common_args(p)
+    args, rest = p.parse_known_args(argv)
+    from train.config import ConfigError, apply_override, load_config_file, validate
+
+    try:
+        cfg = load_config_file(args.config)
+        for key, value in _split_overrides(rest, prog):
+            apply_override(cfg, key, value)
+        validate(cfg)
+    except ConfigError as e:
+        _fail(prog, str(e))
+    if args.cpu_devices < 1:
+        _fail(prog, f"--cpu_devices={args.cpu_devices}: must be >= 1")
+    from sharding.mesh import emulate_cpu_devices
+
+    emulate_cpu_devices(args.cpu_devices)
+    return _run_guarded(prog, args.verbose, lambda: _train(cfg, args))
+
+
+def _run_guarded(prog: str, verbose: bool, fn) -> int:
+    """Run ``fn``; user-caused errors become one line and exit code 2 (traceback with --verbose)."""
+    from train.config import ConfigError
+    from train.data import DataError
+
+    try:
+        return fn()
+    except (ConfigError, DataError) as e:
+        if verbose:
+            raise
+        _fail(prog, str(e))
+    except KeyboardInterrupt:
+        _fail(prog, "interrupted", 130)
+
+
+def _train(cfg, args) -> int:
+    import jax
+
+    from train.config import validate_mesh
+    from train.loop import Trainer, param_counts, resolve_model
+
+    sizes = validate_mesh(cfg, jax.device_count())
+    if args.dry_run:
+        from train.tokenizer import ByteTokenizer
+
+        resolved = cfg if cfg.model.vocab_size or cfg.data.tokenizer != "byte" else resolve_model(cfg, ByteTokenizer().vocab_size)
+        print(resolved.to_json())
+        mesh = " x ".join(f"{k}={v}" for k, v in sizes.items())
+        print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {mesh}; rules {cfg.mesh.rules}")
+        if resolved.model.vocab_size:
+            counts = param_counts(resolved.model)
+            print(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token")
+        else:
+            print("parameters: the vocabulary comes from the BPE tokenizer trained at start; counts follow from it")
+        return 0
+    trainer = Trainer(cfg, args.workdir)
+    try:
+        counts = param_counts(trainer.cfg.model)
+        trainer.log(
+            f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
+            f"{jax.device_count()} devices; workdir {args.workdir}"
+        )
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    if jax.process_index() == 0:
+        w = args.workdir
+        print(
+            f"done: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}, eval loss {summary['eval_loss']:.3f}, "
+            f"{summary['tokens_per_sec'] or 0:,.0f} tokens/s\n"
+            f"  metrics:     {w}/metrics.jsonl   (plot: python scripts/plot_metrics.py {w})\n"
+            f"  tensorboard: tensorboard --logdir {w}/tensorboard"
+        )
+    return 0
+
+
 def bench_main(argv=None) -> int:
     from train.bench import BenchConfig  # no JAX import at module level
 
@@ -37,7 +146,7 @@ def bench_main(argv=None) -> int:
     p.add_argument("--expert", type=int, default=d.expert, help="mesh 'expert' axis size")
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--iters", type=int, default=d.iters)
-    p.add_argument("--cpu_devices", type=int, default=8, help="CPU devices to emulate when no accelerator is used")
+    _common_args(p)
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     args = p.parse_args(argv)
     cfg = BenchConfig(**{f: getattr(args, f) for f in BenchConfig.__dataclass_fields__})

@@ -1,0 +1,35 @@
+"""The laptop config: a small MoE language model on 8 emulated CPU devices (data=2 x expert=4).
+
+8 experts, top-1 (Switch) routing in every second block, byte tokenizer, trained on the running
+Python's standard library sources. Finishes in a few minutes on 2 CPU cores.
+
+    make train
+    # or: moe-train --config=configs/default.py --workdir=runs/default
+"""
+
+from train.config import Config
+
+
+def get_config() -> Config:
+    cfg = Config()
+    cfg.model.num_layers = 4
+    cfg.model.d_model = 128
+    cfg.model.num_heads = 4
+    cfg.model.d_ff = 512
+    cfg.model.moe_every = 2
+    cfg.model.num_experts = 8
+    cfg.model.experts_per_token = 1
+    cfg.model.router = "topk"
+    cfg.model.capacity_factor = 1.25
+    cfg.mesh.data = 2
+    cfg.mesh.expert = 4
+    cfg.train.steps = 300
+    cfg.train.batch_size = 16
+    cfg.train.seq_len = 128
+    cfg.optimizer.learning_rate = 3e-3
+    cfg.optimizer.warmup_steps = 30
+    cfg.data.max_bytes = 8_000_000
+    cfg.checkpoint.every_steps = 100
+    cfg.log_every_steps = 10
+    cfg.eval_every_steps = 100
+    return cfg

@@ -1,0 +1,197 @@
+"""Decoder-only transformer language model with dense or MoE feed-forward blocks.
+
+Shape letters: B batch, S sequence (queries), T sequence (keys), D model width, N heads,
+K head dim, F dense FFN hidden width, V vocabulary, E experts.
+
+Pre-norm blocks: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)) where FFN is an
+``MoEFeedForward`` in every ``moe_every``-th block and a dense GLU/MLP elsewhere. Causal
+multi-head attention with rotary position embeddings (RoPE). Activations in ``cfg.dtype``;
+norms, softmaxes, the router and the logits in float32. Every parameter is created sharded by
+the logical-axis rules (sharding/rules.py) and gathered to its compute sharding before use.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe.config import TransformerConfig
+from moe.experts import ACTIVATION_FNS
+from moe.layer import MoEFeedForward, compute_value, sharded_param
+from sharding.mesh import current_mesh
+from sharding.rules import logical_to_spec
+
+AUX_KEYS = ("aux_loss", "z_loss", "router_loss", "dropped_fraction", "router_entropy", "expert_load")
+
+
+def einsum(eq: str, a: jax.Array, b: jax.Array, out_axes) -> jax.Array:
+    """jnp.einsum whose result carries the compute sharding of ``out_axes`` (logical names)."""
+    mesh = current_mesh()
+    out_sharding = None if mesh is None else logical_to_spec(out_axes, mesh)
+    return jnp.einsum(eq, a, b, out_sharding=out_sharding)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.scale = sharded_param(None, (dim,), ("norm",), 1.0, jnp.float32, init="ones")
+        self.eps = eps
+
+    def __call__(self, x_BSD: jax.Array) -> jax.Array:
+        x32 = x_BSD.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * compute_value(self.scale, ("norm",))).astype(x_BSD.dtype)
+
+
+def rope(x_BSNK: jax.Array, positions_BS: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half form, computed in float32."""
+    half = x_BSNK.shape[-1] // 2
+    freq_K = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BSK = positions_BS.astype(jnp.float32)[..., None] * freq_K
+    sin, cos = jnp.sin(angle_BSK)[:, :, None, :], jnp.cos(angle_BSK)[:, :, None, :]
+    x1, x2 = jnp.split(x_BSNK.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSNK.dtype)
+
+
+class Attention(nnx.Module):
+    IN_AXES = ("embed", "heads", "head_dim")
+    OUT_AXES = ("heads", "head_dim", "embed")
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        d, n = cfg.d_model, cfg.num_heads
+        k = d // n
+        pdtype = jnp.dtype(cfg.param_dtype)
+        self.wq = sharded_param(rngs.params(), (d, n, k), self.IN_AXES, d**-0.5, pdtype)
+        self.wk = sharded_param(rngs.params(), (d, n, k), self.IN_AXES, d**-0.5, pdtype)
+        self.wv = sharded_param(rngs.params(), (d, n, k), self.IN_AXES, d**-0.5, pdtype)
+        self.wo = sharded_param(rngs.params(), (n, k, d), self.OUT_AXES, d**-0.5, pdtype)
+        self.theta = cfg.rope_theta
+
+    def project_qkv(self, x_BSD, positions_BS):
+        dtype = x_BSD.dtype
+        heads = ("batch", "seq", "act_heads", None)
+        q = einsum("bsd,dnk->bsnk", x_BSD, compute_value(self.wq, self.IN_AXES).astype(dtype), heads)
+        k = einsum("bsd,dnk->bsnk", x_BSD, compute_value(self.wk, self.IN_AXES).astype(dtype), heads)
+        v = einsum("bsd,dnk->bsnk", x_BSD, compute_value(self.wv, self.IN_AXES).astype(dtype), heads)
+        return rope(q, positions_BS, self.theta), rope(k, positions_BS, self.theta), v
+
+    def attend(self, q_BSNK, k_BTNK, v_BTNK, mask_BST):
+        """softmax(q k^T / sqrt(K) + mask) v, output projection; float32 softmax."""
+        scale = q_BSNK.shape[-1] ** -0.5
+        logits = einsum("bsnk,btnk->bnst", q_BSNK, k_BTNK, ("batch", "act_heads", "seq", None))
+        logits = jnp.where(mask_BST[:, None], logits.astype(jnp.float32) * scale, -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_BTNK.dtype)
+        out_BSNK = einsum("bnst,btnk->bsnk", probs, v_BTNK, ("batch", "seq", "act_heads", None))
+        wo = compute_value(self.wo, self.OUT_AXES).astype(out_BSNK.dtype)
+        return einsum("bsnk,nkd->bsd", out_BSNK, wo, ("batch", "seq", "act_embed"))
+
+    def __call__(self, x_BSD, positions_BS):
+        q, k, v = self.project_qkv(x_BSD, positions_BS)
+        s = x_BSD.shape[1]
+        mask_BST = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (x_BSD.shape[0], s, s))
+        return self.attend(q, k, v, mask_BST)
+
+
+class DenseFFN(nnx.Module):
+    IN_AXES = ("embed", "mlp")
+    OUT_AXES = ("mlp", "embed")
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        pdtype = jnp.dtype(cfg.param_dtype)
+        self.wi = sharded_param(rngs.params(), (d, f), self.IN_AXES, d**-0.5, pdtype)
+        self.wg = sharded_param(rngs.params(), (d, f), self.IN_AXES, d**-0.5, pdtype) if cfg.gated else None
+        self.wo = sharded_param(rngs.params(), (f, d), self.OUT_AXES, f**-0.5, pdtype)
+        self.act = ACTIVATION_FNS[cfg.activation]
+
+    def __call__(self, x_BSD):
+        dtype = x_BSD.dtype
+        hidden = ("batch", "seq", "act_mlp")
+        h_BSF = einsum("bsd,df->bsf", x_BSD, compute_value(self.wi, self.IN_AXES).astype(dtype), hidden)
+        if self.wg is not None:
+            g_BSF = einsum("bsd,df->bsf", x_BSD, compute_value(self.wg, self.IN_AXES).astype(dtype), hidden)
+            h_BSF = self.act(g_BSF) * h_BSF
+        else:
+            h_BSF = self.act(h_BSF)
+        wo = compute_value(self.wo, self.OUT_AXES).astype(dtype)
+        return einsum("bsf,fd->bsd", h_BSF, wo, ("batch", "seq", "act_embed"))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, index: int, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model)
+        self.is_moe = cfg.is_moe_block(index)
+        self.ffn = MoEFeedForward(cfg.moe_config(), rngs=rngs) if self.is_moe else DenseFFN(cfg, rngs=rngs)
+
+    def __call__(self, x_BSD, positions_BS, token_ids_BS):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS)
+        h_BSD = self.ffn_norm(x_BSD)
+        if self.is_moe:
+            y_BSD, aux = self.ffn(h_BSD, token_ids_BS)
+        else:
+            y_BSD, aux = self.ffn(h_BSD), None
+        return x_BSD + y_BSD, aux
+
+
+class Transformer(nnx.Module):
+    """``logits_BSV, aux = model(tokens_BS)``; ``aux`` averages the MoE layers' statistics."""
+
+    EMBED_AXES = ("vocab", "embed")
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        if cfg.vocab_size < 1:
+            raise ValueError(f"TransformerConfig.vocab_size={cfg.vocab_size}: must be set (>= 1) to build a model")
+        self.cfg = cfg
+        pdtype = jnp.dtype(cfg.param_dtype)
+        self.embed = sharded_param(rngs.params(), (cfg.vocab_size, cfg.d_model), self.EMBED_AXES, 1.0, pdtype)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model)
+        self.unembed = None
+        if not cfg.tie_embeddings:
+            self.unembed = sharded_param(
+                rngs.params(), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model**-0.5, pdtype
+            )
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(1 for b in self.blocks if b.is_moe)
+
+    def embed_tokens(self, tokens_BS):
+        table = compute_value(self.embed, (None, None))  # gathered whole for the lookup
+        mesh = current_mesh()
+        spec = None if mesh is None else logical_to_spec(("batch", "seq", "act_embed"), mesh)
+        x_BSD = table.at[tokens_BS].get(out_sharding=spec)
+        return x_BSD.astype(jnp.dtype(self.cfg.dtype))
+
+    def logits(self, x_BSD):
+        x_BSD = self.final_norm(x_BSD).astype(jnp.float32)
+        out_axes = ("batch", "seq", "act_vocab")
+        if self.unembed is None:
+            table = compute_value(self.embed, self.EMBED_AXES).astype(jnp.float32)
+            return einsum("bsd,vd->bsv", x_BSD, table, out_axes) * self.cfg.d_model**-0.5
+        return einsum("bsd,dv->bsv", x_BSD, compute_value(self.unembed, ("embed", "vocab")).astype(jnp.float32), out_axes)
+
+    def __call__(self, tokens_BS, positions_BS=None):
+        if positions_BS is None:
+            b, s = tokens_BS.shape
+            positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            mesh = current_mesh()
+            if mesh is not None:
+                positions_BS = jax.sharding.reshard(positions_BS, logical_to_spec(("batch", "seq"), mesh))
+        x_BSD = self.embed_tokens(tokens_BS)
+        auxes = []
+        for block in self.blocks:
+            x_BSD, aux = block(x_BSD, positions_BS, tokens_BS)
+            if aux is not None:
+                auxes.append(aux)
+        return self.logits(x_BSD), average_aux(auxes, self.cfg.num_experts)
+
+
+def average_aux(auxes: list[dict], num_experts: int) -> dict:
+    """Mean of each MoE statistic over the MoE layers (zeros for a dense model)."""
+    if not auxes:
+        zero = jnp.zeros((), jnp.float32)
+        return {k: (jnp.zeros((num_experts,), jnp.float32) if k == "expert_load" else zero) for k in AUX_KEYS}
+    return {k: sum(a[k] for a in auxes) / len(auxes) for k in AUX_KEYS}

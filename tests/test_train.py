@@ -1,0 +1,191 @@
+"""End-to-end training on tiny configs: steps, sharding rules, data, accumulation, CLI."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe.transformer import DenseFFN, Transformer
+from moe.layer import MoEFeedForward
+from sharding import make_mesh
+from train.cli import train_main
+from train.config import Config, load_config_file
+from train.loop import Trainer, sharding_table
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 60
+
+
+def tiny_config(tmp_path, **mesh) -> Config:
+    (tmp_path / "corpus").mkdir(exist_ok=True)
+    for i in range(4):
+        (tmp_path / "corpus" / f"f{i}.py").write_text(TEXT.replace("add", f"add{i}"))
+    cfg = Config()
+    m = cfg.model
+    m.num_layers, m.d_model, m.num_heads, m.d_ff = 2, 32, 4, 64
+    m.moe_every, m.num_experts, m.experts_per_token = 1, 8, 2
+    m.capacity_factor = 8.0  # no drops: results must not depend on the mesh
+    cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len = 4, 8, 16
+    cfg.optimizer.warmup_steps = 1
+    cfg.data.path = str(tmp_path / "corpus")
+    cfg.data.validation_fraction = 0.25
+    cfg.log_every_steps, cfg.eval_every_steps, cfg.eval_batches = 1, 0, 2
+    cfg.mesh.data, cfg.mesh.expert = mesh.get("data", 2), mesh.get("expert", 4)
+    cfg.mesh.fsdp, cfg.mesh.tensor = mesh.get("fsdp", 1), mesh.get("tensor", 1)
+    cfg.mesh.rules = mesh.get("rules", "ep")
+    return cfg
+
+
+def run_steps(cfg, workdir, n, repeat_batch=False, devices=None):
+    """n train steps; returns per-step losses and the final parameters (NumPy)."""
+    trainer = Trainer(cfg, workdir, devices=devices)
+    losses = []
+    with trainer.context():
+        batch = trainer.global_batch(next(trainer.batches))
+        for _ in range(n):
+            if not repeat_batch:
+                batch = trainer.global_batch(next(trainer.batches))
+            trainer.state, metrics = trainer.train_step(trainer.state, batch)
+            losses.append(float(metrics["loss"]))
+        params = jax.tree.map(np.asarray, trainer.state.params)
+    trainer.close()
+    return losses, params, metrics
+
+
+def test_loss_decreases_on_a_repeated_batch(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.optimizer.learning_rate = 1e-2
+    losses, _, metrics = run_steps(cfg, tmp_path / "run", 6, repeat_batch=True)
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.5
+    for key in ("grad_norm", "learning_rate", "moe/aux_loss", "moe/z_loss", "moe/dropped_fraction", "moe/router_entropy"):
+        assert np.isfinite(float(metrics[key])), key
+    assert metrics["moe/expert_load"].shape == (8,)
+    assert float(jnp.sum(metrics["moe/expert_load"])) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_train_step_is_layout_invariant_across_meshes_and_rules(tmp_path):
+    """Two steps on 1 device equal two steps under every sharding preset on 8 devices."""
+    ref_cfg = tiny_config(tmp_path, data=1, expert=1)
+    ref_cfg.model.capacity_group_size = 16  # fixed capacity groups: identical drops everywhere
+    ref_cfg.model.capacity_factor = 1.0
+    ref_losses, ref_params, _ = run_steps(ref_cfg, tmp_path / "ref", 2, devices=jax.devices()[:1])
+    for mesh in (dict(data=2, expert=4), dict(data=2, fsdp=2, expert=2, rules="fsdp"),
+                 dict(data=1, expert=4, tensor=2, rules="ep+tp"), dict(data=2, expert=4, rules="dp")):
+        cfg = tiny_config(tmp_path, **mesh)
+        cfg.model.capacity_group_size, cfg.model.capacity_factor = 16, 1.0
+        losses, params, _ = run_steps(cfg, tmp_path / "run", 2)
+        np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(mesh))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=str(mesh))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.train.batch_size = 16  # two micro-batches of 8 sequences, each over the 8 devices
+    cfg.model.aux_loss_coef = 0.0  # the load-balance loss is not additive over micro-batches
+    one, p1, _ = run_steps(cfg, tmp_path / "a", 2)
+    cfg.train.grad_accum_steps = 2
+    two, p2, _ = run_steps(cfg, tmp_path / "b", 2)
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+
+
+def test_dense_baseline_shares_the_model_code(tmp_path):
+    dense = load_config_file(str(ROOT / "configs/dense_baseline.py"))
+    moe = load_config_file(str(ROOT / "configs/default.py"))
+    dense.model.vocab_size = moe.model.vocab_size = 320
+    d = nnx.eval_shape(lambda: Transformer(dense.model, rngs=nnx.Rngs(0)))
+    m = nnx.eval_shape(lambda: Transformer(moe.model, rngs=nnx.Rngs(0)))
+    assert all(isinstance(b.ffn, DenseFFN) for b in d.blocks)
+    assert [isinstance(b.ffn, MoEFeedForward) for b in m.blocks] == [False, True, False, True]
+    assert type(d) is type(m) and d.num_moe_layers == 0 and m.num_moe_layers == 2
+
+
+# The golden sharding table of configs/default.py (mesh data=2 x expert=4, rules "ep").
+GOLDEN_DEFAULT = {
+    "embed": (None, None),
+    "final_norm/scale": (None,),
+    **{f"blocks/{i}/{n}": (None, None, None) for i in range(4) for n in ("attn/wq", "attn/wk", "attn/wv", "attn/wo")},
+    **{f"blocks/{i}/{n}/scale": (None,) for i in range(4) for n in ("attn_norm", "ffn_norm")},
+    **{f"blocks/{i}/ffn/{n}": (None, None) for i in (0, 2) for n in ("wi", "wg", "wo")},
+    **{f"blocks/{i}/ffn/{n}": ("expert", None, None) for i in (1, 3) for n in ("wi", "wg", "wo")},
+    **{f"blocks/{i}/ffn/router_w": (None, None) for i in (1, 3)},
+}
+
+
+def test_golden_sharding_table_of_the_default_config():
+    cfg = load_config_file(str(ROOT / "configs/default.py"))
+    cfg.model.vocab_size = 320
+    table = sharding_table(cfg.model, make_mesh(data=2, expert=4), "ep")
+    assert table == GOLDEN_DEFAULT
+
+
+def test_sharding_presets_place_weights_as_documented():
+    cfg = load_config_file(str(ROOT / "configs/default.py"))
+    cfg.model.vocab_size = 320
+    fsdp = sharding_table(cfg.model, make_mesh(data=2, fsdp=2, expert=2), "fsdp")
+    assert fsdp["blocks/0/ffn/wi"] == ("fsdp", None) and fsdp["blocks/1/ffn/wi"] == ("expert", "fsdp", None)
+    assert fsdp["embed"] == (None, "fsdp")
+    tp = sharding_table(cfg.model, make_mesh(data=1, expert=4, tensor=2), "ep+tp")
+    assert tp["blocks/1/ffn/wi"] == ("expert", None, "tensor") and tp["blocks/0/attn/wq"] == (None, "tensor", None)
+    assert tp["embed"] == ("tensor", None)
+    dp = sharding_table(cfg.model, make_mesh(data=2, expert=4), "dp")
+    assert dp["blocks/1/ffn/wi"] == (None, None, None)
+
+
+def test_moe_train_cli_end_to_end(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    workdir = tmp_path / "cli"
+    argv = ["--config", str(ROOT / "configs/default.py"), f"--workdir={workdir}",
+            "--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.d_ff=64",
+            "--config.train.steps=3", "--config.train.batch_size=8", "--config.train.seq_len=16",
+            f"--config.data.path={cfg.data.path}", "--config.data.validation_fraction", "0.25",
+            "--config.log_every_steps=1", "--config.eval_every_steps=2", "--config.eval_batches=1",
+            "--config.checkpoint.every_steps=0"]
+    assert train_main(argv) == 0
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    for key in ("loss", "learning_rate", "grad_norm", "moe/aux_loss", "moe/z_loss", "moe/dropped_fraction",
+                "moe/expert_load", "moe/router_entropy"):
+        assert key in train_rows[-1], key
+    assert "tokens_per_sec" in train_rows[-1] and "mfu" in train_rows[-1]
+    assert len(train_rows[-1]["moe/expert_load"]) == 8
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 3] and all(np.isfinite(r["loss"]) for r in evals)
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["steps"] == 3 and saved["model"]["vocab_size"] == 320
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "done: loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.model.num_expert=3"], "config.model.num_expert: unknown key"),
+    (["--config.train.steps=ten"], "config.train.steps='ten': expected int"),
+    (["--config.mesh.expert=3"], "config.mesh: data=2, fsdp=1, expert=3, tensor=1 needs 6 devices"),
+    (["--config.model.num_experts=6"], "config.model.num_experts=6: not divisible by mesh.expert=4"),
+    (["--config.train.batch_size=12"], "config.train.batch_size=12: each micro-batch"),
+    (["--config.model.router=learned"], "config.model.router='learned'"),
+    (["--config.data.path=/no/such/dir"], "data.path=/no/such/dir"),
+    (["--bogus=1"], "--bogus=1: unrecognised argument"),
+])
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--config", str(ROOT / "configs/default.py"), f"--workdir={tmp_path / 'w'}", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_dry_run_prints_config_and_parameter_counts(tmp_path, capsys):
+    assert train_main(["--config", str(ROOT / "configs/default.py"), f"--workdir={tmp_path}", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "3,845,248 total, 1,092,736 active per token" in out
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -1,0 +1,259 @@
+"""Typed run configuration: dataclasses, command-line overrides, validation.
+
+A config file ``configs/NAME.py`` defines ``get_config() -> Config``. The command line
+overrides any field with ``--config.section.key=value`` (top-level fields: ``--config.key=value``);
+an unknown key is an error. ``validate`` checks the resolved config before JAX starts, raising
+``ConfigError`` whose message names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+from moe.config import ACTIVATIONS, DTYPES, ROUTERS
+from moe.config import TransformerConfig as ModelConfig
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration error; the message starts with the field or path."""
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = 2
+    fsdp: int = 1
+    expert: int = 4
+    tensor: int = 1
+    rules: str = "ep"  # sharding preset: dp, fsdp, ep, ep+tp (see sharding/rules.py)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # global sequences per step
+    seq_len: int = 128
+    seed: int = 0
+    grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide evenly)
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    learning_rate: float = 3e-3  # peak
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio at train.steps
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip_norm: float = 1.0  # 0 = no clipping
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = ""  # "" = the running Python's standard library sources; else a file, folder or glob
+    tokenizer: str = "byte"  # byte | bpe
+    tokenizer_path: str = ""  # bpe: load this tokenizer.json instead of training one
+    bpe_vocab_size: int = 2048
+    validation_fraction: float = 0.05  # share of files held out for validation
+    max_bytes: int = 0  # read at most this many bytes of text (0 = all)
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: int = 100  # 0 = only at the end
+    keep: int = 3
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log_every_steps: int = 10
+    eval_every_steps: int = 100  # 0 = only at the end
+    eval_batches: int = 8  # validation batches per evaluation
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = guess from the device kind
+    sample_tokens: int = 200  # text generated at the end of `make train` (0 = none)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------- loading and overrides
+def load_config_file(path: str) -> Config:
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config={path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"switchyard_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(file.resolve().parent))  # a config may import its sibling configs
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a broken config file is a user error
+        raise ConfigError(f"--config={path}: failed to load: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(str(file.resolve().parent))
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config={path}: defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"--config={path}: get_config() must return train.config.Config")
+    return cfg
+
+
+def _coerce(key: str, text: str, annotation):
+    """Parse ``text`` into the field's declared type (annotations are strings here)."""
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(annotation), str)
+    try:
+        if kind is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError:
+        name = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"config.{key}={text!r}: expected {name}") from None
+
+
+def apply_override(cfg: Config, key: str, text: str) -> None:
+    """Set ``config.<key>`` (dotted) from its command-line text."""
+    obj = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "config"
+            raise ConfigError(f"config.{key}: unknown key ({where} has: {', '.join(fields)})")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise ConfigError(f"config.{key}: is a section; set one of its keys")
+            setattr(obj, part, _coerce(key, text, fields[part].type))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"config.{key}: {'.'.join(parts[: i + 1])} is not a section")
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. a saved config.json)."""
+    cfg = Config()
+    for section, values in data.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                apply_override(cfg, f"{section}.{key}", str(value))
+        else:
+            apply_override(cfg, section, str(values))
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+def validate(cfg: Config, num_devices: int | None = None) -> None:
+    """Check every field; with ``num_devices`` also the mesh and batch against the devices."""
+
+    def need(cond, key, why):
+        if not cond:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"config.{key}={value!r}: {why}")
+
+    m, t, o, d = cfg.model, cfg.train, cfg.optimizer, cfg.data
+    for key in ("num_layers", "d_model", "num_heads", "d_ff", "num_experts", "experts_per_token"):
+        need(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
+    need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
+    need(m.d_model % m.num_heads == 0, "model.d_model", f"must be divisible by model.num_heads={m.num_heads}")
+    need((m.d_model // m.num_heads) % 2 == 0, "model.num_heads", "head dimension d_model/num_heads must be even (RoPE)")
+    need(m.moe_every >= 0, "model.moe_every", "must be >= 0 (0 = dense model)")
+    need(m.router in ROUTERS, "model.router", f"choose one of {', '.join(ROUTERS)}")
+    need(m.activation in ACTIVATIONS, "model.activation", f"choose one of {', '.join(ACTIVATIONS)}")
+    need(m.dtype in DTYPES, "model.dtype", f"choose one of {', '.join(DTYPES)}")
+    need(m.param_dtype in DTYPES, "model.param_dtype", f"choose one of {', '.join(DTYPES)}")
+    need(m.expert_d_ff >= 0, "model.expert_d_ff", "must be >= 0 (0 = model.d_ff)")
+    need(m.capacity_group_size >= 0, "model.capacity_group_size", "must be >= 0")
+    need(m.eval_capacity_factor >= 0, "model.eval_capacity_factor", "must be >= 0 (0 = no drops)")
+    need(m.rope_theta > 0, "model.rope_theta", "must be > 0")
+    if m.moe_every:
+        try:
+            m.moe_config()
+        except ValueError as e:  # "MoEConfig.<field>=...": name the model field instead
+            field = str(e).split("=")[0].removeprefix("MoEConfig.")
+            field = {"d_ff": "expert_d_ff"}.get(field, field)
+            raise ConfigError(f"model.{field}: {str(e).split(': ', 1)[-1]}") from None
+    for key in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
+        need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
+    need(t.batch_size % t.grad_accum_steps == 0, "train.batch_size", f"must be divisible by train.grad_accum_steps={t.grad_accum_steps}")
+    need(o.learning_rate > 0 and math.isfinite(o.learning_rate), "optimizer.learning_rate", "must be > 0")
+    need(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+    need(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")
+    need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    need(0 <= o.b1 < 1, "optimizer.b1", "must be in [0, 1)")
+    need(0 <= o.b2 < 1, "optimizer.b2", "must be in [0, 1)")
+    need(o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0 = off)")
+    need(d.tokenizer in ("byte", "bpe"), "data.tokenizer", "choose byte or bpe")
+    need(d.bpe_vocab_size >= 300, "data.bpe_vocab_size", "must be >= 300")
+    need(0 < d.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
+    need(d.max_bytes >= 0, "data.max_bytes", "must be >= 0 (0 = all)")
+    if d.tokenizer_path:
+        need(pathlib.Path(d.tokenizer_path).is_file(), "data.tokenizer_path", "no such file")
+    need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    need(cfg.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+    need(cfg.eval_every_steps >= 0, "eval_every_steps", "must be >= 0")
+    need(cfg.eval_batches >= 1, "eval_batches", "must be >= 1")
+    need(cfg.peak_flops_per_device >= 0, "peak_flops_per_device", "must be >= 0")
+    need(cfg.sample_tokens >= 0, "sample_tokens", "must be >= 0")
+    from sharding.rules import PRESETS
+
+    need(cfg.mesh.rules in PRESETS, "mesh.rules", f"choose one of {', '.join(PRESETS)}")
+    if num_devices is not None:
+        validate_mesh(cfg, num_devices)
+
+
+def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
+    """Resolve the mesh against ``num_devices``; check divisibility of experts and batch."""
+    from sharding.mesh import resolve_axis_sizes
+
+    sizes = {a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "expert", "tensor")}
+    try:
+        sizes = resolve_axis_sizes(sizes, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    m, t = cfg.model, cfg.train
+    if m.moe_every and m.num_experts % sizes["expert"]:
+        raise ConfigError(f"config.model.num_experts={m.num_experts}: not divisible by mesh.expert={sizes['expert']}")
+    if sizes["tensor"] > 1:
+        for key in ("d_ff", "num_heads"):
+            if getattr(m, key) % sizes["tensor"]:
+                raise ConfigError(f"config.model.{key}={getattr(m, key)}: not divisible by mesh.tensor={sizes['tensor']}")
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro = t.batch_size // t.grad_accum_steps
+    if micro % shards:
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size}: each micro-batch ({micro} sequences) must split evenly "
+            f"over data x fsdp x expert = {shards} devices"
+        )
+    return sizes
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+

@@ -1,0 +1,249 @@
+"""The training recipe: config -> mesh -> data -> sharded state -> jitted steps -> logs, checkpoints.
+
+The loop never waits on the step it just dispatched: after dispatching step N it reads step
+N-1's metrics, so host work overlaps device work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe.transformer import Transformer
+from sharding.mesh import make_mesh
+from sharding.rules import logical_to_spec, use_rules
+from train import metrics as metrics_lib
+from train.config import Config, validate, validate_mesh
+from train.data import TrainBatches, corpus_texts, eval_batches, load_corpus
+from train.optimizer import make_optimizer
+from train.step import TrainState, make_eval_step, make_train_step, shardings_of, split_model
+from train.tokenizer import build_tokenizer
+
+
+def resolve_model(cfg: Config, vocab_size: int) -> Config:
+    """The config with the model's vocabulary filled in from the tokenizer (rounded up to 64)."""
+    if cfg.model.vocab_size:
+        if cfg.model.vocab_size < vocab_size:
+            from train.config import ConfigError
+
+            raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size}: the tokenizer needs {vocab_size}")
+        return cfg
+    model = dataclasses.replace(cfg.model, vocab_size=-(-vocab_size // 64) * 64)
+    return dataclasses.replace(cfg, model=model)
+
+
+def write_json_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def param_counts(model_cfg) -> dict[str, int]:
+    """Total and active (per token) parameter counts, from abstract shapes only."""
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    total = expert = 0
+    for path, leaf in jax.tree.leaves_with_path(nnx.state(abstract, nnx.Param)):
+        n = math.prod(leaf.shape)
+        total += n
+        keys = [getattr(p, "key", None) for p in path]
+        if "ffn" in keys and leaf.ndim == 3:  # expert weights [E, ., .]
+            expert += n
+    e, k = model_cfg.num_experts, model_cfg.experts_per_token
+    active = total - (expert * (e - k) // e if expert else 0)
+    return {"total": total, "active": active, "expert": expert}
+
+
+def flops_per_token(cfg: Config) -> float:
+    m = cfg.model
+    moe_layers = sum(1 for i in range(m.num_layers) if m.is_moe_block(i))
+    return metrics_lib.transformer_flops_per_token(
+        num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, seq_len=cfg.train.seq_len,
+        vocab_size=m.vocab_size, d_ff=m.d_ff, moe_layers=moe_layers, expert_d_ff=m.expert_d_ff or m.d_ff,
+        experts_per_token=m.experts_per_token, gated=m.gated, num_experts=m.num_experts,
+    )
+
+
+class Trainer:
+    """Everything one run needs, built in order; ``run()`` trains."""
+
+    def __init__(
+        self, cfg: Config, workdir: str | pathlib.Path, *, devices=None, log: Callable[[str], None] | None = None
+    ):
+        validate(cfg)
+        self.workdir = pathlib.Path(workdir)
+        self.proc, self.nproc = jax.process_index(), jax.process_count()
+        self.devices = list(jax.devices() if devices is None else devices)
+        sizes = validate_mesh(cfg, len(self.devices))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=cfg.train.steps, enabled=self.proc == 0)
+        self.log = log or self.writer.log
+        self.tokenizer = build_tokenizer(cfg.data, self.workdir, lambda: corpus_texts(cfg.data, "train"))
+        self.cfg = cfg = resolve_model(cfg, self.tokenizer.vocab_size)
+        if self.proc == 0:
+            write_json_atomic(self.workdir / "config.json", cfg.to_json())
+        self.train_corpus = load_corpus(cfg.data, self.tokenizer, "train")
+        self.val_corpus = load_corpus(cfg.data, self.tokenizer, "validation")
+        t = cfg.train
+        self.batches = TrainBatches(self.train_corpus.tokens, t.seq_len, t.batch_size, t.seed, self.proc, self.nproc)
+        self.mesh = make_mesh(devices=self.devices, **sizes)
+        self.tx, self.schedule = make_optimizer(cfg.optimizer, t.steps)
+        with self.context():
+            self._init_state()
+            self._compile()
+
+    def context(self):
+        """The mesh and sharding rules every traced function runs under."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(use_rules(self.cfg.mesh.rules))
+        return stack
+
+    # ---------------------------------------------------------------- state
+    def _init_state(self):
+        cfg = self.cfg
+        seed = cfg.train.seed
+
+        def build():
+            return Transformer(cfg.model, rngs=nnx.Rngs(params=seed, routing=seed + 1))
+
+        abstract_model = nnx.eval_shape(build)
+        self.graphdef, _, _ = split_model(abstract_model)
+        abstract_model.eval()
+        self.eval_graphdef, _, _ = split_model(abstract_model)
+
+        def init():
+            _, params, rest = split_model(build())
+            return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), rest)
+
+        abstract_shardings = shardings_of(jax.eval_shape(init))
+        self.state = jax.jit(init, out_shardings=abstract_shardings)()  # parameters born sharded
+        self.state_shardings = shardings_of(self.state)
+
+    def _compile(self):
+        cfg = self.cfg
+        self.batch_spec = logical_to_spec(("batch", "seq"), self.mesh)
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, self.batch_spec)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+        step = make_train_step(self.graphdef, self.tx, self.schedule, cfg.train.grad_accum_steps)
+        self.train_step = jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            make_eval_step(self.eval_graphdef),
+            in_shardings=(self.state_shardings.params, self.state_shardings.model_state, self.batch_sharding),
+            out_shardings=replicated,
+        )
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assemble each process's rows into global arrays sharded over the batch axes."""
+        b = self.cfg.train.batch_size
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v, (b, *v.shape[1:]))
+            for k, v in local.items()
+        }
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.cfg
+        batches = eval_batches(
+            self.val_corpus.tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.eval_batches, self.proc, self.nproc
+        )
+        nll = tokens = 0.0
+        with self.context():
+            for local in batches:
+                out = self.eval_step(self.state.params, self.state.model_state, self.global_batch(local))
+                nll += float(out["nll_sum"])
+                tokens += float(out["tokens"])
+        loss = nll / max(tokens, 1.0)
+        bytes_per_token = self.val_corpus.num_bytes / max(len(self.val_corpus.tokens), 1)
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": loss / math.log(2) / bytes_per_token,
+            "tokens": int(tokens),
+        }
+
+    # ---------------------------------------------------------------- training
+    def run(self) -> dict:
+        cfg = self.cfg
+        t = cfg.train
+        tokens_per_step = t.batch_size * t.seq_len
+        flops = flops_per_token(cfg)
+        peak = cfg.peak_flops_per_device or metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.model.dtype)
+        start_step = int(self.state.step)
+        summary: dict = {"first_loss": None, "last_loss": None, "tokens_per_sec": None}
+        pending = None  # (step, device metrics) of the step dispatched last
+        window_start, window_tokens = None, 0
+        rates = []
+
+        def consume(step: int, dev_metrics) -> None:
+            nonlocal window_start, window_tokens
+            host = jax.device_get(dev_metrics)  # waits for that step only
+            now = time.perf_counter()
+            loss = float(host["loss"])
+            if summary["first_loss"] is None:
+                summary["first_loss"] = loss
+            summary["last_loss"] = loss
+            if window_start is None:  # the first step includes compilation: start timing after it
+                window_start, window_tokens = now, 0
+            else:
+                window_tokens += tokens_per_step
+            if (step + 1) % cfg.log_every_steps == 0 or step + 1 == t.steps:
+                row = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in host.items()}
+                if window_tokens:
+                    rate = window_tokens / (now - window_start)
+                    rates.append(rate)
+                    row["tokens_per_sec"] = rate
+                    row["mfu"] = metrics_lib.mfu(rate, flops, len(self.devices), peak)
+                    window_start, window_tokens = now, 0
+                self.writer.write(step + 1, row)
+
+        with self.context():
+            for step in range(start_step, t.steps):
+                batch = self.global_batch(next(self.batches))
+                self.state, dev_metrics = self.train_step(self.state, batch)
+                if pending is not None:
+                    consume(*pending)
+                pending = (step, dev_metrics)
+                if cfg.eval_every_steps and (step + 1) % cfg.eval_every_steps == 0 and step + 1 < t.steps:
+                    consume(*pending)
+                    pending = None
+                    self.writer.write(step + 1, self.evaluate(), split="eval")
+            if pending is not None:
+                consume(*pending)
+        final_eval = self.evaluate()
+        self.writer.write(t.steps, final_eval, split="eval")
+        summary["eval_loss"] = final_eval["loss"]
+        summary["tokens_per_sec"] = float(np.median(rates)) if rates else None
+        if self.proc == 0:
+            write_json_atomic(self.workdir / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+    def close(self):
+        self.writer.close()
+
+
+def sharding_table(model_cfg, mesh, rules: str) -> dict[str, tuple]:
+    """Parameter path -> PartitionSpec (as a tuple) of a model built on ``mesh`` under ``rules``."""
+    with jax.set_mesh(mesh), use_rules(rules):
+        abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    table = {}
+    for path, leaf in jax.tree.leaves_with_path(nnx.state(abstract, nnx.Param)):
+        name = "/".join(str(p.key) for p in path if hasattr(p, "key"))
+        table[name] = tuple(leaf.sharding.spec)
+    return table

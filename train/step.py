@@ -1,0 +1,119 @@
+"""Pure train and eval steps over (graphdef, state) pytrees, jitted once with explicit shardings.
+
+Shape letters: B batch (global sequences), M micro-batches, S sequence, V vocabulary.
+
+``TrainState`` holds everything a step changes: the step counter, the parameters, the
+optimizer state and the model's other state (RNG counters of random routers / jitter).
+``train_step(state, batch) -> (state, metrics)`` runs M micro-batches with ``lax.scan``,
+accumulating gradients, then applies one optimizer update. It is jitted with the state's own
+shardings in and out and the state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moe.transformer import Transformer
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    params: Any  # nnx.State of Params
+    opt_state: Any
+    model_state: Any  # nnx.State of everything else (RNG streams)
+
+
+def split_model(model: Transformer):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def cross_entropy(logits_BSV, targets_BS, weights_BS):
+    """Sum of token cross-entropies and sum of weights (float32)."""
+    logits_BSV = logits_BSV.astype(jnp.float32)
+    one_hot = jax.nn.one_hot(targets_BS, logits_BSV.shape[-1], dtype=jnp.float32)
+    nll_BS = jax.nn.logsumexp(logits_BSV, axis=-1) - jnp.sum(logits_BSV * one_hot, axis=-1)
+    return jnp.sum(nll_BS * weights_BS), jnp.sum(weights_BS)
+
+
+def _micro_loss(params, model_state, graphdef, batch):
+    model = nnx.merge(graphdef, params, model_state)
+    logits, aux = model(batch["inputs"])
+    weights = batch.get("weights")
+    if weights is None:
+        weights = jnp.ones(batch["targets"].shape, jnp.float32)
+    nll_sum, count = cross_entropy(logits, batch["targets"], weights)
+    ce = nll_sum / jnp.maximum(count, 1.0)
+    total = ce + aux["router_loss"]
+    new_model_state = nnx.state(model, nnx.Not(nnx.Param))
+    return total, (ce, aux, new_model_state)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if grad_accum_steps == 1:
+            (total, (ce, aux, model_state)), grads = grad_fn(state.params, state.model_state, graphdef, batch)
+        else:
+            # [B,...] -> [B/M, M, ...] -> [M, B/M, ...]: micro-batch i takes rows i, M+i, 2M+i, ...
+            # so that every micro-batch stays spread over the batch axes (no resharding).
+            def split(x):
+                m = grad_accum_steps
+                return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, mb):
+                grads_acc, model_state = carry
+                (total, (ce, aux, model_state)), grads = grad_fn(state.params, model_state, graphdef, mb)
+                grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+                return (grads_acc, model_state), (total, ce, aux)
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, model_state), (totals, ces, auxes) = jax.lax.scan(body, (zeros, state.model_state), micro)
+            grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+            total, ce = jnp.mean(totals), jnp.mean(ces)
+            aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": ce,
+            "total_loss": total,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+            "moe/aux_loss": aux["aux_loss"],
+            "moe/z_loss": aux["z_loss"],
+            "moe/router_loss": aux["router_loss"],
+            "moe/dropped_fraction": aux["dropped_fraction"],
+            "moe/expert_load": aux["expert_load"],
+            "moe/router_entropy": aux["router_entropy"],
+        }
+        return TrainState(state.step + 1, params, opt_state, model_state), metrics
+
+    return train_step
+
+
+def make_eval_step(eval_graphdef):
+    """eval_step(params, model_state, batch) -> sums for a token-weighted mean over many batches."""
+
+    def eval_step(params, model_state, batch):
+        model = nnx.merge(eval_graphdef, params, model_state)
+        logits, aux = model(batch["inputs"])
+        nll_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
+        return {"nll_sum": nll_sum, "tokens": count, "moe/dropped_fraction": aux["dropped_fraction"]}
+
+    return eval_step
+
+
+def shardings_of(tree):
+    """The NamedSharding of every array (or abstract array) in ``tree``."""
+    return jax.tree.map(lambda x: x.sharding if hasattr(x, "sharding") else jax.typeof(x).sharding, tree)
