@@ -23,13 +23,13 @@ def get_config() -> Config:
     cfg.model.capacity_factor = 1.25
     cfg.mesh.data = 2
     cfg.mesh.expert = 4
-    cfg.train.steps = 300
+    cfg.train.steps = 600
     cfg.train.batch_size = 16
     cfg.train.seq_len = 128
     cfg.optimizer.learning_rate = 3e-3
     cfg.optimizer.warmup_steps = 30
     cfg.data.max_bytes = 8_000_000
-    cfg.checkpoint.every_steps = 100
+    cfg.checkpoint.every_steps = 200
     cfg.log_every_steps = 10
-    cfg.eval_every_steps = 100
+    cfg.eval_every_steps = 200
     return cfg

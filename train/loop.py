@@ -23,8 +23,9 @@ from moe.transformer import Transformer
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, use_rules
 from train import metrics as metrics_lib
-from train.config import Config, validate, validate_mesh
-from train.data import TrainBatches, corpus_texts, eval_batches, load_corpus
+from train.checkpoint import Checkpoints
+from train.config import Config, ConfigError, validate, validate_mesh
+from train.data import TrainBatches, corpus_texts, data_fingerprint, eval_batches, load_corpus
 from train.optimizer import make_optimizer
 from train.step import TrainState, make_eval_step, make_train_step, shardings_of, split_model
 from train.tokenizer import build_tokenizer
@@ -34,8 +35,6 @@ def resolve_model(cfg: Config, vocab_size: int) -> Config:
     """The config with the model's vocabulary filled in from the tokenizer (rounded up to 64)."""
     if cfg.model.vocab_size:
         if cfg.model.vocab_size < vocab_size:
-            from train.config import ConfigError
-
             raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size}: the tokenizer needs {vocab_size}")
         return cfg
     model = dataclasses.replace(cfg.model, vocab_size=-(-vocab_size // 64) * 64)
@@ -97,9 +96,12 @@ class Trainer:
         self.batches = TrainBatches(self.train_corpus.tokens, t.seq_len, t.batch_size, t.seed, self.proc, self.nproc)
         self.mesh = make_mesh(devices=self.devices, **sizes)
         self.tx, self.schedule = make_optimizer(cfg.optimizer, t.steps)
+        self.meta = {"config": cfg.to_dict(), "data_fingerprint": data_fingerprint(cfg.data)}
+        self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
         with self.context():
             self._init_state()
             self._compile()
+            self._maybe_resume()
 
     def context(self):
         """The mesh and sharding rules every traced function runs under."""
@@ -130,6 +132,20 @@ class Trainer:
         abstract_shardings = shardings_of(jax.eval_shape(init))
         self.state = jax.jit(init, out_shardings=abstract_shardings)()  # parameters born sharded
         self.state_shardings = shardings_of(self.state)
+
+    def _maybe_resume(self):
+        """Continue from the latest complete checkpoint, if the config is compatible with it."""
+        step = self.checkpoints.latest_step()
+        if step is None:
+            return
+        meta, data_state = self.checkpoints.read_meta(step)
+        check_compatible(self.cfg, self.meta, meta, self.checkpoints.directory / str(step))
+        self.state = self.checkpoints.restore(step, self.state, self.state_shardings)
+        self.batches.set_state(data_state)
+        self.log(f"resumed from {self.checkpoints.directory / str(step)}")
+
+    def save_checkpoint(self, step: int, *, force: bool = False) -> None:
+        self.checkpoints.save(step, self.state, self.batches.get_state(), self.meta, force=force)
 
     def _compile(self):
         cfg = self.cfg
@@ -179,13 +195,15 @@ class Trainer:
         }
 
     # ---------------------------------------------------------------- training
-    def run(self) -> dict:
+    def run(self, stop_at: int | None = None) -> dict:
+        """Train to ``train.steps`` (or stop after step ``stop_at``, checkpointed, as an interruption would)."""
         cfg = self.cfg
         t = cfg.train
         tokens_per_step = t.batch_size * t.seq_len
         flops = flops_per_token(cfg)
         peak = cfg.peak_flops_per_device or metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.model.dtype)
         start_step = int(self.state.step)
+        end = t.steps if stop_at is None else min(stop_at, t.steps)
         summary: dict = {"first_loss": None, "last_loss": None, "tokens_per_sec": None}
         pending = None  # (step, device metrics) of the step dispatched last
         window_start, window_tokens = None, 0
@@ -203,7 +221,7 @@ class Trainer:
                 window_start, window_tokens = now, 0
             else:
                 window_tokens += tokens_per_step
-            if (step + 1) % cfg.log_every_steps == 0 or step + 1 == t.steps:
+            if (step + 1) % cfg.log_every_steps == 0 or step + 1 == end:
                 row = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in host.items()}
                 if window_tokens:
                     rate = window_tokens / (now - window_start)
@@ -213,21 +231,27 @@ class Trainer:
                     window_start, window_tokens = now, 0
                 self.writer.write(step + 1, row)
 
+        every = cfg.checkpoint.every_steps
         with self.context():
-            for step in range(start_step, t.steps):
+            for step in range(start_step, end):
                 batch = self.global_batch(next(self.batches))
                 self.state, dev_metrics = self.train_step(self.state, batch)
                 if pending is not None:
                     consume(*pending)
                 pending = (step, dev_metrics)
+                if every and (step + 1) % every == 0 and step + 1 < end:
+                    self.save_checkpoint(step + 1)  # asynchronous: blocks only for the device-to-host copy
                 if cfg.eval_every_steps and (step + 1) % cfg.eval_every_steps == 0 and step + 1 < t.steps:
                     consume(*pending)
                     pending = None
                     self.writer.write(step + 1, self.evaluate(), split="eval")
+                    window_start, window_tokens = time.perf_counter(), 0  # evaluation time is not training time
             if pending is not None:
                 consume(*pending)
+            if self.checkpoints.latest_step() != end:
+                self.save_checkpoint(end, force=True)
         final_eval = self.evaluate()
-        self.writer.write(t.steps, final_eval, split="eval")
+        self.writer.write(end, final_eval, split="eval")
         summary["eval_loss"] = final_eval["loss"]
         summary["tokens_per_sec"] = float(np.median(rates)) if rates else None
         if self.proc == 0:
@@ -235,7 +259,37 @@ class Trainer:
         return summary
 
     def close(self):
+        self.checkpoints.close()  # waits for a save in flight
         self.writer.close()
+
+
+# Sections a resumed run may change; anything else must match the checkpoint.
+RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches",
+             "peak_flops_per_device", "sample_tokens", "mesh.", "optimizer.")
+
+
+def check_compatible(cfg: Config, meta: dict, saved: dict, where: pathlib.Path) -> None:
+    """Refuse to resume when the model shape, the data or the batching differ from the checkpoint."""
+    if saved.get("data_fingerprint") != meta["data_fingerprint"]:
+        raise ConfigError(f"config.data: the data differ from those of the checkpoint {where}; use a new --workdir")
+    now, then = _flatten(meta["config"]), _flatten(saved.get("config", {}))
+    for key in sorted(set(now) | set(then)):
+        if key.startswith(RESUMABLE) or now.get(key) == then.get(key):
+            continue
+        raise ConfigError(
+            f"config.{key}={now.get(key)!r}: differs from the checkpoint {where} ({then.get(key)!r}); "
+            "resume with the same value or use a new --workdir"
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def sharding_table(model_cfg, mesh, rules: str) -> dict[str, tuple]:

@@ -24,9 +24,9 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(cfg, total_steps)
-    parts = []
-    if cfg.grad_clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+    # Clipping is always in the chain (infinite norm = off) so that the optimizer state has one
+    # structure whatever the setting, and a resumed run may change it.
+    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm if cfg.grad_clip_norm > 0 else float("inf"))]
     parts.append(
         optax.adamw(
             learning_rate=schedule,

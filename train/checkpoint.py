@@ -1,0 +1,157 @@
+"""Orbax checkpoints behind a few functions (a move to Orbax's v1 API touches only this file).
+
+Layout: ``WORKDIR/checkpoints/<step>/`` is a standard Orbax ``CheckpointManager`` step with
+these items, each readable by a plain ``orbax-checkpoint`` reader without this project:
+  params       nested dict of arrays (the model parameters)
+  opt_state    nested dict of arrays (optimizer state)
+  train        {"step": int32, "model_state": nested dict}  (RNG streams stored as raw key data)
+  data         JSON: the training data iterator state
+  meta         JSON: the resolved config and the data fingerprint
+Nested dicts are built from the state's key paths, so restoring needs only abstract arrays
+carrying the target shardings, on any mesh. Saves are asynchronous; Orbax writes each step to
+a temporary folder and renames it when complete, so a partial step is never taken as good.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ARRAY_ITEMS = ("params", "opt_state", "train")
+JSON_ITEMS = ("data", "meta")
+
+
+# ---------------------------------------------------------------- pytree <-> nested dict
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _is_prng_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_nested(tree) -> dict:
+    """A pytree as nested dicts keyed by its path names (PRNG keys as raw key data)."""
+    out: dict = {}
+    for path, leaf in jax.tree.leaves_with_path(tree):
+        names = [_key_name(p) for p in path if _key_name(p) != "value"]
+        if _is_prng_key(leaf):
+            leaf = jax.random.key_data(leaf)
+        node = out
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1] if names else "value"] = leaf
+    return out
+
+
+def from_nested(nested: dict, like):
+    """Inverse of ``to_nested``: the values of ``nested`` in the structure of ``like``."""
+    paths_leaves, treedef = jax.tree.flatten_with_path(like)
+    leaves = []
+    for path, ref in paths_leaves:
+        node = nested
+        names = [_key_name(p) for p in path if _key_name(p) != "value"] or ["value"]
+        for name in names:
+            node = node[name]
+        leaves.append(jax.random.wrap_key_data(node, impl=jax.random.key_impl(ref)) if _is_prng_key(ref) else node)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings (PRNG keys as their raw data)."""
+
+    def one(x, s):
+        if _is_prng_key(x):
+            data = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=s)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    return jax.tree.map(one, tree, shardings)
+
+
+# ---------------------------------------------------------------- the manager
+class Checkpoints:
+    """Save and restore run state under ``directory`` (one Orbax CheckpointManager)."""
+
+    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, read_only: bool = False):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ARRAY_ITEMS + JSON_ITEMS)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
+        """Start an asynchronous save of ``state`` (a TrainState); returns whether one started."""
+        items = {
+            "params": ocp.args.StandardSave(to_nested(state.params)),
+            "opt_state": ocp.args.StandardSave(to_nested(state.opt_state)),
+            "train": ocp.args.StandardSave({"step": state.step, "model_state": to_nested(state.model_state)}),
+            "data": ocp.args.JsonSave(data_state),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def read_meta(self, step: int) -> tuple[dict, dict]:
+        """(meta, data state) of a saved step; no arrays are read."""
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+        return out["meta"], out["data"]
+
+    def restore(self, step: int, like, shardings):
+        """The full TrainState of ``step``, placed by ``shardings`` (any mesh)."""
+        items = {
+            "params": ocp.args.StandardRestore(to_nested(_abstract(like.params, shardings.params))),
+            "opt_state": ocp.args.StandardRestore(to_nested(_abstract(like.opt_state, shardings.opt_state))),
+            "train": ocp.args.StandardRestore(
+                {
+                    "step": _abstract(like.step, shardings.step),
+                    "model_state": to_nested(_abstract(like.model_state, shardings.model_state)),
+                }
+            ),
+        }
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return type(like)(
+            step=out["train"]["step"],
+            params=from_nested(out["params"], like.params),
+            opt_state=from_nested(out["opt_state"], like.opt_state),
+            model_state=from_nested(out["train"]["model_state"], like.model_state),
+        )
+
+    def restore_params(self, step: int, like_params, shardings, like_model_state=None, model_state_shardings=None):
+        """Parameters only (and the small model state): the optimizer state is never read."""
+        items = {"params": ocp.args.StandardRestore(to_nested(_abstract(like_params, shardings)))}
+        if like_model_state is not None:
+            items["train"] = ocp.args.StandardRestore(
+                {
+                    "step": jax.ShapeDtypeStruct((), np.int32),
+                    "model_state": to_nested(_abstract(like_model_state, model_state_shardings)),
+                }
+            )
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        params = from_nested(out["params"], like_params)
+        if like_model_state is None:
+            return params, None, None
+        model_state = from_nested(out["train"]["model_state"], like_model_state)
+        return params, model_state, int(out["train"]["step"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
