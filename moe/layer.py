@@ -98,8 +98,17 @@ class MoEFeedForward(nnx.Module):
         self.rngs = rngs["routing"].fork() if cfg.router == "random" or cfg.router_jitter > 0 else nnx.data(None)
 
     # ------------------------------------------------------------------ routing
-    def route(self, x_BSD: jax.Array, token_ids_BS: jax.Array | None, key: jax.Array | None = None) -> routing.Routing:
-        """Routing decisions for a batch (global arrays; layout-invariant)."""
+    def route(
+        self,
+        x_BSD: jax.Array,
+        token_ids_BS: jax.Array | None,
+        key: jax.Array | None = None,
+        positions_BS: jax.Array | None = None,
+    ) -> routing.Routing:
+        """Routing decisions for a batch (global arrays; layout-invariant).
+
+        ``positions_BS`` (default 0..S-1 per row) only matter to the random router.
+        """
         cfg = self.cfg
         e, k = cfg.num_experts, cfg.experts_per_token
         mesh = current_mesh()
@@ -110,8 +119,12 @@ class MoEFeedForward(nnx.Module):
         if cfg.router == "random":
             if key is None:
                 key = jax.random.key(cfg.eval_seed) if self.deterministic else self.rngs()
-            spec = None if mesh is None else logical_to_spec(ROUTE_AXES, mesh)
-            return routing.random_route(key, x_BSD.shape[:2], e, k, out_sharding=spec)
+            if positions_BS is None:
+                b, s = x_BSD.shape[:2]
+                positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+                if mesh is not None:
+                    positions_BS = jax.sharding.reshard(positions_BS, logical_to_spec(("batch", "seq"), mesh))
+            return routing.random_route(key, positions_BS, e, k)
         x32_BSD = x_BSD.astype(jnp.float32)
         if cfg.router_jitter > 0 and not self.deterministic:
             if key is None:
@@ -125,12 +138,19 @@ class MoEFeedForward(nnx.Module):
         return routing.topk_route(logits_BSE, k)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x_BSD: jax.Array, token_ids_BS: jax.Array | None = None, *, key: jax.Array | None = None):
+    def __call__(
+        self,
+        x_BSD: jax.Array,
+        token_ids_BS: jax.Array | None = None,
+        *,
+        key: jax.Array | None = None,
+        positions_BS: jax.Array | None = None,
+    ):
         cfg = self.cfg
         if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
             raise ValueError(f"MoEFeedForward: x must be [batch, seq, {cfg.d_model}], got shape {x_BSD.shape}")
         x_BSD = x_BSD.astype(jnp.dtype(cfg.dtype))
-        r = self.route(x_BSD, token_ids_BS, key)
+        r = self.route(x_BSD, token_ids_BS, key, positions_BS)
 
         mesh = current_mesh()
         b_spec = logical_to_spec(("batch",), mesh)[0]

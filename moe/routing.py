@@ -112,7 +112,18 @@ def hash_route(token_ids_BS: jax.Array, num_experts: int, k: int, seed: int) -> 
     return _fixed_route(hash_scores(token_ids_BS, num_experts, seed), k)
 
 
-def random_route(key: jax.Array, shape_BS: tuple[int, int], num_experts: int, k: int, out_sharding=None) -> Routing:
-    """Uniformly random k distinct experts per token, from ``key`` and the token's global position."""
-    scores_BSE = jax.random.uniform(key, (*shape_BS, num_experts), jnp.float32, out_sharding=out_sharding)
+def random_route(key: jax.Array, positions_BS: jax.Array, num_experts: int, k: int) -> Routing:
+    """Uniformly random k distinct experts per token.
+
+    Token (b, s) draws from ``fold_in(fold_in(key, b), positions[b, s])``: its batch row and its
+    position in the sequence, nothing else. So the draw does not depend on the device layout, and
+    decoding one position at a time (KV cache) routes exactly as the full sequence does.
+    """
+    b = positions_BS.shape[0]
+    rows_BS = jnp.zeros_like(positions_BS) + jnp.arange(b, dtype=positions_BS.dtype)[:, None]
+
+    def draw(row, position):
+        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, row), position), (num_experts,))
+
+    scores_BSE = jax.vmap(jax.vmap(draw))(rows_BS, positions_BS)
     return _fixed_route(scores_BSE, k)

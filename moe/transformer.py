@@ -85,11 +85,21 @@ class Attention(nnx.Module):
         wo = compute_value(self.wo, self.OUT_AXES).astype(out_BSNK.dtype)
         return einsum("bsnk,nkd->bsd", out_BSNK, wo, ("batch", "seq", "act_embed"))
 
-    def __call__(self, x_BSD, positions_BS):
+    def __call__(self, x_BSD, positions_BS, cache=None):
+        """Causal self-attention. With ``cache`` ({"k","v"}: [B,T,N,K]) the new keys and values
+        are written at ``positions`` (one start index for the batch) and the queries attend to
+        every cached position up to their own; returns (y, new cache or None)."""
         q, k, v = self.project_qkv(x_BSD, positions_BS)
-        s = x_BSD.shape[1]
-        mask_BST = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (x_BSD.shape[0], s, s))
-        return self.attend(q, k, v, mask_BST)
+        if cache is None:
+            s = x_BSD.shape[1]
+            mask_BST = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (x_BSD.shape[0], s, s))
+            return self.attend(q, k, v, mask_BST), None
+        start = positions_BS[0, 0]
+        k_BTNK = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+        v_BTNK = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+        t = k_BTNK.shape[1]
+        mask_BST = jnp.arange(t)[None, None, :] <= positions_BS[:, :, None]
+        return self.attend(q, k_BTNK, v_BTNK, mask_BST), {"k": k_BTNK, "v": v_BTNK}
 
 
 class DenseFFN(nnx.Module):
@@ -125,14 +135,15 @@ class Block(nnx.Module):
         self.is_moe = cfg.is_moe_block(index)
         self.ffn = MoEFeedForward(cfg.moe_config(), rngs=rngs) if self.is_moe else DenseFFN(cfg, rngs=rngs)
 
-    def __call__(self, x_BSD, positions_BS, token_ids_BS):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS)
+    def __call__(self, x_BSD, positions_BS, token_ids_BS, cache=None):
+        attn_BSD, cache = self.attn(self.attn_norm(x_BSD), positions_BS, cache)
+        x_BSD = x_BSD + attn_BSD
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
-            y_BSD, aux = self.ffn(h_BSD, token_ids_BS)
+            y_BSD, aux = self.ffn(h_BSD, token_ids_BS, positions_BS=positions_BS)
         else:
             y_BSD, aux = self.ffn(h_BSD), None
-        return x_BSD + y_BSD, aux
+        return x_BSD + y_BSD, aux, cache
 
 
 class Transformer(nnx.Module):
@@ -174,6 +185,26 @@ class Transformer(nnx.Module):
         return einsum("bsd,dv->bsv", x_BSD, compute_value(self.unembed, ("embed", "vocab")).astype(jnp.float32), out_axes)
 
     def __call__(self, tokens_BS, positions_BS=None):
+        """Training / scoring forward pass: ``logits_BSV, aux``."""
+        logits_BSV, aux, _ = self.forward(tokens_BS, positions_BS)
+        return logits_BSV, aux
+
+    def decode(self, tokens_BS, positions_BS, cache):
+        """Incremental decoding with a KV cache (see ``init_cache``): ``logits_BSV, new_cache``.
+
+        Each call costs the new positions only; the prompt can go in one call (prefill).
+        """
+        logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, cache)
+        return logits_BSV, cache
+
+    def init_cache(self, batch: int, max_len: int) -> list[dict]:
+        """Empty keys/values [B, max_len, N, K] for every block, in the activation dtype."""
+        n = self.cfg.num_heads
+        shape = (batch, max_len, n, self.cfg.d_model // n)
+        dtype = jnp.dtype(self.cfg.dtype)
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in self.blocks]
+
+    def forward(self, tokens_BS, positions_BS=None, cache=None):
         if positions_BS is None:
             b, s = tokens_BS.shape
             positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -181,12 +212,13 @@ class Transformer(nnx.Module):
             if mesh is not None:
                 positions_BS = jax.sharding.reshard(positions_BS, logical_to_spec(("batch", "seq"), mesh))
         x_BSD = self.embed_tokens(tokens_BS)
-        auxes = []
-        for block in self.blocks:
-            x_BSD, aux = block(x_BSD, positions_BS, tokens_BS)
+        auxes, new_cache = [], []
+        for i, block in enumerate(self.blocks):
+            x_BSD, aux, block_cache = block(x_BSD, positions_BS, tokens_BS, None if cache is None else cache[i])
+            new_cache.append(block_cache)
             if aux is not None:
                 auxes.append(aux)
-        return self.logits(x_BSD), average_aux(auxes, self.cfg.num_experts)
+        return self.logits(x_BSD), average_aux(auxes, self.cfg.num_experts), (None if cache is None else new_cache)
 
 
 def average_aux(auxes: list[dict], num_experts: int) -> dict:

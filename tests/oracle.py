@@ -28,7 +28,11 @@ def oracle_routing(cfg, params, x, token_ids, key=None):
     if cfg.router == "hash":
         scores = np.asarray(hash_scores(jnp.asarray(token_ids), e, cfg.hash_seed)).reshape(t, e)
     else:
-        scores = np.asarray(jax.random.uniform(key, (x.shape[0], x.shape[1], e), jnp.float32)).reshape(t, e)
+        b, s = x.shape[:2]  # the documented rule: token (b, s) draws from fold_in(fold_in(key, b), s)
+        scores = np.stack([
+            np.asarray(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, row), pos), (e,)))
+            for row in range(b) for pos in range(s)
+        ])
     return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
 
 

@@ -60,7 +60,10 @@ def from_nested(nested: dict, like):
         names = [_key_name(p) for p in path if _key_name(p) != "value"] or ["value"]
         for name in names:
             node = node[name]
-        leaves.append(jax.random.wrap_key_data(node, impl=jax.random.key_impl(ref)) if _is_prng_key(ref) else node)
+        if _is_prng_key(ref):  # abstract targets carry no implementation: the default one made them
+            impl = jax.random.key_impl(ref) if isinstance(ref, jax.Array) else None
+            node = jax.random.wrap_key_data(node, impl=impl)
+        leaves.append(node)
     return jax.tree.unflatten(treedef, leaves)
 
 
@@ -136,9 +139,11 @@ class Checkpoints:
         """Parameters only (and the small model state): the optimizer state is never read."""
         items = {"params": ocp.args.StandardRestore(to_nested(_abstract(like_params, shardings)))}
         if like_model_state is not None:
+            mesh = jax.tree.leaves(shardings)[0].mesh
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             items["train"] = ocp.args.StandardRestore(
                 {
-                    "step": jax.ShapeDtypeStruct((), np.int32),
+                    "step": jax.ShapeDtypeStruct((), np.int32, sharding=replicated),
                     "model_state": to_nested(_abstract(like_model_state, model_state_shardings)),
                 }
             )

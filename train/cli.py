@@ -64,11 +64,7 @@ def train_main(argv=None) -> int:
         validate(cfg)
     except ConfigError as e:
         _fail(prog, str(e))
-    if args.cpu_devices < 1:
-        _fail(prog, f"--cpu_devices={args.cpu_devices}: must be >= 1")
-    from sharding.mesh import emulate_cpu_devices
-
-    emulate_cpu_devices(args.cpu_devices)
+    _start_jax(prog, args)
     return _run_guarded(prog, args.verbose, lambda: _train(cfg, args))
 
 
@@ -126,6 +122,85 @@ def _train(cfg, args) -> int:
             f"  tensorboard: tensorboard --logdir {w}/tensorboard"
         )
     return 0
+
+
+def _start_jax(prog: str, args) -> None:
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational warnings
+    if args.cpu_devices < 1:
+        _fail(prog, f"--cpu_devices={args.cpu_devices}: must be >= 1")
+    from sharding.mesh import emulate_cpu_devices
+
+    emulate_cpu_devices(args.cpu_devices)
+
+
+def eval_main(argv=None) -> int:
+    """moe-eval --workdir=DIR [--step=N] [--data_path=PATH]: a final JSON line on stdout."""
+    prog = "moe-eval"
+    p = argparse.ArgumentParser(prog=prog, description="Score a checkpoint: loss, perplexity, bits per byte.")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--data_path", default=None, help="score every file here instead of the validation split")
+    p.add_argument("--max_batches", type=int, default=0, help="stop after this many batches (0 = all)")
+    _common_args(p)
+    args = p.parse_args(argv)
+    _start_jax(prog, args)
+
+    def run() -> int:
+        import json
+
+        from train.evaluate import evaluate_run, load_run
+
+        loaded = load_run(args.workdir, args.step)
+        result = evaluate_run(
+            loaded, data_path=args.data_path, max_batches=args.max_batches, log=lambda m: print(m, file=sys.stderr)
+        )
+        print(json.dumps(result))
+        return 0
+
+    return _run_guarded(prog, args.verbose, run)
+
+
+def generate_main(argv=None) -> int:
+    """moe-generate --workdir=DIR --prompt=TEXT: sampled text on stdout."""
+    prog = "moe-generate"
+    p = argparse.ArgumentParser(prog=prog, description="Sample text from a checkpoint (KV-cached decoding).")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    _common_args(p)
+    args = p.parse_args(argv)
+    for name in ("max_new_tokens", "top_k"):
+        if getattr(args, name) < (1 if name == "max_new_tokens" else 0):
+            _fail(prog, f"--{name}={getattr(args, name)}: out of range")
+    if args.temperature < 0:
+        _fail(prog, f"--temperature={args.temperature}: must be >= 0")
+    _start_jax(prog, args)
+
+    def run() -> int:
+        import jax
+
+        from train.evaluate import load_run, require_tokens
+        from train.generate import generate
+        from train.tokenizer import build_tokenizer
+
+        loaded = load_run(args.workdir, args.step, devices=jax.devices()[:1])  # one sequence: one device
+        tokenizer = build_tokenizer(loaded.cfg.data, loaded.workdir, lambda: iter(()))
+        prompt = require_tokens(tokenizer, args.prompt)
+        with loaded.context():
+            ids, _ = generate(
+                loaded.model(), prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                seed=args.seed, stop_id=tokenizer.eos_id,
+            )
+        print(args.prompt + tokenizer.decode(ids))
+        return 0
+
+    return _run_guarded(prog, args.verbose, run)
 
 
 def bench_main(argv=None) -> int:

@@ -82,7 +82,6 @@ class Config:
     eval_every_steps: int = 100  # 0 = only at the end
     eval_batches: int = 8  # validation batches per evaluation
     peak_flops_per_device: float = 0.0  # for MFU; 0 = guess from the device kind
-    sample_tokens: int = 200  # text generated at the end of `make train` (0 = none)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,7 +219,6 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(cfg.eval_every_steps >= 0, "eval_every_steps", "must be >= 0")
     need(cfg.eval_batches >= 1, "eval_batches", "must be >= 1")
     need(cfg.peak_flops_per_device >= 0, "peak_flops_per_device", "must be >= 0")
-    need(cfg.sample_tokens >= 0, "sample_tokens", "must be >= 0")
     from sharding.rules import PRESETS
 
     need(cfg.mesh.rules in PRESETS, "mesh.rules", f"choose one of {', '.join(PRESETS)}")

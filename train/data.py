@@ -39,7 +39,7 @@ from train.config import DataConfig, fingerprint
 if TYPE_CHECKING:
     from train.tokenizer import Tokenizer
 
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "all")  # "all": every file, unsplit (scoring given data)
 _STDLIB_SKIP = frozenset({"site-packages", "dist-packages"})
 
 
@@ -209,10 +209,13 @@ def _split_sources(cfg: DataConfig, split: str) -> tuple[list[pathlib.Path], Ite
     files = list_files(cfg.path)
     if len(files) == 1:  # one file: cap its text as a whole, then split it by position
         docs = list(_capped(read_documents(files[0], max_bytes=cfg.max_bytes), cfg.max_bytes))
-        return files, iter(_split_by_position(docs, cfg.validation_fraction, split))
-    train, validation = split_files(files, cfg.validation_fraction)
-    chosen = train if split == "train" else validation
-    share = cfg.validation_fraction if split == "validation" else 1 - cfg.validation_fraction
+        return files, iter(docs if split == "all" else _split_by_position(docs, cfg.validation_fraction, split))
+    if split == "all":
+        chosen, share = files, 1.0
+    else:
+        train, validation = split_files(files, cfg.validation_fraction)
+        chosen = train if split == "train" else validation
+        share = cfg.validation_fraction if split == "validation" else 1 - cfg.validation_fraction
     budget = max(1, round(cfg.max_bytes * share)) if cfg.max_bytes else 0
 
     def documents() -> Iterator[str]:

@@ -26,6 +26,7 @@ from train import metrics as metrics_lib
 from train.checkpoint import Checkpoints
 from train.config import Config, ConfigError, validate, validate_mesh
 from train.data import TrainBatches, corpus_texts, data_fingerprint, eval_batches, load_corpus
+from train.evaluate import score
 from train.optimizer import make_optimizer
 from train.step import TrainState, make_eval_step, make_train_step, shardings_of, split_model
 from train.tokenizer import build_tokenizer
@@ -98,6 +99,7 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(cfg.optimizer, t.steps)
         self.meta = {"config": cfg.to_dict(), "data_fingerprint": data_fingerprint(cfg.data)}
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.save_blocking_ms: list[float] = []
         with self.context():
             self._init_state()
             self._compile()
@@ -145,7 +147,12 @@ class Trainer:
         self.log(f"resumed from {self.checkpoints.directory / str(step)}")
 
     def save_checkpoint(self, step: int, *, force: bool = False) -> None:
+        """Start an asynchronous save; the loop is blocked only for the device-to-host copy."""
+        start = time.perf_counter()
         self.checkpoints.save(step, self.state, self.batches.get_state(), self.meta, force=force)
+        blocked_ms = 1e3 * (time.perf_counter() - start)
+        self.save_blocking_ms.append(blocked_ms)
+        self.log(f"checkpoint {step}: saving in the background (blocked {blocked_ms:.0f} ms)")
 
     def _compile(self):
         cfg = self.cfg
@@ -179,20 +186,8 @@ class Trainer:
         batches = eval_batches(
             self.val_corpus.tokens, cfg.train.seq_len, cfg.train.batch_size, cfg.eval_batches, self.proc, self.nproc
         )
-        nll = tokens = 0.0
         with self.context():
-            for local in batches:
-                out = self.eval_step(self.state.params, self.state.model_state, self.global_batch(local))
-                nll += float(out["nll_sum"])
-                tokens += float(out["tokens"])
-        loss = nll / max(tokens, 1.0)
-        bytes_per_token = self.val_corpus.num_bytes / max(len(self.val_corpus.tokens), 1)
-        return {
-            "loss": loss,
-            "perplexity": math.exp(min(loss, 50.0)),
-            "bits_per_byte": loss / math.log(2) / bytes_per_token,
-            "tokens": int(tokens),
-        }
+            return score(self.eval_step, self.state.params, self.state.model_state, batches, self.global_batch, self.val_corpus)
 
     # ---------------------------------------------------------------- training
     def run(self, stop_at: int | None = None) -> dict:
@@ -254,6 +249,10 @@ class Trainer:
         self.writer.write(end, final_eval, split="eval")
         summary["eval_loss"] = final_eval["loss"]
         summary["tokens_per_sec"] = float(np.median(rates)) if rates else None
+        if rates:
+            summary["step_ms"] = 1e3 * tokens_per_step / summary["tokens_per_sec"]
+        if self.save_blocking_ms:
+            summary["checkpoint_blocking_ms"] = float(np.median(self.save_blocking_ms))
         if self.proc == 0:
             write_json_atomic(self.workdir / "summary.json", json.dumps(summary, indent=2))
         return summary
@@ -265,7 +264,7 @@ class Trainer:
 
 # Sections a resumed run may change; anything else must match the checkpoint.
 RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches",
-             "peak_flops_per_device", "sample_tokens", "mesh.", "optimizer.")
+             "peak_flops_per_device", "mesh.", "optimizer.")
 
 
 def check_compatible(cfg: Config, meta: dict, saved: dict, where: pathlib.Path) -> None:

@@ -44,25 +44,31 @@ def cross_entropy(logits_BSV, targets_BS, weights_BS):
     return jnp.sum(nll_BS * weights_BS), jnp.sum(weights_BS)
 
 
-def _micro_loss(params, model_state, graphdef, batch):
+def _micro_step(graphdef, params, model_state, batch):
+    """Loss and gradients of one micro-batch; returns the model's updated RNG state too.
+
+    nnx.value_and_grad (not jax's) so that RNG streams advanced inside the loss (random routing,
+    router jitter) come out as new state.
+    """
     model = nnx.merge(graphdef, params, model_state)
-    logits, aux = model(batch["inputs"])
-    weights = batch.get("weights")
-    if weights is None:
-        weights = jnp.ones(batch["targets"].shape, jnp.float32)
-    nll_sum, count = cross_entropy(logits, batch["targets"], weights)
-    ce = nll_sum / jnp.maximum(count, 1.0)
-    total = ce + aux["router_loss"]
-    new_model_state = nnx.state(model, nnx.Not(nnx.Param))
-    return total, (ce, aux, new_model_state)
+
+    def loss_fn(model):
+        logits, aux = model(batch["inputs"])
+        weights = batch.get("weights")
+        if weights is None:
+            weights = jnp.ones(batch["targets"].shape, jnp.float32)
+        nll_sum, count = cross_entropy(logits, batch["targets"], weights)
+        ce = nll_sum / jnp.maximum(count, 1.0)
+        return ce + aux["router_loss"], (ce, aux)
+
+    (total, (ce, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return total, ce, aux, grads, nnx.state(model, nnx.Not(nnx.Param))
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
-    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
-
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         if grad_accum_steps == 1:
-            (total, (ce, aux, model_state)), grads = grad_fn(state.params, state.model_state, graphdef, batch)
+            total, ce, aux, grads, model_state = _micro_step(graphdef, state.params, state.model_state, batch)
         else:
             # [B,...] -> [B/M, M, ...] -> [M, B/M, ...]: micro-batch i takes rows i, M+i, 2M+i, ...
             # so that every micro-batch stays spread over the batch axes (no resharding).
@@ -72,14 +78,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
 
             micro = jax.tree.map(split, batch)
 
-            def body(carry, mb):
-                grads_acc, model_state = carry
-                (total, (ce, aux, model_state)), grads = grad_fn(state.params, model_state, graphdef, mb)
+            def body(carry, mb):  # params ride in the carry: NNX graphs must not close over outer traces
+                grads_acc, model_state, params = carry
+                total, ce, aux, grads, model_state = _micro_step(graphdef, params, model_state, mb)
                 grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-                return (grads_acc, model_state), (total, ce, aux)
+                return (grads_acc, model_state, params), (total, ce, aux)
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, model_state), (totals, ces, auxes) = jax.lax.scan(body, (zeros, state.model_state), micro)
+            carry = (zeros, state.model_state, state.params)
+            (grads, model_state, _), (totals, ces, auxes) = jax.lax.scan(body, carry, micro)
             grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
             total, ce = jnp.mean(totals), jnp.mean(ces)
             aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)

@@ -1,0 +1,198 @@
+"""Checkpoints: round trip, bit-exact resume, restore on other meshes, eval and generation."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from test_train import tiny_config
+from train.cli import eval_main, generate_main
+from train.config import ConfigError
+from train.evaluate import evaluate_run, load_run
+from train.generate import generate, generate_without_cache
+from train.loop import Trainer
+
+
+def host(tree):
+    """NumPy copies of every array (PRNG keys as their raw key data)."""
+    def one(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def train(cfg, workdir, stop_at=None, devices=None):
+    trainer = Trainer(cfg, workdir, devices=devices)
+    try:
+        trainer.run(stop_at=stop_at)
+        state = host(trainer.state)
+        data_state = trainer.batches.get_state()
+    finally:
+        trainer.close()
+    return state, data_state
+
+
+def train_losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    out = {}
+    for r in rows:
+        if r["split"] == "train":
+            out[r["step"]] = r["loss"]  # a resumed run re-logs steps: the later row wins
+    return out
+
+
+def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+    """A 6-step run straight, and the same run stopped after 3 and re-run to 6 (random router)."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny_config(tmp)
+    cfg.model.router = "random"  # its RNG stream is part of the saved state
+    cfg.train.steps, cfg.checkpoint.every_steps, cfg.eval_batches = 6, 2, 1
+    straight, _ = train(cfg, tmp / "straight")
+    stopped, stopped_data = train(cfg, tmp / "split", stop_at=3)
+    resumed, resumed_data = train(cfg, tmp / "split")
+    return dict(cfg=cfg, tmp=tmp, straight=straight, stopped=stopped, stopped_data=stopped_data,
+                resumed=resumed, resumed_data=resumed_data)
+
+
+def test_resume_is_bit_exact(resumed_runs):
+    r = resumed_runs
+    straight, split = train_losses(r["tmp"] / "straight"), train_losses(r["tmp"] / "split")
+    assert list(split) == [1, 2, 3, 4, 5, 6]
+    assert split == straight  # identical floats, step by step
+    assert_trees_equal(r["resumed"].params, r["straight"].params)
+    assert_trees_equal(r["resumed"].opt_state, r["straight"].opt_state)
+    assert r["stopped_data"]["next_batch"] == 3 and r["resumed_data"]["next_batch"] == 6
+    steps = sorted(int(p.name) for p in (r["tmp"] / "split" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6 and 3 in steps
+
+
+def test_round_trip_restores_the_whole_state(resumed_runs):
+    r = resumed_runs
+    trainer = Trainer(r["cfg"], r["tmp"] / "straight")  # finds step 6 and restores it
+    try:
+        state = host(trainer.state)
+        assert int(state.step) == 6
+        assert_trees_equal(state, r["straight"])  # params, optimizer state, RNG streams, step
+        assert trainer.batches.get_state()["next_batch"] == 6
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("mesh", [dict(data=1, expert=8), dict(data=1, expert=1)], ids=["expert8", "1device"])
+def test_restore_onto_another_mesh_and_continue(resumed_runs, tmp_path, mesh):
+    """Saved on data=2 x expert=4; restored on expert=8 or on one device, step 4 matches."""
+    r = resumed_runs
+    work = tmp_path / "w"
+    shutil.copytree(r["tmp"] / "split", work)
+    for step in (4, 5, 6):
+        shutil.rmtree(work / "checkpoints" / str(step), ignore_errors=True)
+    cfg = tiny_config(r["tmp"], **mesh)
+    cfg.model.router = "random"
+    cfg.train.steps, cfg.checkpoint.every_steps, cfg.eval_batches = 6, 2, 1
+    devices = jax.devices()[: mesh["data"] * mesh["expert"]]
+    trainer = Trainer(cfg, work, devices=devices)
+    try:
+        assert int(trainer.state.step) == 3
+        assert_trees_equal(host(trainer.state.params), r["stopped"].params)
+        with trainer.context():
+            batch = trainer.global_batch(next(trainer.batches))
+            trainer.state, metrics = trainer.train_step(trainer.state, batch)
+        assert float(metrics["loss"]) == pytest.approx(train_losses(r["tmp"] / "straight")[4], rel=1e-5)
+    finally:
+        trainer.close()
+
+
+def test_incompatible_config_is_refused_and_extending_steps_is_allowed(resumed_runs, tmp_path):
+    r = resumed_runs
+    work = tmp_path / "w"
+    shutil.copytree(r["tmp"] / "straight", work)
+    cfg = tiny_config(r["tmp"])
+    cfg.model.router = "random"
+    cfg.model.d_model = 64
+    with pytest.raises(ConfigError, match=r"^config\.model\.d_model=64: differs from the checkpoint"):
+        Trainer(cfg, work)
+    cfg.model.d_model = 32
+    cfg.data.validation_fraction = 0.5  # other data
+    with pytest.raises(ConfigError, match=r"^config\.data: the data differ"):
+        Trainer(cfg, work)
+    cfg.data.validation_fraction = 0.25
+    cfg.train.steps, cfg.checkpoint.every_steps, cfg.eval_batches = 7, 2, 1
+    state, _ = train(cfg, work)
+    assert int(state.step) == 7
+
+
+def test_params_only_restore_never_reads_the_optimizer_state(resumed_runs, tmp_path):
+    r = resumed_runs
+    work = tmp_path / "w"
+    shutil.copytree(r["tmp"] / "straight", work)
+    shutil.rmtree(work / "checkpoints" / "6" / "opt_state")  # gone: a params-only restore must not care
+    run = load_run(work)
+    assert run.step == 6
+    assert_trees_equal(host(run.params), r["straight"].params)
+
+
+def test_eval_gives_the_same_loss_on_1_and_8_devices(resumed_runs):
+    work = resumed_runs["tmp"] / "straight"
+    one = evaluate_run(load_run(work, devices=jax.devices()[:1]), log=lambda m: None)
+    eight = evaluate_run(load_run(work), log=lambda m: None)
+    assert one["tokens"] == eight["tokens"] > 0
+    assert one["loss"] == pytest.approx(eight["loss"], abs=1e-4)
+    assert one["perplexity"] == pytest.approx(np.exp(one["loss"]), rel=1e-6)
+
+
+def test_moe_eval_and_moe_generate_cli(resumed_runs, capsys):
+    work = str(resumed_runs["tmp"] / "straight")
+    assert eval_main([f"--workdir={work}", "--step=4"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == 4 and set(out) >= {"loss", "perplexity", "bits_per_byte", "tokens"}
+    argv = [f"--workdir={work}", "--prompt=def add", "--max_new_tokens=8"]
+    assert generate_main(argv) == 0
+    first = capsys.readouterr().out
+    assert generate_main(argv) == 0
+    assert capsys.readouterr().out == first and first.startswith("def add")  # greedy is deterministic
+    with pytest.raises(SystemExit):
+        eval_main([f"--workdir={work}", "--step=5"])
+    assert "--step=5: not among the checkpoints" in capsys.readouterr().err
+
+
+def test_kv_cache_generation_equals_recomputing_the_prefix(resumed_runs):
+    run = load_run(resumed_runs["tmp"] / "straight", devices=jax.devices()[:1])
+    with run.context():
+        model = run.model()
+        prompt = [10, 20, 30, 40, 50]
+        cached, cached_logits = generate(model, prompt, 6)
+        full, full_logits = generate_without_cache(model, prompt, 6)
+        again, _ = generate(model, prompt, 6)
+        sampled_a, _ = generate(model, prompt, 6, temperature=1.0, top_k=5, seed=3)
+        sampled_b, _ = generate(model, prompt, 6, temperature=1.0, top_k=5, seed=3)
+    assert cached == full == again
+    np.testing.assert_allclose(cached_logits, full_logits, rtol=1e-4, atol=1e-4)
+    assert sampled_a == sampled_b
+
+
+def test_a_plain_orbax_reader_can_list_and_restore_the_checkpoint(resumed_runs):
+    path = resumed_runs["tmp"] / "straight" / "checkpoints"
+    code = f"""
+import sys, orbax.checkpoint as ocp
+mgr = ocp.CheckpointManager({str(path)!r})
+steps = sorted(mgr.all_steps())
+params = ocp.StandardCheckpointer().restore({str(path)!r} + f"/{{steps[-1]}}/params")
+meta = ocp.CheckpointManager({str(path)!r}, item_names=("meta",)).restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+assert not any(m.split(".")[0] in ("moe", "train", "sharding") for m in sys.modules)
+print(steps[-1], params["embed"].shape, meta["config"]["model"]["d_model"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[0] == "6" and proc.stdout.strip().endswith("32")
