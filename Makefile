@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench clean
+CONFIG ?= configs/default.py
+WORKDIR ?= runs/default
+
+.PHONY: test train bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +19,16 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 test: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Trains CONFIG into WORKDIR (re-running resumes from the latest checkpoint), then samples text.
+train: $(STAMP)
+	$(BIN)/moe-train --config=$(CONFIG) --workdir=$(WORKDIR) $(TRAIN_ARGS)
+	@echo "--- a greedy sample from the trained model:"
+	@$(BIN)/moe-generate --workdir=$(WORKDIR) --prompt='def ' --max_new_tokens=160
+	@echo "---"
+	@echo "evaluate:    $(BIN)/moe-eval --workdir=$(WORKDIR)"
+	@echo "plot:        $(BIN)/python scripts/plot_metrics.py $(WORKDIR)"
+	@echo "tensorboard: tensorboard --logdir $(WORKDIR)/tensorboard   (pip install tensorboard)"
 
 bench: $(STAMP)
 	$(BIN)/moe-bench $(BENCH_ARGS)

@@ -159,11 +159,11 @@ class Transformer(nnx.Module):
         self.embed = sharded_param(rngs.params(), (cfg.vocab_size, cfg.d_model), self.EMBED_AXES, 1.0, pdtype)
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.d_model)
-        self.unembed = None
-        if not cfg.tie_embeddings:
-            self.unembed = sharded_param(
-                rngs.params(), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model**-0.5, pdtype
-            )
+        self.unembed = (
+            None
+            if cfg.tie_embeddings
+            else sharded_param(rngs.params(), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model**-0.5, pdtype)
+        )
 
     @property
     def num_moe_layers(self) -> int:

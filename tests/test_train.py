@@ -189,3 +189,15 @@ def test_dry_run_prints_config_and_parameter_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3,845,248 total, 1,092,736 active per token" in out
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))
+def test_every_shipped_config_loads_and_validates_on_8_devices(name):
+    from train.config import validate, validate_mesh
+
+    cfg = load_config_file(str(ROOT / "configs" / f"{name}.py"))
+    validate(cfg)
+    sizes = validate_mesh(cfg, 8)
+    assert sizes["data"] * sizes["fsdp"] * sizes["expert"] * sizes["tensor"] == 8
+    doc = (ROOT / "configs" / f"{name}.py").read_text()
+    assert "moe-train --config=configs/" in doc or "make train" in doc  # the docstring gives the command

@@ -115,9 +115,14 @@ def _train(cfg, args) -> int:
         trainer.close()
     if jax.process_index() == 0:
         w = args.workdir
+        trained = (
+            f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+            if summary["first_loss"] is not None
+            else f"already trained to step {trainer.cfg.train.steps}"
+        )
         print(
-            f"done: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}, eval loss {summary['eval_loss']:.3f}, "
-            f"{summary['tokens_per_sec'] or 0:,.0f} tokens/s\n"
+            f"done: {trained}, eval loss {summary['eval_loss']:.3f}, {summary['tokens_per_sec'] or 0:,.0f} tokens/s\n"
+            f"  checkpoints: {w}/checkpoints   (evaluate: moe-eval --workdir={w}; sample: moe-generate --workdir={w} --prompt='def ')\n"
             f"  metrics:     {w}/metrics.jsonl   (plot: python scripts/plot_metrics.py {w})\n"
             f"  tensorboard: tensorboard --logdir {w}/tensorboard"
         )
