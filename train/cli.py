@@ -37,7 +37,9 @@ def _split_overrides(rest: list[str], prog: str) -> list[tuple[str, str]]:
 
 
 def _fail(prog: str, message: str, code: int = 2):
-    print(f"{prog}: {message}", file=sys.stderr)
+    from sharding.distributed import prefix
+
+    print(f"{prefix()}{prog}: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 
@@ -54,6 +56,9 @@ def train_main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="run folder: config, logs, checkpoints")
     p.add_argument("--dry_run", action="store_true", help="validate and print the config and parameter counts")
     _common_args(p)
+    from sharding.distributed import add_arguments
+
+    add_arguments(p)
     args, rest = p.parse_known_args(argv)
     from train.config import ConfigError, apply_override, load_config_file, validate
 
@@ -64,7 +69,7 @@ def train_main(argv=None) -> int:
         validate(cfg)
     except ConfigError as e:
         _fail(prog, str(e))
-    _start_jax(prog, args)
+    _start_jax(prog, args, distributed=True)
     return _run_guarded(prog, args.verbose, lambda: _train(cfg, args))
 
 
@@ -72,6 +77,8 @@ def _run_guarded(prog: str, verbose: bool, fn) -> int:
     """Run ``fn``; user-caused errors become one line and exit code 2 (traceback with --verbose)."""
     from train.config import ConfigError
     from train.data import DataError
+
+    from sharding.distributed import shutdown
 
     try:
         return fn()
@@ -81,6 +88,8 @@ def _run_guarded(prog: str, verbose: bool, fn) -> int:
         _fail(prog, str(e))
     except KeyboardInterrupt:
         _fail(prog, "interrupted", 130)
+    finally:
+        shutdown()
 
 
 def _train(cfg, args) -> int:
@@ -129,7 +138,8 @@ def _train(cfg, args) -> int:
     return 0
 
 
-def _start_jax(prog: str, args) -> None:
+def _start_jax(prog: str, args, distributed: bool = False) -> None:
+    """Set the CPU device count, then (multi-process jobs) start jax.distributed: in that order."""
     import logging
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational warnings
@@ -138,6 +148,14 @@ def _start_jax(prog: str, args) -> None:
     from sharding.mesh import emulate_cpu_devices
 
     emulate_cpu_devices(args.cpu_devices)
+    if distributed:
+        from sharding import distributed as dist
+
+        try:
+            dist.initialize(dist.settings_from(args))
+        except dist.DistributedError as e:
+            print(f"{prog}: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(3) from None
 
 
 def eval_main(argv=None) -> int:
@@ -149,8 +167,11 @@ def eval_main(argv=None) -> int:
     p.add_argument("--data_path", default=None, help="score every file here instead of the validation split")
     p.add_argument("--max_batches", type=int, default=0, help="stop after this many batches (0 = all)")
     _common_args(p)
+    from sharding.distributed import add_arguments
+
+    add_arguments(p)
     args = p.parse_args(argv)
-    _start_jax(prog, args)
+    _start_jax(prog, args, distributed=True)
 
     def run() -> int:
         import json
@@ -161,7 +182,10 @@ def eval_main(argv=None) -> int:
         result = evaluate_run(
             loaded, data_path=args.data_path, max_batches=args.max_batches, log=lambda m: print(m, file=sys.stderr)
         )
-        print(json.dumps(result))
+        import jax
+
+        if jax.process_index() == 0:
+            print(json.dumps(result), flush=True)
         return 0
 
     return _run_guarded(prog, args.verbose, run)

@@ -103,6 +103,7 @@ class Trainer:
         with self.context():
             self._init_state()
             self._compile()
+            self._check_process_rows()
             self._maybe_resume()
 
     def context(self):
@@ -171,6 +172,21 @@ class Trainer:
             in_shardings=(self.state_shardings.params, self.state_shardings.model_state, self.batch_sharding),
             out_shardings=replicated,
         )
+
+    def _check_process_rows(self) -> None:
+        """Each process reads the p-th contiguous block of rows: the mesh must place it there."""
+        b, s = self.cfg.train.batch_size, self.cfg.train.seq_len
+        starts, stops = set(), set()
+        for index in self.batch_sharding.addressable_devices_indices_map((b, s)).values():
+            starts.add(index[0].start or 0)
+            stops.add(b if index[0].stop is None else index[0].stop)
+        local = b // self.nproc
+        if (min(starts), max(stops)) != (self.proc * local, (self.proc + 1) * local):
+            raise ConfigError(
+                f"config.mesh: process {self.proc} holds batch rows {min(starts)}..{max(stops)}, not its own "
+                f"contiguous block {self.proc * local}..{(self.proc + 1) * local}; order the mesh so that each "
+                "process's devices are adjacent on the batch axes"
+            )
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Assemble each process's rows into global arrays sharded over the batch axes."""

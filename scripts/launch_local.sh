@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Start NPROC local processes of one multi-process JAX job, DEVICES_PER_PROC CPU devices each.
+#
+#   scripts/launch_local.sh NPROC DEVICES_PER_PROC [moe-train args...]
+#   scripts/launch_local.sh 2 4 --config=configs/default.py --workdir=runs/2x4
+#
+# Every process gets --coordinator_address=127.0.0.1:<free port> --num_processes --process_id and
+# --cpu_devices. Output lines are prefixed with the process index. Ctrl-C (or SIGTERM) is
+# forwarded to every process. If any process fails, the others are stopped and the launcher
+# exits with that process's status. MOE_CMD overrides the command (default: moe-train; e.g.
+# MOE_CMD=moe-eval, or MOE_CMD="python -m train").
+set -uo pipefail
+
+if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ || ! $2 =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 NPROC DEVICES_PER_PROC [moe-train args...]" >&2
+  exit 2
+fi
+nproc=$1
+devices=$2
+shift 2
+cmd=${MOE_CMD:-moe-train}
+python=${PYTHON:-python3}
+port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
+pgids=()
+stop_all() {  # $1: signal
+  for pg in "${pgids[@]}"; do kill "-$1" -- "-$pg" 2>/dev/null; done
+}
+trap 'stop_all INT; wait; exit 130' INT
+trap 'stop_all TERM; wait; exit 143' TERM
+
+for ((i = 0; i < nproc; i++)); do
+  # each process in its own process group (setsid), so that stopping it stops its pipeline too
+  setsid bash -c 'set -o pipefail; '"$cmd"' "$@" 2>&1 | sed -u "s/^/['"$i"'] /"' _ "$@" \
+    --cpu_devices="$devices" --coordinator_address="127.0.0.1:$port" \
+    --num_processes="$nproc" --process_id="$i" &
+  pgids+=($!)
+done
+
+status=0
+for ((done = 0; done < nproc; done++)); do
+  wait -n
+  rc=$?
+  if [[ $rc -ne 0 ]]; then
+    echo "launch_local: a process exited with status $rc; stopping the others" >&2
+    status=$rc
+    stop_all TERM
+    sleep 2
+    stop_all KILL
+    break
+  fi
+done
+wait 2>/dev/null
+exit "$status"

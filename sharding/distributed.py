@@ -1,0 +1,173 @@
+"""Multi-process start-up with JAX's own distributed runtime (multi-controller JAX).
+
+Call ``initialize`` before anything touches the JAX backend. Three ways in:
+  * explicit: a coordinator address, the process count and this process's id, from flags
+    (``--coordinator_address --num_processes --process_id``) or the environment
+    (``SWITCHYARD_COORDINATOR_ADDRESS``, ``SWITCHYARD_NUM_PROCESSES``, ``SWITCHYARD_PROCESS_ID``);
+  * auto: ``--distributed=auto`` (or a detected multi-process SLURM, Open MPI, Cloud TPU or
+    Kubernetes job) lets ``jax.distributed.initialize()`` read the cluster's own environment;
+  * neither: one process, nothing to start.
+CPU processes talk through JAX's gloo collectives. Every log line and error names the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+ENV_PREFIX = "SWITCHYARD_"
+
+
+class DistributedError(RuntimeError):
+    """Start-up of the multi-process runtime failed (the message names the setting)."""
+
+
+@dataclasses.dataclass
+class DistributedSettings:
+    mode: str = "auto-detect"  # "auto-detect" (default), "auto" (force), "off"
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    init_timeout: int = 300  # seconds to wait for every process to join
+    shutdown_timeout: int = 60
+    heartbeat_timeout: int = 100
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("multi-process (see the README, Multi-host)")
+    g.add_argument("--distributed", default="auto-detect", choices=("auto-detect", "auto", "off"),
+                   help="auto: let JAX detect the cluster; off: single process")
+    g.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
+    g.add_argument("--num_processes", type=int, default=None)
+    g.add_argument("--process_id", type=int, default=None)
+    g.add_argument("--init_timeout", type=int, default=300, help="seconds to wait for all processes to join")
+    g.add_argument("--shutdown_timeout", type=int, default=60)
+
+
+def settings_from(args, environ=os.environ) -> DistributedSettings:
+    """Flags win over ``SWITCHYARD_*`` environment variables; errors name the flag."""
+
+    def pick(name, cast):
+        value = getattr(args, name, None)
+        if value is None:
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is None or raw == "":
+                return None
+            try:
+                value = cast(raw)
+            except ValueError:
+                raise DistributedError(f"{ENV_PREFIX}{name.upper()}={raw!r}: expected {cast.__name__}") from None
+        return value
+
+    s = DistributedSettings(
+        mode=getattr(args, "distributed", "auto-detect"),
+        init_timeout=getattr(args, "init_timeout", 300),
+        shutdown_timeout=getattr(args, "shutdown_timeout", 60),
+    )
+    s.coordinator_address = pick("coordinator_address", str) or ""
+    s.num_processes = pick("num_processes", int) or 0
+    pid = pick("process_id", int)
+    s.process_id = -1 if pid is None else pid
+    if s.coordinator_address:
+        if s.num_processes < 1:
+            raise DistributedError(f"--num_processes={s.num_processes}: required (>= 1) with --coordinator_address")
+        if not 0 <= s.process_id < s.num_processes:
+            raise DistributedError(f"--process_id={s.process_id}: must be in [0, {s.num_processes})")
+        if ":" not in s.coordinator_address:
+            raise DistributedError(f"--coordinator_address={s.coordinator_address}: expected HOST:PORT")
+    if s.init_timeout < 1:
+        raise DistributedError(f"--init_timeout={s.init_timeout}: must be >= 1 second")
+    return s
+
+
+def detected_cluster(environ=os.environ) -> str | None:
+    """The multi-process cluster this process seems to run in, if any."""
+    if int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ:
+        return "slurm"
+    if int(environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return "openmpi"
+    if environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+        return "cloud-tpu"
+    if "JOBSET_NAME" in environ or "JOB_COMPLETION_INDEX" in environ and "KUBERNETES_SERVICE_HOST" in environ:
+        return "kubernetes"
+    return None
+
+
+_state = {"started": False, "index": 0, "count": 1}
+
+
+def _wait_for_coordinator(address: str, timeout_s: float, process_id: int) -> None:
+    """A non-zero process first waits for the coordinator's port, failing with one clear line."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"[process {process_id}] no coordinator at --coordinator_address={address} after "
+                    f"--init_timeout={int(timeout_s)}s ({e.strerror or e}); is process 0 running?"
+                ) from None
+            time.sleep(0.5)
+
+
+def initialize(settings: DistributedSettings) -> tuple[int, int]:
+    """Start the runtime if this is a multi-process job; returns (process index, process count)."""
+    import jax
+
+    kwargs = dict(
+        initialization_timeout=settings.init_timeout,
+        heartbeat_timeout_seconds=settings.heartbeat_timeout,
+        shutdown_timeout_seconds=settings.shutdown_timeout,
+    )
+    try:
+        if settings.mode == "off":
+            pass
+        elif settings.coordinator_address:
+            if settings.num_processes > 1:
+                if settings.process_id > 0:
+                    _wait_for_coordinator(settings.coordinator_address, settings.init_timeout, settings.process_id)
+                # JAX aborts the process (it does not raise) when the others do not join in time:
+                # say first what it is waiting for, so that the abort has a context.
+                print(
+                    f"[process {settings.process_id}] joining {settings.num_processes} processes at "
+                    f"{settings.coordinator_address} (waiting up to {settings.init_timeout} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                jax.distributed.initialize(
+                    settings.coordinator_address, settings.num_processes, settings.process_id, **kwargs
+                )
+                _state["started"] = True
+        elif settings.mode == "auto" or detected_cluster():
+            jax.distributed.initialize(**kwargs)
+            _state["started"] = True
+    except DistributedError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any start-up failure becomes one line
+        where = settings.coordinator_address or "auto-detected cluster"
+        raise DistributedError(
+            f"[process {max(settings.process_id, 0)}] jax.distributed start-up with {where} failed "
+            f"(--init_timeout={settings.init_timeout}s): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
+    _state["index"], _state["count"] = jax.process_index(), jax.process_count()
+    return _state["index"], _state["count"]
+
+
+def prefix() -> str:
+    """``"[process i/n] "`` in a multi-process job, else empty."""
+    return f"[process {_state['index']}/{_state['count']}] " if _state["count"] > 1 else ""
+
+
+def shutdown() -> None:
+    if _state["started"]:
+        import jax
+
+        jax.distributed.shutdown()
+        _state["started"] = False

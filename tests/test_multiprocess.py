@@ -1,0 +1,141 @@
+"""Multi-process training through scripts/launch_local.sh: 2 processes x 4 CPU devices vs 1 x 8.
+
+Every subprocess has a hard timeout and a free port, so a broken runtime fails instead of hanging.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from train.checkpoint import Checkpoints
+from train.evaluate import evaluate_run, load_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "scripts" / "launch_local.sh"
+pytestmark = pytest.mark.slow
+
+
+def _env(cmd=None):
+    env = dict(os.environ)
+    env["MOE_CMD"] = cmd or f"{sys.executable} -m train"
+    env["PYTHON"] = sys.executable
+    env.pop("XLA_FLAGS", None)  # each process sets its own device count
+    return env
+
+
+def _args(tmp, workdir):
+    corpus = tmp / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(4):
+        (corpus / f"f{i}.py").write_text(("def add%d(a, b):\n    return a + b\n\nclass P:\n    x = 0\n" % i) * 60)
+    return [f"--config={ROOT / 'configs/default.py'}", f"--workdir={workdir}",
+            "--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.d_ff=64",
+            "--config.train.steps=4", "--config.train.batch_size=8", "--config.train.seq_len=16",
+            f"--config.data.path={corpus}", "--config.data.validation_fraction=0.25",
+            "--config.log_every_steps=1", "--config.eval_batches=1", "--config.checkpoint.every_steps=2",
+            "--init_timeout=60"]
+
+
+def launch(nproc, devices, args, cmd=None, timeout=240):
+    return subprocess.run(["bash", str(LAUNCH), str(nproc), str(devices), *args], env=_env(cmd), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mp")
+    two = launch(2, 4, _args(tmp, tmp / "2x4"))
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = launch(1, 8, _args(tmp, tmp / "1x8"))
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    return tmp, two, one
+
+
+def test_two_processes_match_one_process(runs):
+    tmp, two, _ = runs
+    a, b = losses(tmp / "2x4"), losses(tmp / "1x8")
+    assert len(a) == len(b) == 4
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    # only process 0 writes logs; every line of the launcher's output names its process
+    assert "[0] done: loss" in two.stdout and "[1] done" not in two.stdout
+    # the same checkpoint: params at step 4 agree
+    params = []
+    for run in ("2x4", "1x8"):
+        ckpt = Checkpoints(tmp / run / "checkpoints", read_only=True)
+        assert ckpt.all_steps() == [2, 4]
+        meta, data = ckpt.read_meta(4)
+        assert data["next_batch"] == 4
+        params.append(load_run(tmp / run).params)
+        ckpt.close()
+    for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_two_process_checkpoint_restores_in_one_process(runs):
+    tmp, _, _ = runs
+    one_dev = evaluate_run(load_run(tmp / "2x4", devices=jax.devices()[:1]), log=lambda m: None)
+    eight = evaluate_run(load_run(tmp / "2x4"), log=lambda m: None)
+    assert one_dev["step"] == 4 and one_dev["loss"] == pytest.approx(eight["loss"], abs=1e-4)
+
+
+def test_moe_eval_runs_multi_process(runs):
+    tmp, _, _ = runs
+    proc = launch(2, 4, [f"--workdir={tmp / '2x4'}", "--init_timeout=60"], cmd=f"{sys.executable} -c 'import sys; from train.cli import eval_main; sys.exit(eval_main())'")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if '"loss"' in line]
+    assert len(lines) == 1 and lines[0].startswith("[0] ")  # one JSON line, from process 0
+    result = json.loads(lines[0][4:])
+    single = evaluate_run(load_run(tmp / "2x4"), log=lambda m: None)
+    assert result["loss"] == pytest.approx(single["loss"], abs=1e-4)
+
+
+def test_launcher_stops_everything_when_one_process_fails_at_start_up(tmp_path):
+    wrapper = tmp_path / "fail_one.sh"
+    wrapper.write_text(
+        '#!/usr/bin/env bash\nfor a in "$@"; do [[ $a == --process_id=1 ]] && { echo "boom" >&2; exit 7; }; done\n'
+        f'exec {sys.executable} -m train "$@"\n'
+    )
+    start = time.monotonic()
+    proc = launch(2, 4, _args(tmp_path, tmp_path / "w"), cmd=f"bash {wrapper}", timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 7, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "[1] boom" in proc.stdout and elapsed < 60  # well inside the 60 s start-up timeout
+
+
+def _lonely(tmp_path, process_id):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [a for a in _args(tmp_path, tmp_path / "w") if not a.startswith("--init_timeout")]
+    cmd = [sys.executable, "-m", "train", *args, "--cpu_devices=4", f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={process_id}", "--init_timeout=5"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - start
+
+
+def test_a_process_without_its_coordinator_fails_with_one_clear_line(tmp_path):
+    proc, elapsed = _lonely(tmp_path, process_id=1)
+    assert proc.returncode == 3 and elapsed < 60
+    assert "[process 1] no coordinator at --coordinator_address=127.0.0.1:" in proc.stderr
+    assert "--init_timeout=5s" in proc.stderr
+
+
+def test_a_coordinator_whose_peers_never_come_exits_after_the_timeout(tmp_path):
+    proc, elapsed = _lonely(tmp_path, process_id=0)
+    assert proc.returncode != 0 and elapsed < 90  # JAX aborts the process: no hang
+    assert "[process 0] joining 2 processes at 127.0.0.1:" in proc.stderr
+    assert "waiting up to 5 s" in proc.stderr
