@@ -121,7 +121,7 @@ def evaluate_run(run: LoadedRun, *, data_path: str | None = None, max_batches: i
         def to_global(local):
             return {k: jax.make_array_from_process_local_data(sharding, v, (batch, *v.shape[1:])) for k, v in local.items()}
 
-        log(f"scoring {len(batches)} batches of {batch} x {cfg.train.seq_len} tokens on {shards} devices")
+        log(f"scoring {len(batches)} batches of {batch} x {cfg.train.seq_len} tokens on {shards} device(s)")
         result = score(step, run.params, run.model_state, batches, to_global, corpus)
     return {"step": run.step, **result}
 
