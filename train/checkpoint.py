@@ -3,7 +3,7 @@
 Layout: ``WORKDIR/checkpoints/<step>/`` is a standard Orbax ``CheckpointManager`` step with
 these items, each readable by a plain ``orbax-checkpoint`` reader without this project:
   params       nested dict of arrays (the model parameters)
-  opt_state    nested dict of arrays (optimizer state)
+  opt_state    {"optimizer": nested dict of arrays, "recent_losses": [W]} (never read for inference)
   train        {"step": int32, "model_state": nested dict}  (RNG streams stored as raw key data)
   data         JSON: the training data iterator state
   meta         JSON: the resolved config and the data fingerprint
@@ -22,6 +22,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 ARRAY_ITEMS = ("params", "opt_state", "train")
+SET_ASIDE = ".unreadable"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint (the message names the folder)."""
 JSON_ITEMS = ("data", "meta")
 
 
@@ -89,6 +94,7 @@ class Checkpoints:
             max_to_keep=keep,
             create=not read_only,
             read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # a save cut short by a kill is never taken as good
             enable_async_checkpointing=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ARRAY_ITEMS + JSON_ITEMS)
@@ -103,7 +109,9 @@ class Checkpoints:
         """Start an asynchronous save of ``state`` (a TrainState); returns whether one started."""
         items = {
             "params": ocp.args.StandardSave(to_nested(state.params)),
-            "opt_state": ocp.args.StandardSave(to_nested(state.opt_state)),
+            "opt_state": ocp.args.StandardSave(
+                {"optimizer": to_nested(state.opt_state), "recent_losses": state.recent_losses}
+            ),
             "train": ocp.args.StandardSave({"step": state.step, "model_state": to_nested(state.model_state)}),
             "data": ocp.args.JsonSave(data_state),
             "meta": ocp.args.JsonSave(meta),
@@ -119,7 +127,12 @@ class Checkpoints:
         """The full TrainState of ``step``, placed by ``shardings`` (any mesh)."""
         items = {
             "params": ocp.args.StandardRestore(to_nested(_abstract(like.params, shardings.params))),
-            "opt_state": ocp.args.StandardRestore(to_nested(_abstract(like.opt_state, shardings.opt_state))),
+            "opt_state": ocp.args.StandardRestore(
+                {
+                    "optimizer": to_nested(_abstract(like.opt_state, shardings.opt_state)),
+                    "recent_losses": _abstract(like.recent_losses, shardings.recent_losses),
+                }
+            ),
             "train": ocp.args.StandardRestore(
                 {
                     "step": _abstract(like.step, shardings.step),
@@ -131,8 +144,9 @@ class Checkpoints:
         return type(like)(
             step=out["train"]["step"],
             params=from_nested(out["params"], like.params),
-            opt_state=from_nested(out["opt_state"], like.opt_state),
+            opt_state=from_nested(out["opt_state"]["optimizer"], like.opt_state),
             model_state=from_nested(out["train"]["model_state"], like.model_state),
+            recent_losses=out["opt_state"]["recent_losses"],
         )
 
     def restore_params(self, step: int, like_params, shardings, like_model_state=None, model_state_shardings=None):
@@ -153,6 +167,25 @@ class Checkpoints:
             return params, None, None
         model_state = from_nested(out["train"]["model_state"], like_model_state)
         return params, model_state, int(out["train"]["step"])
+
+    def set_aside(self, step: int) -> pathlib.Path:
+        """Rename an unreadable step out of the manager's sight (never delete it); returns the new path."""
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}{SET_ASIDE}"
+        n = 1
+        while dst.exists():
+            dst, n = self.directory / f"{step}{SET_ASIDE}.{n}", n + 1
+        if jax.process_index() == 0:
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"switchyard_set_aside_{step}")
+        self.manager.reload()
+        return dst
+
+    def set_aside_steps(self) -> list[str]:
+        return sorted(p.name for p in self.directory.glob(f"*{SET_ASIDE}*"))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -122,6 +122,8 @@ def _train(cfg, args) -> int:
         summary = trainer.run()
     finally:
         trainer.close()
+    if summary.get("preempted"):
+        return 0
     if jax.process_index() == 0:
         w = args.workdir
         trained = (

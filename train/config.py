@@ -40,6 +40,10 @@ class TrainConfig:
     seq_len: int = 128
     seed: int = 0
     grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide evenly)
+    max_nonfinite_steps: int = 3  # stop after this many consecutive skipped (non-finite) updates
+    spike_sigma: float = 0.0  # skip an update whose loss exceeds mean + sigma * std of the last window (0 = off)
+    spike_window: int = 50
+    step_timeout_s: float = 0.0  # multi-process: stop if a step makes no progress this long (0 = 900 s there, off alone)
 
 
 @dataclasses.dataclass
@@ -199,6 +203,10 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             raise ConfigError(f"model.{field}: {str(e).split(': ', 1)[-1]}") from None
     for key in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
+    need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(t.spike_sigma >= 0, "train.spike_sigma", "must be >= 0 (0 = off)")
+    need(t.spike_window >= 2, "train.spike_window", "must be >= 2")
+    need(t.step_timeout_s >= 0, "train.step_timeout_s", "must be >= 0")
     need(t.batch_size % t.grad_accum_steps == 0, "train.batch_size", f"must be divisible by train.grad_accum_steps={t.grad_accum_steps}")
     need(o.learning_rate > 0 and math.isfinite(o.learning_rate), "optimizer.learning_rate", "must be > 0")
     need(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")

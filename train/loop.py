@@ -11,6 +11,8 @@ import json
 import math
 import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -20,10 +22,11 @@ import numpy as np
 from flax import nnx
 
 from moe.transformer import Transformer
+from sharding.distributed import Watchdog
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, use_rules
 from train import metrics as metrics_lib
-from train.checkpoint import Checkpoints
+from train.checkpoint import CheckpointError, Checkpoints
 from train.config import Config, ConfigError, validate, validate_mesh
 from train.data import TrainBatches, corpus_texts, data_fingerprint, eval_batches, load_corpus
 from train.evaluate import score
@@ -73,6 +76,22 @@ def flops_per_token(cfg: Config) -> float:
     )
 
 
+class NonFiniteError(RuntimeError):
+    """Training stopped after too many consecutive non-finite steps (the message names the step)."""
+
+
+def _install_sigterm(callback):
+    """Call ``callback`` on SIGTERM (main thread only); returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: callback())
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Trainer:
     """Everything one run needs, built in order; ``run()`` trains."""
 
@@ -100,6 +119,7 @@ class Trainer:
         self.meta = {"config": cfg.to_dict(), "data_fingerprint": data_fingerprint(cfg.data)}
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
         self.save_blocking_ms: list[float] = []
+        self._check_checkpoint_config()  # before any compile: an incompatible workdir is refused at once
         with self.context():
             self._init_state()
             self._compile()
@@ -130,22 +150,46 @@ class Trainer:
 
         def init():
             _, params, rest = split_model(build())
-            return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), rest)
+            window = jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32)
+            return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), rest, window)
 
         abstract_shardings = shardings_of(jax.eval_shape(init))
         self.state = jax.jit(init, out_shardings=abstract_shardings)()  # parameters born sharded
         self.state_shardings = shardings_of(self.state)
 
-    def _maybe_resume(self):
-        """Continue from the latest complete checkpoint, if the config is compatible with it."""
+    def _check_checkpoint_config(self) -> None:
         step = self.checkpoints.latest_step()
-        if step is None:
+        if step is not None:
+            try:
+                meta, _ = self.checkpoints.read_meta(step)
+            except Exception:  # noqa: BLE001 - an unreadable step is handled by _maybe_resume
+                return
+            check_compatible(self.cfg, self.meta, meta, self.checkpoints.directory / str(step))
+
+    def _maybe_resume(self):
+        """Continue from the latest checkpoint that restores; set unreadable ones aside, naming them."""
+        for step in reversed(self.checkpoints.all_steps()):
+            where = self.checkpoints.directory / str(step)
+            try:
+                meta, data_state = self.checkpoints.read_meta(step)
+                check_compatible(self.cfg, self.meta, meta, where)
+                state = self.checkpoints.restore(step, self.state, self.state_shardings)
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - truncated or missing files: fall back
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                moved = self.checkpoints.set_aside(step)
+                self.log(f"checkpoint {step} at {where} cannot be restored ({reason}); kept as {moved.name}, trying an older one")
+                continue
+            self.state = state
+            self.batches.set_state(data_state)
+            self.log(f"resumed from {where}")
             return
-        meta, data_state = self.checkpoints.read_meta(step)
-        check_compatible(self.cfg, self.meta, meta, self.checkpoints.directory / str(step))
-        self.state = self.checkpoints.restore(step, self.state, self.state_shardings)
-        self.batches.set_state(data_state)
-        self.log(f"resumed from {self.checkpoints.directory / str(step)}")
+        if self.checkpoints.set_aside_steps():
+            raise CheckpointError(
+                f"{self.checkpoints.directory}: no checkpoint can be restored (set aside: "
+                f"{', '.join(self.checkpoints.set_aside_steps())}); move them away to start afresh"
+            )
 
     def save_checkpoint(self, step: int, *, force: bool = False) -> None:
         """Start an asynchronous save; the loop is blocked only for the device-to-host copy."""
@@ -160,7 +204,9 @@ class Trainer:
         self.batch_spec = logical_to_spec(("batch", "seq"), self.mesh)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, self.batch_spec)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
-        step = make_train_step(self.graphdef, self.tx, self.schedule, cfg.train.grad_accum_steps)
+        step = make_train_step(
+            self.graphdef, self.tx, self.schedule, cfg.train.grad_accum_steps, cfg.train.spike_sigma
+        )
         self.train_step = jax.jit(
             step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -207,7 +253,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def run(self, stop_at: int | None = None) -> dict:
-        """Train to ``train.steps`` (or stop after step ``stop_at``, checkpointed, as an interruption would)."""
+        """Train to ``train.steps`` (or stop after step ``stop_at``, checkpointed, as an interruption would).
+
+        SIGTERM (preemption) saves a checkpoint at the current step, waits for it and returns
+        with ``summary["preempted"]``. ``train.max_nonfinite_steps`` consecutive skipped
+        (non-finite) updates raise ``NonFiniteError`` without writing another checkpoint.
+        """
         cfg = self.cfg
         t = cfg.train
         tokens_per_step = t.batch_size * t.seq_len
@@ -215,53 +266,85 @@ class Trainer:
         peak = cfg.peak_flops_per_device or metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, cfg.model.dtype)
         start_step = int(self.state.step)
         end = t.steps if stop_at is None else min(stop_at, t.steps)
-        summary: dict = {"first_loss": None, "last_loss": None, "tokens_per_sec": None}
+        summary: dict = {"first_loss": None, "last_loss": None, "tokens_per_sec": None, "skipped_steps": 0}
         pending = None  # (step, device metrics) of the step dispatched last
         window_start, window_tokens = None, 0
         rates = []
+        nonfinite_run = 0
+        timeout = t.step_timeout_s or (900.0 if self.nproc > 1 else 0.0)
+        watchdog = Watchdog(timeout)
 
         def consume(step: int, dev_metrics) -> None:
-            nonlocal window_start, window_tokens
+            nonlocal window_start, window_tokens, nonfinite_run
             host = jax.device_get(dev_metrics)  # waits for that step only
+            watchdog.beat(step)
             now = time.perf_counter()
             loss = float(host["loss"])
             if summary["first_loss"] is None:
                 summary["first_loss"] = loss
             summary["last_loss"] = loss
+            skipped = bool(host["skipped"])
+            summary["skipped_steps"] += int(skipped)
+            nonfinite_run = nonfinite_run + 1 if host["nonfinite"] else 0
             if window_start is None:  # the first step includes compilation: start timing after it
                 window_start, window_tokens = now, 0
             else:
                 window_tokens += tokens_per_step
-            if (step + 1) % cfg.log_every_steps == 0 or step + 1 == end:
+            if (step + 1) % cfg.log_every_steps == 0 or step + 1 == end or skipped:
                 row = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in host.items()}
-                if window_tokens:
+                if window_tokens and not skipped:
                     rate = window_tokens / (now - window_start)
                     rates.append(rate)
                     row["tokens_per_sec"] = rate
                     row["mfu"] = metrics_lib.mfu(rate, flops, len(self.devices), peak)
                     window_start, window_tokens = now, 0
                 self.writer.write(step + 1, row)
+            if skipped:
+                what = "non-finite loss or gradient" if host["nonfinite"] else "loss spike"
+                self.log(f"step {step + 1}: update skipped ({what}); parameters and optimizer state unchanged")
+            if nonfinite_run >= t.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"train: step {step + 1} is the {nonfinite_run}th non-finite step in a row "
+                    f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); stopped without saving a checkpoint. "
+                    f"The last good checkpoint is in {self.checkpoints.directory}"
+                )
 
+        preempted = []
+        previous_handler = _install_sigterm(lambda: preempted.append(True))
         every = cfg.checkpoint.every_steps
-        with self.context():
-            for step in range(start_step, end):
-                batch = self.global_batch(next(self.batches))
-                self.state, dev_metrics = self.train_step(self.state, batch)
+        try:
+            with self.context():
+                watchdog.beat(start_step - 1)
+                for step in range(start_step, end):
+                    batch = self.global_batch(next(self.batches))
+                    self.state, dev_metrics = self.train_step(self.state, batch)
+                    if pending is not None:
+                        consume(*pending)
+                    pending = (step, dev_metrics)
+                    if preempted:
+                        consume(*pending)
+                        pending = None
+                        self.save_checkpoint(step + 1, force=True)
+                        self.checkpoints.wait()
+                        self.log(f"preempted (SIGTERM): checkpoint {step + 1} saved; run the same command to resume")
+                        summary["preempted"] = step + 1
+                        return summary
+                    if every and (step + 1) % every == 0 and step + 1 < end:
+                        self.save_checkpoint(step + 1)  # asynchronous: blocks only for the device-to-host copy
+                    if cfg.eval_every_steps and (step + 1) % cfg.eval_every_steps == 0 and step + 1 < t.steps:
+                        consume(*pending)
+                        pending = None
+                        self.writer.write(step + 1, self.evaluate(), split="eval")
+                        watchdog.beat(step)
+                        window_start, window_tokens = time.perf_counter(), 0  # evaluation time is not training time
                 if pending is not None:
                     consume(*pending)
-                pending = (step, dev_metrics)
-                if every and (step + 1) % every == 0 and step + 1 < end:
-                    self.save_checkpoint(step + 1)  # asynchronous: blocks only for the device-to-host copy
-                if cfg.eval_every_steps and (step + 1) % cfg.eval_every_steps == 0 and step + 1 < t.steps:
-                    consume(*pending)
-                    pending = None
-                    self.writer.write(step + 1, self.evaluate(), split="eval")
-                    window_start, window_tokens = time.perf_counter(), 0  # evaluation time is not training time
-            if pending is not None:
-                consume(*pending)
-            if self.checkpoints.latest_step() != end:
-                self.save_checkpoint(end, force=True)
-        final_eval = self.evaluate()
+                if self.checkpoints.latest_step() != end:
+                    self.save_checkpoint(end, force=True)
+            final_eval = self.evaluate()
+        finally:
+            watchdog.stop()
+            _restore_sigterm(previous_handler)
         self.writer.write(end, final_eval, split="eval")
         summary["eval_loss"] = final_eval["loss"]
         summary["tokens_per_sec"] = float(np.median(rates)) if rates else None
@@ -280,7 +363,8 @@ class Trainer:
 
 # Sections a resumed run may change; anything else must match the checkpoint.
 RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches",
-             "peak_flops_per_device", "mesh.", "optimizer.")
+             "peak_flops_per_device", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
+             "train.step_timeout_s")
 
 
 def check_compatible(cfg: Config, meta: dict, saved: dict, where: pathlib.Path) -> None:

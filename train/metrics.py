@@ -74,7 +74,11 @@ class MetricsWriter:
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")
+        path = self.workdir / METRICS_FILE
+        self._jsonl = open(path, "a", encoding="utf-8")
+        if path.stat().st_size and not _ends_with_newline(path):
+            self._jsonl.write("\n")  # a killed run left half a line: keep it on its own line
+            self._jsonl.flush()
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -175,6 +179,12 @@ class MetricsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ends_with_newline(path: pathlib.Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
 
 
 def _is_terminal(stream: IO[str]) -> bool:

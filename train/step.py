@@ -29,6 +29,7 @@ class TrainState:
     params: Any  # nnx.State of Params
     opt_state: Any
     model_state: Any  # nnx.State of everything else (RNG streams)
+    recent_losses: jax.Array  # float32 [W]: losses of recent applied updates (NaN = empty), for spike skipping
 
 
 def split_model(model: Transformer):
@@ -65,7 +66,13 @@ def _micro_step(graphdef, params, model_state, batch):
     return total, ce, aux, grads, nnx.state(model, nnx.Not(nnx.Param))
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
+def make_train_step(
+    graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int, spike_sigma: float = 0.0
+):
+    """The jitted-once step. An update whose loss or gradient norm is not finite, or (with
+    ``spike_sigma`` > 0) whose loss is a spike over the recent window, is skipped: parameters and
+    optimizer state stay as they were, and the metrics say so."""
+
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         if grad_accum_steps == 1:
             total, ce, aux, grads, model_state = _micro_step(graphdef, state.params, state.model_state, batch)
@@ -90,12 +97,28 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
             grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
             total, ce = jnp.mean(totals), jnp.mean(ces)
             aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        window = state.recent_losses
+        ok = finite
+        if spike_sigma > 0:
+            valid = jnp.isfinite(window)
+            n = jnp.sum(valid)
+            mean = jnp.sum(jnp.where(valid, window, 0.0)) / jnp.maximum(n, 1)
+            std = jnp.sqrt(jnp.sum(jnp.where(valid, (window - mean) ** 2, 0.0)) / jnp.maximum(n, 1))
+            ok = ok & ~((n == window.shape[0]) & (ce > mean + spike_sigma * std))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731 - skip = keep the old state
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        window = jnp.where(ok, window.at[state.step % window.shape[0]].set(ce), window)
         metrics = {
             "loss": ce,
             "total_loss": total,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "skipped": (~ok).astype(jnp.int32),
+            "nonfinite": (~finite).astype(jnp.int32),
             "learning_rate": schedule(state.step),
             "moe/aux_loss": aux["aux_loss"],
             "moe/z_loss": aux["z_loss"],
@@ -104,7 +127,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
             "moe/expert_load": aux["expert_load"],
             "moe/router_entropy": aux["router_entropy"],
         }
-        return TrainState(state.step + 1, params, opt_state, model_state), metrics
+        return TrainState(state.step + 1, params, opt_state, model_state, window), metrics
 
     return train_step
 
