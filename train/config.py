@@ -197,10 +197,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     if m.moe_every:
         try:
             m.moe_config()
-        except ValueError as e:  # "MoEConfig.<field>=...": name the model field instead
+        except ValueError as e:  # "MoEConfig.<field>=<value>: why": name the model field instead
             field = str(e).split("=")[0].removeprefix("MoEConfig.")
             field = {"d_ff": "expert_d_ff"}.get(field, field)
-            raise ConfigError(f"model.{field}: {str(e).split(': ', 1)[-1]}") from None
+            value = getattr(m, field, None)
+            raise ConfigError(f"config.model.{field}={value!r}: {str(e).split(': ', 1)[-1]}") from None
     for key in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")

@@ -1,0 +1,268 @@
+"""Failure behaviour: kill -9 and SIGTERM lose nothing, unreadable checkpoints are set aside,
+non-finite updates are skipped, stalled peers stop the job, and bad input ends in one line."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from test_checkpoint import assert_trees_equal, host, train, train_losses
+from test_train import tiny_config
+from train.checkpoint import CheckpointError
+from train.loop import NonFiniteError, Trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- kill -9 and SIGTERM
+def cli_args(tmp, workdir):
+    corpus = tmp / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(4):
+        (corpus / f"f{i}.py").write_text(("def add%d(a, b):\n    return a + b\n\nclass P:\n    x = 0\n" % i) * 60)
+    return [sys.executable, "-m", "train", f"--config={ROOT / 'configs/default.py'}", f"--workdir={workdir}",
+            "--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.d_ff=64",
+            "--config.train.steps=8", "--config.train.batch_size=8", "--config.train.seq_len=16",
+            f"--config.data.path={corpus}", "--config.data.validation_fraction=0.25",
+            "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.eval_batches=1",
+            "--config.checkpoint.every_steps=2"]
+
+
+def run_until(cmd, marker, sig, timeout=240):
+    """Start ``cmd``; when a stderr line contains ``marker`` send ``sig``; returns (exit code, later stderr)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        for line in proc.stderr:
+            if marker in line:
+                proc.send_signal(sig)
+                break
+            assert time.monotonic() < deadline, "marker never appeared"
+        rest = proc.stderr.read()
+        return proc.wait(timeout=timeout), rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_to_end(cmd):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kill")
+    run_to_end(cli_args(tmp, tmp / "straight"))
+    return tmp, train_losses(tmp / "straight")
+
+
+KILL_POINTS = {
+    "before-first-checkpoint": "step 1/8",
+    "mid-step": "step 3/8",
+    "during-async-save": "checkpoint 4: saving",
+    "after-a-save": "step 5/8",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_losses(uninterrupted, point):
+    tmp, expected = uninterrupted
+    work = tmp / f"killed-{point}"
+    cmd = cli_args(tmp, work)
+    assert run_until(cmd, KILL_POINTS[point], signal.SIGKILL)[0] == -signal.SIGKILL
+    run_to_end(cmd)
+    assert train_losses(work) == expected  # bit for bit, every step
+    leftovers = [p.name for p in (work / "checkpoints").iterdir() if not p.name.isdigit()]
+    assert leftovers == [], leftovers  # no half-written step is left behind
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_0(uninterrupted):
+    tmp, expected = uninterrupted
+    work = tmp / "preempted"
+    cmd = cli_args(tmp, work)
+    rc, err = run_until(cmd, "step 3/8", signal.SIGTERM)
+    assert rc == 0, err[-2000:]
+    saved = re.search(r"preempted \(SIGTERM\): checkpoint (\d) saved", err)
+    assert saved, err[-2000:]
+    steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == int(saved.group(1)) >= 3  # saved at the step it was on, and complete
+    run_to_end(cmd)
+    assert train_losses(work) == expected
+
+
+# ---------------------------------------------------------------- unreadable checkpoints
+def _largest_file(folder: pathlib.Path) -> pathlib.Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.train.steps, cfg.checkpoint.every_steps, cfg.eval_batches = 6, 2, 1
+    straight, _ = train(cfg, tmp_path / "straight")
+    work = tmp_path / "w"
+    shutil.copytree(tmp_path / "straight", work)
+    victim = _largest_file(work / "checkpoints" / "6" / "params")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # truncated
+    shutil.rmtree(work / "checkpoints" / "4" / "params")  # missing files
+    logs = []
+    trainer = Trainer(cfg, work, log=logs.append)
+    try:
+        assert int(trainer.state.step) == 2
+        assert any("checkpoint 6 at" in m and "cannot be restored" in m for m in logs), logs
+        assert any("checkpoint 4 at" in m for m in logs) and any(m.startswith("resumed from") for m in logs)
+        names = sorted(p.name for p in (work / "checkpoints").iterdir())
+        assert names == ["2", "4.unreadable", "6.unreadable"]  # set aside, never deleted
+        trainer.run()
+        assert_trees_equal(host(trainer.state.params), straight.params)  # 2 -> 6 again, bit for bit
+    finally:
+        trainer.close()
+    for step in ("2", "4", "6"):
+        shutil.rmtree(work / "checkpoints" / step, ignore_errors=True)
+    (work / "checkpoints" / "2").mkdir()  # a step folder with nothing readable in it
+    with pytest.raises(CheckpointError, match="no checkpoint can be restored"):
+        Trainer(cfg, work, log=lambda m: None)
+
+
+# ---------------------------------------------------------------- non-finite updates
+def _nan_weights(trainer, local):
+    local = dict(local)
+    local["weights"] = np.full(local["inputs"].shape, np.nan, np.float32)
+    return trainer.global_batch(local)
+
+
+def test_a_non_finite_update_is_skipped_and_counted(tmp_path):
+    cfg = tiny_config(tmp_path)
+    trainer = Trainer(cfg, tmp_path / "w")
+    try:
+        with trainer.context():
+            ones = lambda local: trainer.global_batch(  # noqa: E731
+                {**local, "weights": np.ones(local["inputs"].shape, np.float32)})
+            trainer.state, m = trainer.train_step(trainer.state, ones(next(trainer.batches)))
+            assert int(m["skipped"]) == 0
+            before = host((trainer.state.params, trainer.state.opt_state))
+            trainer.state, m = trainer.train_step(trainer.state, _nan_weights(trainer, next(trainer.batches)))
+            assert int(m["skipped"]) == 1 and int(m["nonfinite"]) == 1 and not np.isfinite(float(m["loss"]))
+            assert_trees_equal(host((trainer.state.params, trainer.state.opt_state)), before)  # nothing applied
+            assert int(trainer.state.step) == 2
+            trainer.state, m = trainer.train_step(trainer.state, ones(next(trainer.batches)))
+            assert int(m["skipped"]) == 0
+            after = host(trainer.state.params)
+        assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before[0])))
+    finally:
+        trainer.close()
+
+
+def test_consecutive_non_finite_steps_stop_the_run_without_a_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.train.steps, cfg.train.max_nonfinite_steps, cfg.checkpoint.every_steps = 10, 2, 0
+    trainer = Trainer(cfg, tmp_path / "w")
+    clean = trainer.batches
+
+    class Poisoned:  # from the 3rd batch on, every batch has NaN weights
+        def __init__(self):
+            self.n = 0
+
+        def __next__(self):
+            local = dict(next(clean))
+            self.n += 1
+            local["weights"] = np.full(local["inputs"].shape, np.nan if self.n >= 3 else 1.0, np.float32)
+            return local
+
+        def get_state(self):
+            return clean.get_state()
+
+    trainer.batches = Poisoned()
+    try:
+        with pytest.raises(NonFiniteError, match=r"^train: step 4 is the 2th non-finite step in a row"):
+            trainer.run()
+    finally:
+        trainer.close()
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train" and r["skipped"]] == [3, 4]  # flushed
+    assert not (tmp_path / "w" / "checkpoints").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "w" / "checkpoints").iterdir()
+    )
+
+
+def test_loss_spike_skipping_is_off_by_default_and_works_when_on(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.train.spike_sigma, cfg.train.spike_window = 1.0, 2
+    trainer = Trainer(cfg, tmp_path / "w")
+    try:
+        with trainer.context():
+            batch = trainer.global_batch(next(trainer.batches))
+            for _ in range(3):  # fill the window with the same, falling loss
+                trainer.state, m = trainer.train_step(trainer.state, batch)
+            local = next(trainer.batches)
+            rng = np.random.default_rng(0)
+            noise = {k: rng.integers(0, 255, v.shape).astype(np.int32) for k, v in local.items()}
+            trainer.state, m = trainer.train_step(trainer.state, trainer.global_batch(noise))
+            assert int(m["skipped"]) == 1 and int(m["nonfinite"]) == 0
+    finally:
+        trainer.close()
+    assert tiny_config(tmp_path).train.spike_sigma == 0.0
+
+
+# ---------------------------------------------------------------- stalled peer
+@pytest.mark.slow
+def test_a_stalled_process_stops_the_two_process_job(tmp_path):
+    cmd = cli_args(tmp_path, tmp_path / "w")[3:] + ["--config.train.steps=200", "--config.train.step_timeout_s=8",
+                                                    "--config.checkpoint.every_steps=0", "--init_timeout=60"]
+    env = dict(os.environ, MOE_CMD=f"{sys.executable} -m train", PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    launcher = subprocess.Popen(["bash", str(ROOT / "scripts/launch_local.sh"), "2", "4", *cmd], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = []
+    try:
+        for line in launcher.stdout:
+            out.append(line)
+            if re.search(r"\[0\] step +3/200", line):
+                pids = subprocess.run(["pgrep", "-f", "--", "-m train .*--process_id=1"],
+                                      capture_output=True, text=True).stdout.split()
+                assert pids
+                for pid in pids:
+                    os.kill(int(pid), signal.SIGSTOP)
+                break
+        start = time.monotonic()
+        rest, _ = launcher.communicate(timeout=120)
+        out.append(rest)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    text = "".join(out)
+    assert launcher.returncode == 4, text[-3000:]
+    assert time.monotonic() - start < 60
+    assert "[process 0/2] moe-train: step" in text and "made no progress" in text
+
+
+def test_a_checkpoint_from_an_incompatible_config_is_refused_in_one_line(tmp_path, capsys):
+    from train.cli import train_main
+
+    args = [a for a in cli_args(tmp_path, tmp_path / "w")[3:] if not a.startswith("--config.train.steps")]
+    assert train_main([*args, "--config.train.steps=2"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train_main([*args, "--config.train.steps=4", "--config.model.d_model=64"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.model.d_model=64: differs from the checkpoint" in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert train_main([*args, "--config.train.steps=4"]) == 0  # extending the same run is fine
