@@ -29,10 +29,9 @@ def oracle_routing(cfg, params, x, token_ids, key=None):
         scores = np.asarray(hash_scores(jnp.asarray(token_ids), e, cfg.hash_seed)).reshape(t, e)
     else:
         b, s = x.shape[:2]  # the documented rule: token (b, s) draws from fold_in(fold_in(key, b), s)
-        scores = np.stack([
-            np.asarray(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, row), pos), (e,)))
-            for row in range(b) for pos in range(s)
-        ])
+        rows, positions = np.divmod(np.arange(b * s), s)
+        draw = jax.jit(jax.vmap(lambda r, p: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, r), p), (e,))))
+        scores = np.asarray(draw(rows, positions))
     return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
 
 
@@ -82,15 +81,18 @@ def make_oracle(cfg, ids, num_groups, capacity):
             gates = jnp.full((t, k), 1.0 / k)
         y = jnp.zeros((t, d), jnp.float32)
         for e in range(cfg.num_experts):  # the naive per-expert loop
-            if not kept[e]:
-                continue
-            toks = np.array([p[0] for p in kept[e]])
-            choice = np.array([p[1] for p in kept[e]])
+            # each expert's kept tokens, padded to all t tokens with weight 0, so that every
+            # expert and every test case runs the same shapes (eager ops compile once)
+            toks = np.zeros(t, np.int64)
+            choice = np.zeros(t, np.int64)
+            live = np.zeros(t, np.float32)
+            for i, (tok, j) in enumerate(kept[e]):
+                toks[i], choice[i], live[i] = tok, j, 1.0
             xe = x_td[toks]
             h = xe @ params["wi"][e]
             h = act(xe @ params["wg"][e]) * h if cfg.gated else act(h)
             out = h @ params["wo"][e]
-            y = y.at[toks].add(gates[toks, choice][:, None] * out)
+            y = y.at[toks].add((live * gates[toks, choice])[:, None] * out)
         return y.reshape(b, s, d), router_loss, dropped / ids.size
 
     return f

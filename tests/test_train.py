@@ -222,3 +222,27 @@ def test_every_shipped_config_loads_and_validates_on_8_devices(name):
     assert sizes["data"] * sizes["fsdp"] * sizes["expert"] * sizes["tensor"] == 8
     doc = (ROOT / "configs" / f"{name}.py").read_text()
     assert "moe-train --config=configs/" in doc or "make train" in doc  # the docstring gives the command
+
+
+def test_bfloat16_activations_with_a_trained_bpe_tokenizer(tmp_path, capsys):
+    """bf16 activations (f32 params and router) train; the BPE is trained, saved and reused."""
+    from train.cli import eval_main, generate_main
+
+    cfg = tiny_config(tmp_path)
+    cfg.model.dtype = "bfloat16"
+    cfg.data.tokenizer, cfg.data.bpe_vocab_size = "bpe", 320
+    cfg.optimizer.learning_rate = 1e-2
+    losses, params, _ = run_steps(cfg, tmp_path / "w", 6, repeat_batch=True)
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))  # master weights stay float32
+    saved = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert (tmp_path / "w" / "tokenizer.json").is_file() and saved["model"]["vocab_size"] == 320
+    trainer = Trainer(cfg, tmp_path / "w")  # the saved tokenizer is loaded, not retrained
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert eval_main([f"--workdir={tmp_path / 'w'}"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
+    assert generate_main([f"--workdir={tmp_path / 'w'}", "--prompt=def add", "--max_new_tokens=5"]) == 0
+    assert capsys.readouterr().out.startswith("def add")
