@@ -209,7 +209,7 @@ class Watchdog:
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
                 print(
-                    f"{prefix()}moe-train: {self.what} {self._step + 1} made no progress for {idle:.0f} s "
+                    f"{prefix()}moe-train: no {self.what} finished for {idle:.0f} s after {self.what} {self._step + 1} "
                     f"(train.step_timeout_s={self.timeout_s:g}): a peer process is stalled or dead; stopping",
                     file=sys.stderr,
                     flush=True,

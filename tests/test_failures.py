@@ -113,6 +113,7 @@ def _largest_file(folder: pathlib.Path) -> pathlib.Path:
     return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's aborted reads
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.train.steps, cfg.checkpoint.every_steps, cfg.eval_batches = 6, 2, 1
@@ -250,7 +251,7 @@ def test_a_stalled_process_stops_the_two_process_job(tmp_path):
     text = "".join(out)
     assert launcher.returncode == 4, text[-3000:]
     assert time.monotonic() - start < 60
-    assert "[process 0/2] moe-train: step" in text and "made no progress" in text
+    assert re.search(r"\[process 0/2\] moe-train: no step finished for \d+ s after step \d+", text), text[-2000:]
 
 
 def test_a_checkpoint_from_an_incompatible_config_is_refused_in_one_line(tmp_path, capsys):

@@ -264,3 +264,32 @@ def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
 def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
+
+# Sections a resumed run may change; anything else must match the checkpoint.
+RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches",
+             "peak_flops_per_device", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
+             "train.step_timeout_s")
+
+
+def check_compatible(meta: dict, saved: dict, where: pathlib.Path) -> None:
+    """Refuse to resume when the model shape, the data or the batching differ from the checkpoint."""
+    if saved.get("data_fingerprint") != meta["data_fingerprint"]:
+        raise ConfigError(f"config.data: the data differ from those of the checkpoint {where}; use a new --workdir")
+    now, then = _flatten(meta["config"]), _flatten(saved.get("config", {}))
+    for key in sorted(set(now) | set(then)):
+        if key.startswith(RESUMABLE) or now.get(key) == then.get(key):
+            continue
+        raise ConfigError(
+            f"config.{key}={now.get(key)!r}: differs from the checkpoint {where} ({then.get(key)!r}); "
+            "resume with the same value or use a new --workdir"
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -27,7 +27,7 @@ from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, use_rules
 from train import metrics as metrics_lib
 from train.checkpoint import CheckpointError, Checkpoints
-from train.config import Config, ConfigError, validate, validate_mesh
+from train.config import Config, ConfigError, check_compatible, validate, validate_mesh
 from train.data import TrainBatches, corpus_texts, data_fingerprint, eval_batches, load_corpus
 from train.evaluate import score
 from train.optimizer import make_optimizer
@@ -164,7 +164,7 @@ class Trainer:
                 meta, _ = self.checkpoints.read_meta(step)
             except Exception:  # noqa: BLE001 - an unreadable step is handled by _maybe_resume
                 return
-            check_compatible(self.cfg, self.meta, meta, self.checkpoints.directory / str(step))
+            check_compatible(self.meta, meta, self.checkpoints.directory / str(step))
 
     def _maybe_resume(self):
         """Continue from the latest checkpoint that restores; set unreadable ones aside, naming them."""
@@ -172,7 +172,7 @@ class Trainer:
             where = self.checkpoints.directory / str(step)
             try:
                 meta, data_state = self.checkpoints.read_meta(step)
-                check_compatible(self.cfg, self.meta, meta, where)
+                check_compatible(self.meta, meta, where)
                 state = self.checkpoints.restore(step, self.state, self.state_shardings)
             except ConfigError:
                 raise
@@ -313,8 +313,7 @@ class Trainer:
         previous_handler = _install_sigterm(lambda: preempted.append(True))
         every = cfg.checkpoint.every_steps
         try:
-            with self.context():
-                watchdog.beat(start_step - 1)
+            with self.context():  # the watchdog arms at the first finished step: compiling is not stalling
                 for step in range(start_step, end):
                     batch = self.global_batch(next(self.batches))
                     self.state, dev_metrics = self.train_step(self.state, batch)
@@ -341,6 +340,7 @@ class Trainer:
                     consume(*pending)
                 if self.checkpoints.latest_step() != end:
                     self.save_checkpoint(end, force=True)
+            watchdog.beat(end - 1)
             final_eval = self.evaluate()
         finally:
             watchdog.stop()
@@ -359,36 +359,6 @@ class Trainer:
     def close(self):
         self.checkpoints.close()  # waits for a save in flight
         self.writer.close()
-
-
-# Sections a resumed run may change; anything else must match the checkpoint.
-RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches",
-             "peak_flops_per_device", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
-             "train.step_timeout_s")
-
-
-def check_compatible(cfg: Config, meta: dict, saved: dict, where: pathlib.Path) -> None:
-    """Refuse to resume when the model shape, the data or the batching differ from the checkpoint."""
-    if saved.get("data_fingerprint") != meta["data_fingerprint"]:
-        raise ConfigError(f"config.data: the data differ from those of the checkpoint {where}; use a new --workdir")
-    now, then = _flatten(meta["config"]), _flatten(saved.get("config", {}))
-    for key in sorted(set(now) | set(then)):
-        if key.startswith(RESUMABLE) or now.get(key) == then.get(key):
-            continue
-        raise ConfigError(
-            f"config.{key}={now.get(key)!r}: differs from the checkpoint {where} ({then.get(key)!r}); "
-            "resume with the same value or use a new --workdir"
-        )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def sharding_table(model_cfg, mesh, rules: str) -> dict[str, tuple]:
