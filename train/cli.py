@@ -88,6 +88,21 @@ def _run_guarded(prog: str, verbose: bool, fn) -> int:
         _fail(prog, str(e))
     except KeyboardInterrupt:
         _fail(prog, "interrupted", 130)
+    except Exception as e:
+        from sharding.distributed import prefix
+
+        if not prefix():  # one process: the traceback is the report
+            raise
+        # Several processes: a failed collective usually means a peer died. A graceful
+        # jax.distributed shutdown would wait for that peer at a barrier, so report and leave now.
+        import os
+        import traceback
+
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"{prefix()}{prog}: {type(e).__name__}: {first}; stopping without waiting for the other processes",
+              file=sys.stderr, flush=True)
+        os._exit(1)
     finally:
         shutdown()
 
