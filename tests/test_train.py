@@ -246,3 +246,12 @@ def test_bfloat16_activations_with_a_trained_bpe_tokenizer(tmp_path, capsys):
     assert np.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
     assert generate_main([f"--workdir={tmp_path / 'w'}", "--prompt=def add", "--max_new_tokens=5"]) == 0
     assert capsys.readouterr().out.startswith("def add")
+
+
+def test_untied_output_projection_trains(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.model.tie_embeddings = False
+    cfg.optimizer.learning_rate = 1e-2
+    losses, params, _ = run_steps(cfg, tmp_path / "w", 4, repeat_batch=True)
+    assert "unembed" in params and params["unembed"].shape == (32, 320)
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
