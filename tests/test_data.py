@@ -41,8 +41,8 @@ def same(a, b):
 def test_same_seed_same_batches_different_seed_different():
     a, b, c = arange_batches(seed=1), arange_batches(seed=1), arange_batches(seed=2)
     xs, ys, zs = [next(a) for _ in range(6)], [next(b) for _ in range(6)], [next(c) for _ in range(6)]
-    assert all(same(x, y) for x, y in zip(xs, ys))
-    assert not all(same(x, z) for x, z in zip(xs, zs))
+    assert all(same(x, y) for x, y in zip(xs, ys, strict=True))
+    assert not all(same(x, z) for x, z in zip(xs, zs, strict=True))
     assert xs[0]["inputs"].dtype == np.int32 and xs[0]["inputs"].shape == (8, S)
 
 
@@ -91,7 +91,7 @@ def test_get_state_set_state_resumes_exactly():
     expected = [next(batches) for _ in range(8)]  # crosses an epoch boundary (6 batches per epoch)
     fresh = arange_batches(seed=999)  # the state carries the seed
     fresh.set_state(state)
-    assert all(same(a, b) for a, b in zip(expected, [next(fresh) for _ in range(8)]))
+    assert all(same(a, b) for a, b in zip(expected, [next(fresh) for _ in range(8)], strict=True))
     assert fresh.get_state()["next_batch"] == state["next_batch"] + 8
 
 
@@ -116,7 +116,7 @@ def test_eval_batches_score_every_token_exactly_once(num_tokens):
         assert np.array_equal(b["targets"][w], b["inputs"][w] + 1)
     sharded = [eval_batches(tokens, S, 8, 0, process_index=p, process_count=2) for p in (0, 1)]
     assert len(sharded[0]) == len(sharded[1]) == len(batches)
-    for whole, p0, p1 in zip(batches, *sharded):
+    for whole, p0, p1 in zip(batches, *sharded, strict=True):
         for key in ("inputs", "targets", "weights"):
             assert np.array_equal(np.concatenate([p0[key], p1[key]]), whole[key])
     assert sum(b["weights"].sum() for s in sharded for b in s) == num_tokens - 1

@@ -81,7 +81,7 @@ def test_train_step_is_layout_invariant_across_meshes_and_rules(tmp_path):
         cfg.model.capacity_group_size, cfg.model.capacity_factor = 16, 1.0
         losses, params, _ = run_steps(cfg, tmp_path / "run", 2)
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(mesh))
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=str(mesh))
 
 
@@ -93,7 +93,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     cfg.train.grad_accum_steps = 2
     two, p2, _ = run_steps(cfg, tmp_path / "b", 2)
     np.testing.assert_allclose(two, one, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
 
 

@@ -15,7 +15,6 @@ a temporary folder and renames it when complete, so a partial step is never take
 from __future__ import annotations
 
 import pathlib
-from typing import Any
 
 import jax
 import numpy as np

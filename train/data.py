@@ -265,7 +265,7 @@ def data_fingerprint(cfg: DataConfig) -> str:
     except OSError as e:
         raise DataError(f"{_where(cfg.path)}: cannot read {e.filename} ({e.strerror or e})") from e
     settings = dataclasses.asdict(cfg)  # path, max_bytes, validation_fraction, tokenizer, ...
-    return fingerprint({**settings, "files": [[name, size] for name, size in zip(_relative_names(files), sizes)]})
+    return fingerprint({**settings, "files": [[name, size] for name, size in zip(_relative_names(files), sizes, strict=True)]})
 
 
 # ---------------------------------------------------------------- batches
