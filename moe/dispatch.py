@@ -51,7 +51,7 @@ def _ranks(ids_GA: jax.Array, num_experts: int):
     return order_GA, counts_GE, starts_GE, rank_GA
 
 
-def _exchange(buf_ECD: jax.Array, plan: DispatchPlan, forward: bool) -> jax.Array:
+def exchange(buf_ECD: jax.Array, plan: DispatchPlan, forward: bool) -> jax.Array:
     """all_to_all over the expert axis: [E, C', D] (all experts, my tokens) <-> [El, N*C', D]."""
     n = plan.expert_axis_size
     if plan.expert_axis is None or n == 1:
@@ -101,7 +101,7 @@ def dispatch_combine(
     buf_GECD = jnp.where(valid_GEC[..., None], x_TD[token_GX].reshape(g, e, c, d), 0)
     buf_ECD = buf_GECD.transpose(1, 0, 2, 3).reshape(e, g * c, d)
 
-    out_ECD = _exchange(experts(_exchange(buf_ECD, plan, forward=True)), plan, forward=False)
+    out_ECD = exchange(experts(exchange(buf_ECD, plan, forward=True)), plan, forward=False)
 
     # un-permute: each kept assignment reads its slot back; dropped ones read zero
     out_GXD = out_ECD.reshape(e, g, c, d).transpose(1, 0, 2, 3).reshape(g, e * c, d)

@@ -146,6 +146,11 @@ class MoEFeedForward(nnx.Module):
         key: jax.Array | None = None,
         positions_BS: jax.Array | None = None,
     ):
+        return self.forward_with(dispatch_combine, x_BSD, token_ids_BS, key=key, positions_BS=positions_BS)
+
+    def forward_with(self, dispatch, x_BSD, token_ids_BS=None, *, key=None, positions_BS=None):
+        """The layer with ``dispatch`` (signature of ``moe.dispatch.dispatch_combine``) in place of
+        the sort-based dispatch: how benchmarks run other formulations on the same parameters."""
         cfg = self.cfg
         if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
             raise ValueError(f"MoEFeedForward: x must be [batch, seq, {cfg.d_model}], got shape {x_BSD.shape}")
@@ -184,7 +189,7 @@ class MoEFeedForward(nnx.Module):
         )
 
         def local(x, ids, gates, wi, wo, wg):
-            return dispatch_combine(x, ids, gates, lambda buf: experts(buf, wi, wo, wg), plan)
+            return dispatch(x, ids, gates, lambda buf: experts(buf, wi, wo, wg), plan)
 
         if mesh is None:
             y_BSD, dropped = local(x_BSD, r.expert_ids, r.gates, *weights)

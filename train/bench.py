@@ -2,8 +2,9 @@
 
 Shape letters: B batch, S sequence, D model width, H hidden width, E experts.
 
-For each expert count the MoE layer (top-k, capacity factor cf) and a dense gated FFN with
-hidden width k*d_ff (the same FLOPs per token as the k experts a token uses) run forward +
+For each expert count the MoE layer (top-k, capacity factor cf), a dense gated FFN with
+hidden width k*d_ff (the same FLOPs per token as the k experts a token uses), and the same layer
+with the GShard/Switch one-hot einsum dispatch in place of the sort-based one run forward +
 backward on the same sharded batch. Runs alternate between the two so that machine noise hits
 both alike; the table gives medians over repeats and their ratio.
 """
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe import MoEConfig, MoEFeedForward
+from moe.dispatch import DispatchPlan, exchange
 from moe.experts import ACTIVATION_FNS
 from sharding.mesh import batch_axes, make_mesh
 
@@ -48,6 +50,35 @@ def _timed(fn, args, iters: int) -> float:
         out = fn(*args)
     jax.block_until_ready(out)
     return (time.perf_counter() - start) / iters
+
+
+def onehot_dispatch_combine(x_BSD, ids_BSK, gates_BSK, experts, plan: DispatchPlan):
+    """The GShard / Switch formulation of the same routing and capacity rule, as the papers write it.
+
+    Shape letters as in moe/dispatch.py; one capacity group per device (plan.group_tokens = T).
+    A one-hot [T, E, C] combine tensor is built from cumulative counts (first choices before
+    second choices) and the tokens move with two einsums against it. Same inputs, same result
+    as ``moe.dispatch.dispatch_combine``; here only to be measured against.
+    """
+    b, s, d = x_BSD.shape
+    k = ids_BSK.shape[-1]
+    e, c = plan.num_experts, plan.capacity
+    t = b * s
+    x_TD = x_BSD.reshape(t, d)
+    mask_KTE = jax.nn.one_hot(ids_BSK.reshape(t, k).T, e, dtype=jnp.int32)
+    position_KTE = (jnp.cumsum(mask_KTE.reshape(k * t, e), axis=0) - 1).reshape(k, t, e) * mask_KTE
+    keep_KTE = mask_KTE * (position_KTE < c)
+    gates_KT = gates_BSK.reshape(t, k).T.astype(jnp.float32)
+    slot_KTEC = jax.nn.one_hot(position_KTE, c, dtype=jnp.float32) * keep_KTE[..., None]
+    combine_TEC = jnp.einsum("kt,ktec->tec", gates_KT, slot_KTEC)
+    dispatch_TEC = jnp.sum(slot_KTEC, axis=0).astype(x_BSD.dtype)
+    buf_ECD = jnp.einsum("tec,td->ecd", dispatch_TEC, x_TD)
+    out_ECD = exchange(experts(exchange(buf_ECD, plan, forward=True)), plan, forward=False)
+    y_TD = jnp.einsum("tec,ecd->td", combine_TEC, out_ECD.astype(jnp.float32)).astype(x_BSD.dtype)
+    dropped = jnp.sum(mask_KTE - keep_KTE).astype(jnp.float32)
+    if plan.stat_axes:
+        dropped = jax.lax.psum(dropped, plan.stat_axes)
+    return y_TD.reshape(b, s, d), dropped
 
 
 def _dense_ffn_step(d_model: int, d_hidden: int, activation: str, key):
@@ -90,23 +121,27 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
                 y_BSD, aux = layer(x_BSD, ids_BS)
                 return jnp.sum(y_BSD) + aux["router_loss"], aux["dropped_fraction"]
 
+            def onehot_loss(layer, x_BSD):
+                y_BSD, aux = layer.forward_with(onehot_dispatch_combine, x_BSD, ids_BS)
+                return jnp.sum(y_BSD) + aux["router_loss"], aux["dropped_fraction"]
+
             moe_step = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+            onehot_step = nnx.jit(nnx.value_and_grad(onehot_loss, argnums=(0, 1), has_aux=True))
             (_, dropped), _ = moe_step(layer, x_BSD)
-            moe_t, dense_t = [], []
+            times = {"moe": [], "dense": [], "onehot": []}
             for _ in range(cfg.repeats):
-                moe_t.append(_timed(moe_step, (layer, x_BSD), cfg.iters))
-                dense_t.append(_timed(dense_step, (dense_params, x_BSD), cfg.iters))
-            row = dict(
-                experts=num_experts,
-                moe_ms=1e3 * statistics.median(moe_t),
-                dense_ms=1e3 * statistics.median(dense_t),
-                dropped_fraction=float(dropped),
-            )
+                times["moe"].append(_timed(moe_step, (layer, x_BSD), cfg.iters))
+                times["dense"].append(_timed(dense_step, (dense_params, x_BSD), cfg.iters))
+                times["onehot"].append(_timed(onehot_step, (layer, x_BSD), cfg.iters))
+            row = {"experts": num_experts, "dropped_fraction": float(dropped)}
+            row.update({f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()})
             row["ratio"] = row["moe_ms"] / row["dense_ms"]
+            row["onehot_speedup"] = row["onehot_ms"] / row["moe_ms"]
             rows.append(row)
             log(
                 f"E={num_experts:3d}  moe {row['moe_ms']:8.2f} ms  dense {row['dense_ms']:8.2f} ms  "
-                f"ratio {row['ratio']:.2f}  dropped {row['dropped_fraction']:.3f}"
+                f"one-hot {row['onehot_ms']:8.2f} ms  moe/dense {row['ratio']:.2f}  "
+                f"one-hot/moe {row['onehot_speedup']:.2f}  dropped {row['dropped_fraction']:.3f}"
             )
     return rows
 
@@ -116,11 +151,13 @@ def markdown_table(cfg: BenchConfig, rows: list[dict], device: str) -> str:
         f"fwd+bwd, {device}, mesh data={cfg.data} x expert={cfg.expert}, top-{cfg.experts_per_token} "
         f"{cfg.router}, {cfg.activation} GLU, cf {cfg.capacity_factor}, d={cfg.d_model}, d_ff={cfg.d_ff}, "
         f"{cfg.tokens_per_device} tokens/device; medians of {cfg.repeats} x {cfg.iters} steps\n\n"
-        "| experts | MoE layer (ms) | dense FFN, equal active FLOPs (ms) | MoE / dense | dropped |\n"
-        "|---:|---:|---:|---:|---:|\n"
+        "| experts | MoE layer (ms) | dense FFN, equal active FLOPs (ms) | one-hot einsum dispatch (ms) "
+        "| MoE / dense | one-hot / MoE | dropped |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     body = "".join(
-        f"| {r['experts']} | {r['moe_ms']:.2f} | {r['dense_ms']:.2f} | {r['ratio']:.2f} | {r['dropped_fraction']:.3f} |\n"
+        f"| {r['experts']} | {r['moe_ms']:.2f} | {r['dense_ms']:.2f} | {r['onehot_ms']:.2f} | {r['ratio']:.2f} "
+        f"| {r['onehot_speedup']:.2f} | {r['dropped_fraction']:.3f} |\n"
         for r in rows
     )
     return head + body
