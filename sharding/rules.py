@@ -80,6 +80,15 @@ def use_rules(preset: str):
         _current.reset(token)
 
 
+@contextlib.contextmanager
+def mesh_and_rules(mesh, preset: str):
+    """``jax.set_mesh(mesh)`` and ``use_rules(preset)`` together: where model code is traced."""
+    import jax
+
+    with jax.set_mesh(mesh), use_rules(preset):
+        yield
+
+
 def current_rules() -> str:
     return _current.get()
 

@@ -33,3 +33,20 @@ def build_mesh(name):
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests expect 8 emulated CPU devices"
+
+
+def tiny_train_args(tmp, workdir, steps):
+    """moe-train arguments for a tiny run on a small corpus written under ``tmp``."""
+    import pathlib
+
+    corpus = tmp / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(4):
+        (corpus / f"f{i}.py").write_text(("def add%d(a, b):\n    return a + b\n\nclass P:\n    x = 0\n" % i) * 60)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return [f"--config={root / 'configs/default.py'}", f"--workdir={workdir}",
+            "--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.d_ff=64",
+            f"--config.train.steps={steps}", "--config.train.batch_size=8", "--config.train.seq_len=16",
+            f"--config.data.path={corpus}", "--config.data.validation_fraction=0.25",
+            "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.eval_batches=1",
+            "--config.checkpoint.every_steps=2"]

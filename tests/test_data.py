@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from train.config import DataConfig
+from train.batches import TrainBatches, eval_batches
 from train.data import (
     DataError,
-    TrainBatches,
     corpus_texts,
     data_fingerprint,
-    eval_batches,
     list_files,
     load_corpus,
     read_documents,

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tiny_train_args
 from test_checkpoint import assert_trees_equal, host, train, train_losses
 from test_train import tiny_config
 from train.checkpoint import CheckpointError
@@ -26,16 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- kill -9 and SIGTERM
 def cli_args(tmp, workdir):
-    corpus = tmp / "corpus"
-    corpus.mkdir(exist_ok=True)
-    for i in range(4):
-        (corpus / f"f{i}.py").write_text(("def add%d(a, b):\n    return a + b\n\nclass P:\n    x = 0\n" % i) * 60)
-    return [sys.executable, "-m", "train", f"--config={ROOT / 'configs/default.py'}", f"--workdir={workdir}",
-            "--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.d_ff=64",
-            "--config.train.steps=8", "--config.train.batch_size=8", "--config.train.seq_len=16",
-            f"--config.data.path={corpus}", "--config.data.validation_fraction=0.25",
-            "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.eval_batches=1",
-            "--config.checkpoint.every_steps=2"]
+    return [sys.executable, "-m", "train", *tiny_train_args(tmp, workdir, steps=8)]
 
 
 def run_until(cmd, marker, sig, timeout=240):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tiny_train_args
 from train.checkpoint import Checkpoints
 from train.evaluate import evaluate_run, load_run
 
@@ -32,16 +33,7 @@ def _env(cmd=None):
 
 
 def _args(tmp, workdir):
-    corpus = tmp / "corpus"
-    corpus.mkdir(exist_ok=True)
-    for i in range(4):
-        (corpus / f"f{i}.py").write_text(("def add%d(a, b):\n    return a + b\n\nclass P:\n    x = 0\n" % i) * 60)
-    return [f"--config={ROOT / 'configs/default.py'}", f"--workdir={workdir}",
-            "--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.d_ff=64",
-            "--config.train.steps=4", "--config.train.batch_size=8", "--config.train.seq_len=16",
-            f"--config.data.path={corpus}", "--config.data.validation_fraction=0.25",
-            "--config.log_every_steps=1", "--config.eval_batches=1", "--config.checkpoint.every_steps=2",
-            "--init_timeout=60"]
+    return [*tiny_train_args(tmp, workdir, steps=4), "--init_timeout=60"]
 
 
 def launch(nproc, devices, args, cmd=None, timeout=240):

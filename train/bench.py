@@ -21,7 +21,8 @@ from flax import nnx
 
 from moe import MoEConfig, MoEFeedForward
 from moe.dispatch import DispatchPlan, exchange
-from moe.experts import ACTIVATION_FNS
+from moe.config import TransformerConfig
+from moe.transformer import DenseFFN
 from sharding.mesh import batch_axes, make_mesh
 
 
@@ -81,20 +82,17 @@ def onehot_dispatch_combine(x_BSD, ids_BSK, gates_BSK, experts, plan: DispatchPl
     return y_TD.reshape(b, s, d), dropped
 
 
-def _dense_ffn_step(d_model: int, d_hidden: int, activation: str, key):
-    k1, k2, k3 = jax.random.split(key, 3)
-    params = {
-        "wi": jax.random.normal(k1, (d_model, d_hidden)) * d_model**-0.5,
-        "wg": jax.random.normal(k2, (d_model, d_hidden)) * d_model**-0.5,
-        "wo": jax.random.normal(k3, (d_hidden, d_model)) * d_hidden**-0.5,
-    }
-    act = ACTIVATION_FNS[activation]
+def _dense_ffn_step(d_model: int, d_hidden: int, activation: str):
+    """The model's own dense FFN block (moe.transformer.DenseFFN), gated like the experts."""
+    dense = DenseFFN(
+        TransformerConfig(vocab_size=1, d_model=d_model, d_ff=d_hidden, activation=activation, gated=True),
+        rngs=nnx.Rngs(2),
+    )
 
-    def loss(params, x_BSD):
-        h_BSH = act(x_BSD @ params["wg"]) * (x_BSD @ params["wi"])
-        return jnp.sum(h_BSH @ params["wo"])
+    def loss(dense, x_BSD):
+        return jnp.sum(dense(x_BSD))
 
-    return params, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return dense, nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
 
 
 def run(cfg: BenchConfig, log=print) -> list[dict]:
@@ -107,9 +105,7 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         spec = jax.P(batch_axes(mesh))
         x_BSD = jax.random.normal(jax.random.key(0), (b, s, cfg.d_model), out_sharding=spec)
         ids_BS = jax.random.randint(jax.random.key(1), (b, s), 0, 50_000, out_sharding=spec)
-        dense_params, dense_step = _dense_ffn_step(
-            cfg.d_model, cfg.experts_per_token * cfg.d_ff, cfg.activation, jax.random.key(2)
-        )
+        dense, dense_step = _dense_ffn_step(cfg.d_model, cfg.experts_per_token * cfg.d_ff, cfg.activation)
         for num_experts in cfg.experts:
             mcfg = MoEConfig(
                 d_model=cfg.d_model, d_ff=cfg.d_ff, num_experts=num_experts, experts_per_token=cfg.experts_per_token,
@@ -131,7 +127,7 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
             times = {"moe": [], "dense": [], "onehot": []}
             for _ in range(cfg.repeats):
                 times["moe"].append(_timed(moe_step, (layer, x_BSD), cfg.iters))
-                times["dense"].append(_timed(dense_step, (dense_params, x_BSD), cfg.iters))
+                times["dense"].append(_timed(dense_step, (dense, x_BSD), cfg.iters))
                 times["onehot"].append(_timed(onehot_step, (layer, x_BSD), cfg.iters))
             row = {"experts": num_experts, "dropped_fraction": float(dropped)}
             row.update({f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()})

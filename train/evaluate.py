@@ -6,7 +6,6 @@ optimizer state, onto whatever devices are present: the checkpoint's own mesh do
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import pathlib
@@ -17,10 +16,11 @@ from flax import nnx
 
 from moe.transformer import Transformer
 from sharding.mesh import make_mesh
-from sharding.rules import logical_to_spec, use_rules
+from sharding.rules import logical_to_spec, mesh_and_rules
 from train.checkpoint import Checkpoints
 from train.config import Config, ConfigError, from_dict
-from train.data import DataError, eval_batches, load_corpus
+from train.batches import eval_batches
+from train.data import DataError, load_corpus
 from train.step import make_eval_step, shardings_of, split_model
 from train.tokenizer import build_tokenizer
 
@@ -60,10 +60,7 @@ class LoadedRun:
     workdir: pathlib.Path
 
     def context(self):
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(use_rules("ep"))
-        return stack
+        return mesh_and_rules(self.mesh, "ep")
 
     def model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.params, self.model_state)
@@ -88,7 +85,7 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None, devices=None)
         cfg = from_dict(meta["config"])
         devices = list(jax.devices() if devices is None else devices)
         mesh = make_mesh(devices=devices, **inference_mesh_sizes(cfg, len(devices)))
-        with jax.set_mesh(mesh), use_rules("ep"):
+        with mesh_and_rules(mesh, "ep"):
             abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(params=0, routing=1)))
             abstract.eval()
             graphdef, params, model_state = split_model(abstract)

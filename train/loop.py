@@ -24,11 +24,12 @@ from flax import nnx
 from moe.transformer import Transformer
 from sharding.distributed import Watchdog
 from sharding.mesh import make_mesh
-from sharding.rules import logical_to_spec, use_rules
+from sharding.rules import logical_to_spec, mesh_and_rules
 from train import metrics as metrics_lib
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import Config, ConfigError, check_compatible, validate, validate_mesh
-from train.data import TrainBatches, corpus_texts, data_fingerprint, eval_batches, load_corpus
+from train.batches import TrainBatches, eval_batches
+from train.data import corpus_texts, data_fingerprint, load_corpus
 from train.evaluate import score
 from train.optimizer import make_optimizer
 from train.step import TrainState, make_eval_step, make_train_step, shardings_of, split_model
@@ -128,12 +129,7 @@ class Trainer:
 
     def context(self):
         """The mesh and sharding rules every traced function runs under."""
-        import contextlib
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(use_rules(self.cfg.mesh.rules))
-        return stack
+        return mesh_and_rules(self.mesh, self.cfg.mesh.rules)
 
     # ---------------------------------------------------------------- state
     def _init_state(self):
@@ -363,7 +359,7 @@ class Trainer:
 
 def sharding_table(model_cfg, mesh, rules: str) -> dict[str, tuple]:
     """Parameter path -> PartitionSpec (as a tuple) of a model built on ``mesh`` under ``rules``."""
-    with jax.set_mesh(mesh), use_rules(rules):
+    with mesh_and_rules(mesh, rules):
         abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     table = {}
     for path, leaf in jax.tree.leaves_with_path(nnx.state(abstract, nnx.Param)):
