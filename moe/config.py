@@ -8,6 +8,7 @@ import math
 ROUTERS = ("topk", "hash", "random")
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
+DISPATCHES = ("capacity", "dropless")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,9 @@ class MoEConfig:
     num_experts: int = 8
     experts_per_token: int = 1
     router: str = "topk"  # "topk" (learned), "hash" (Hash Layers), "random"
+    # "capacity": fixed slots per expert, overflow dropped (the static-shape classic);
+    # "dropless": every assignment is computed (worst-case buffer or ragged_all_to_all, grouped matmul)
+    dispatch: str = "capacity"
     capacity_factor: float = 1.25  # slots per expert = ceil(cf * k * group_tokens / E)
     # Capacity when the layer is in eval mode (``layer.eval()``); None = no token is ever dropped.
     eval_capacity_factor: float | None = None
@@ -50,6 +54,8 @@ class MoEConfig:
                 fail(name, "must be a positive integer")
         if self.router not in ROUTERS:
             fail("router", f"unknown router; choose one of {', '.join(ROUTERS)}")
+        if self.dispatch not in DISPATCHES:
+            fail("dispatch", f"choose one of {', '.join(DISPATCHES)}")
         if self.experts_per_token > self.num_experts:
             fail("experts_per_token", f"cannot exceed num_experts={self.num_experts}")
         if not _positive_finite(self.capacity_factor):
@@ -107,6 +113,7 @@ class TransformerConfig:
     experts_per_token: int = 1
     expert_d_ff: int = 0  # hidden width of each expert; 0 = d_ff
     router: str = "topk"
+    dispatch: str = "capacity"  # or "dropless": no capacity, nothing dropped
     capacity_factor: float = 1.25
     eval_capacity_factor: float = 0.0  # capacity in evaluation; 0 = no token is dropped
     capacity_group_size: int = 0  # 0 = all tokens on one device share the capacity
@@ -128,6 +135,7 @@ class TransformerConfig:
             num_experts=self.num_experts,
             experts_per_token=self.experts_per_token,
             router=self.router,
+            dispatch=self.dispatch,
             capacity_factor=self.capacity_factor,
             eval_capacity_factor=self.eval_capacity_factor or None,
             capacity_group_size=self.capacity_group_size or None,

@@ -23,14 +23,27 @@ def expert_ffn(x_ECD, wi_EDH, wo_EHD, wg_EDH=None, *, activation: str, tensor_ax
     With ``tensor_axis`` the hidden dimension is split across that mesh axis and the partial
     outputs are summed with one psum.
     """
+    return _ffn(lambda x, w: jnp.einsum("ecd,edh->ech", x, w), x_ECD, wi_EDH, wo_EHD, wg_EDH, activation, tensor_axis)
+
+
+def grouped_expert_ffn(
+    x_RD, group_sizes_E, wi_EDH, wo_EHD, wg_EDH=None, *, activation: str, tensor_axis: str | None = None
+):
+    """The same FFN over rows grouped by expert: rows [starts[e], starts[e] + sizes[e]) use expert
+    e's weights (``jax.lax.ragged_dot``, a grouped GEMM on GPU/TPU); rows past the last group
+    are not used by the caller.
+    """
+    return _ffn(
+        lambda x, w: jax.lax.ragged_dot(x, w, group_sizes_E), x_RD, wi_EDH, wo_EHD, wg_EDH, activation, tensor_axis
+    )
+
+
+def _ffn(matmul, x, wi, wo, wg, activation, tensor_axis):
     act = ACTIVATION_FNS[activation]
-    dtype = x_ECD.dtype
-    h_ECH = jnp.einsum("ecd,edh->ech", x_ECD, wi_EDH.astype(dtype))
-    if wg_EDH is not None:
-        h_ECH = act(jnp.einsum("ecd,edh->ech", x_ECD, wg_EDH.astype(dtype))) * h_ECH
-    else:
-        h_ECH = act(h_ECH)
-    y_ECD = jnp.einsum("ech,ehd->ecd", h_ECH, wo_EHD.astype(dtype))
+    dtype = x.dtype
+    h = matmul(x, wi.astype(dtype))
+    h = act(matmul(x, wg.astype(dtype))) * h if wg is not None else act(h)
+    y = matmul(h, wo.astype(dtype))
     if tensor_axis is not None:
-        y_ECD = jax.lax.psum(y_ECD, tensor_axis)
-    return y_ECD
+        y = jax.lax.psum(y, tensor_axis)
+    return y

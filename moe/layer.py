@@ -12,7 +12,7 @@ set the very same function runs on one device.
 
 from __future__ import annotations
 
-import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,8 @@ from jax.sharding import PartitionSpec as P
 
 from moe import routing
 from moe.config import MoEConfig
-from moe.dispatch import DispatchPlan, dispatch_combine
-from moe.experts import expert_ffn
+from moe.dispatch import DispatchPlan, dispatch_combine, dropless_dispatch_combine
+from moe.experts import expert_ffn, grouped_expert_ffn
 from sharding.mesh import axis_size, current_mesh
 from sharding.rules import logical_to_spec, mesh_axis_of
 
@@ -59,6 +59,14 @@ def compute_value(param: nnx.Param, logical_axes) -> jax.Array:
     if jax.typeof(value).sharding.spec != spec:
         value = jax.sharding.reshard(value, spec)
     return value
+
+
+def ragged_exchange_supported() -> bool:
+    """Whether the dropless dispatch may use ``jax.lax.ragged_all_to_all`` (XLA:CPU lacks it).
+    ``SWITCHYARD_RAGGED_EXCHANGE=0`` forces the dense worst-case exchange everywhere."""
+    if os.environ.get("SWITCHYARD_RAGGED_EXCHANGE", "") == "0":
+        return False
+    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
 
 
 class MoEFeedForward(nnx.Module):
@@ -146,7 +154,8 @@ class MoEFeedForward(nnx.Module):
         key: jax.Array | None = None,
         positions_BS: jax.Array | None = None,
     ):
-        return self.forward_with(dispatch_combine, x_BSD, token_ids_BS, key=key, positions_BS=positions_BS)
+        dispatch = dropless_dispatch_combine if self.cfg.dispatch == "dropless" else dispatch_combine
+        return self.forward_with(dispatch, x_BSD, token_ids_BS, key=key, positions_BS=positions_BS)
 
     def forward_with(self, dispatch, x_BSD, token_ids_BS=None, *, key=None, positions_BS=None):
         """The layer with ``dispatch`` (signature of ``moe.dispatch.dispatch_combine``) in place of
@@ -180,8 +189,9 @@ class MoEFeedForward(nnx.Module):
             expert_axis=ep_axis,
             expert_axis_size=axis_size(mesh, ep_axis),
             stat_axes=b_axes,
+            ragged_exchange=ragged_exchange_supported(),
         )
-        experts = functools.partial(expert_ffn, activation=cfg.activation, tensor_axis=tp_axis)
+        ffn_args = {"activation": cfg.activation, "tensor_axis": tp_axis}
         weights = (
             compute_value(self.wi, EXPERT_IN_AXES),
             compute_value(self.wo, EXPERT_OUT_AXES),
@@ -189,7 +199,12 @@ class MoEFeedForward(nnx.Module):
         )
 
         def local(x, ids, gates, wi, wo, wg):
-            return dispatch(x, ids, gates, lambda buf: experts(buf, wi, wo, wg), plan)
+            def experts(buf, group_sizes=None):
+                if group_sizes is None:
+                    return expert_ffn(buf, wi, wo, wg, **ffn_args)
+                return grouped_expert_ffn(buf, group_sizes, wi, wo, wg, **ffn_args)
+
+            return dispatch(x, ids, gates, experts, plan)
 
         if mesh is None:
             y_BSD, dropped = local(x_BSD, r.expert_ids, r.gates, *weights)

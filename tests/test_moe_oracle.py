@@ -4,16 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from harness import D, E, H, make_inputs, run_layer
-from moe import MoEConfig
 from oracle import make_oracle, oracle_routing
+
+from moe import MoEConfig
 
 
 def oracle(cfg, out, x, token_ids, ct, num_groups, key=None, deterministic=False):
     params = {n: jnp.asarray(v) for n, v in out["params"].items()}
     ids = oracle_routing(cfg, params, x, token_ids, key)
     capacity = cfg.capacity(x.shape[0] * x.shape[1] // num_groups, deterministic)
+    if cfg.dispatch == "dropless":
+        capacity = x.shape[0] * x.shape[1]  # every assignment is kept
     f = make_oracle(cfg, ids, num_groups, capacity)
 
     def loss(params, x):
@@ -62,3 +64,39 @@ def test_layer_matches_oracle(router, k, mesh_name, drops):
 def test_layer_matches_oracle_without_mesh_and_with_tensor_axis(mesh_name):
     cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, router="topk", capacity_factor=1.0)
     check_against_oracle(cfg, mesh_name)
+
+
+@pytest.mark.parametrize("mesh_name, k, router", [
+    ("none", 2, "topk"), ("1dev", 1, "topk"), ("d2e4", 1, "topk"), ("d2e4", 2, "hash"), ("d1e8", 2, "topk"),
+    ("d1e8", 1, "random"), ("e4t2", 2, "topk"),
+])
+def test_dropless_dispatch_matches_oracle_and_drops_nothing(mesh_name, k, router):
+    """Dropless: the capacity factor is ignored (0.5 here would drop under "capacity")."""
+    cfg = MoEConfig(
+        d_model=D, d_ff=H, num_experts=E, experts_per_token=k, router=router, dispatch="dropless",
+        capacity_factor=0.5, activation="silu", gated=k == 2,
+    )
+    out, dropped = check_against_oracle(cfg, mesh_name)
+    assert dropped == 0 and out["aux"]["dropped_fraction"] == 0
+
+
+def test_dropless_ragged_exchange_lowers_with_gradients(monkeypatch):
+    """The GPU/TPU exchange (ragged_all_to_all, which XLA:CPU cannot compile) traces and lowers
+    forward and backward: two exchanges out and back, each with its transpose."""
+    from flax import nnx
+
+    import moe.layer
+    from moe import MoEFeedForward
+    from sharding import make_mesh
+
+    monkeypatch.setattr(moe.layer, "ragged_exchange_supported", lambda: True)
+    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, dispatch="dropless")
+    with jax.set_mesh(make_mesh(data=2, expert=4)):
+        graphdef, state = nnx.split(MoEFeedForward(cfg, rngs=nnx.Rngs(0)))
+        x = jax.random.normal(jax.random.key(1), (8, 16, D), out_sharding=jax.P(("data", "expert")))
+
+        def loss(state, x):
+            return jnp.sum(nnx.merge(graphdef, state)(x)[0])
+
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).as_text()
+    assert hlo.count("ragged_all_to_all") == 4
