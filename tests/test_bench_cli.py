@@ -1,22 +1,51 @@
 """moe-bench runs end to end on a tiny problem and refuses bad arguments before compiling."""
 
+import json
+
 import pytest
 
 from train.cli import bench_main
 
 
-def test_bench_runs_and_prints_a_table(capsys):
-    argv = ["--experts", "8,16", "--d_model", "16", "--d_ff", "32", "--tokens_per_device", "32", "--seq_len", "16",
-            "--repeats", "1", "--iters", "1", "--markdown"]
+def test_bench_layer_sweeps_and_writes_json_and_a_plot(capsys, tmp_path):
+    argv = ["layer", "--experts", "8,16", "--tokens_per_device", "32", "--experts_per_token", "1,2",
+            "--d_model", "16", "--d_ff", "32", "--seq_len", "16", "--repeats", "1", "--iters", "1", "--markdown",
+            "--dropless", "--json", str(tmp_path / "layer.json"), "--plot", str(tmp_path / "layer.png")]
     assert bench_main(argv) == 0
     out = capsys.readouterr().out
-    assert "| 8 |" in out and "| 16 |" in out and "MoE / dense" in out
+    assert "| 32 | 1 | 8 |" in out and "| 32 | 2 | 16 |" in out and "MoE / dense" in out
+    rows = json.loads((tmp_path / "layer.json").read_text())["rows"]
+    assert {(r["tokens_per_device"], r["k"], r["experts"]) for r in rows} == {
+        (32, k, e) for k in (1, 2) for e in (8, 16)
+    }
+    for r in rows:  # every case timed and its compiled temp memory reported
+        assert min(r["moe_ms"], r["dense_ms"], r["onehot_ms"], r["dropless_ms"]) > 0
+        assert r["moe_temp_bytes"] > 0 and r["dense_temp_bytes"] > 0
+    assert (tmp_path / "layer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_train_times_moe_dense_and_the_expert_sweep(capsys, tmp_path):
+    argv = ["train", "--experts", "8,16", "--steps", "1", "--repeats", "1", "--peak_size", "64",
+            "--json", str(tmp_path / "train.json"), "--config.train.batch_size=8", "--config.train.seq_len=32",
+            "--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.d_ff=64",
+            "--config.model.num_heads=2"]
+    assert bench_main(argv) == 0
+    assert "MoE / dense tokens/s" in capsys.readouterr().out
+    result = json.loads((tmp_path / "train.json").read_text())
+    assert result["peak_flops"] > 0
+    assert result["moe"]["active_params"] < result["moe"]["params"]  # the MoE config, with experts
+    assert result["dense"]["experts"] == 0 and 0 < result["dense"]["mfu"] < 1
+    assert [r["experts"] for r in result["expert_sweep"]] == [8, 16]
+    assert result["expert_sweep"][1]["params"] > result["expert_sweep"][0]["params"]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--experts", "12"], "--experts=12: not divisible by --expert=8"),
     (["--experts", "8,x"], "expected comma-separated integers"),
     (["--tokens_per_device", "100"], "--tokens_per_device=100"),
+    (["layer", "--experts", "8", "--experts_per_token", "9"], "--experts_per_token=9: exceeds"),
+    (["train", "--experts", "6"], "--experts=6: not divisible by config.mesh.expert=4"),
+    (["train", "--config.model.routr=hash"], "config.model.routr: unknown key"),
 ])
 def test_bench_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -1,12 +1,13 @@
-"""moe-bench: the MoE layer against a dense FFN of equal active FLOPs, side by side in one run.
+"""moe-bench layer: the MoE layer against a dense FFN of equal active FLOPs and against the
+GShard/Switch one-hot einsum dispatch, side by side in one run.
 
 Shape letters: B batch, S sequence, D model width, H hidden width, E experts.
 
-For each expert count the MoE layer (top-k, capacity factor cf), a dense gated FFN with
-hidden width k*d_ff (the same FLOPs per token as the k experts a token uses), and the same layer
-with the GShard/Switch one-hot einsum dispatch in place of the sort-based one run forward +
-backward on the same sharded batch. Runs alternate between the two so that machine noise hits
-both alike; the table gives medians over repeats and their ratio.
+For each (tokens per device, k, E) the MoE layer (top-k, capacity factor cf), a dense gated FFN
+with hidden width k*d_ff (the FLOPs per token of the k experts a token uses) and the same layer
+with the one-hot einsum dispatch in place of the sort-based one run forward + backward on the
+same sharded batch. Runs alternate between the cases so that machine noise hits all alike; rows
+give medians over repeats, their ratios, and XLA's temporary-buffer bytes of each program.
 """
 
 from __future__ import annotations
@@ -28,19 +29,20 @@ from sharding.mesh import batch_axes, make_mesh
 
 @dataclasses.dataclass
 class BenchConfig:
-    experts: tuple[int, ...] = (8, 64)
+    experts: tuple[int, ...] = (8, 64, 128)
+    tokens_per_device: tuple[int, ...] = (1024,)
+    experts_per_token: tuple[int, ...] = (1,)
     d_model: int = 256
     d_ff: int = 512
-    experts_per_token: int = 1
     capacity_factor: float = 1.25
     router: str = "topk"
     activation: str = "silu"  # SwiGLU experts; the dense FFN uses the same activation
-    tokens_per_device: int = 1024
     seq_len: int = 256
     data: int = 1  # mesh: data x expert devices
     expert: int = 8
-    repeats: int = 7
-    iters: int = 5
+    repeats: int = 5
+    iters: int = 3
+    dropless: bool = False  # also time model.dispatch="dropless"
 
 
 def _timed(fn, args, iters: int) -> float:
@@ -82,78 +84,153 @@ def onehot_dispatch_combine(x_BSD, ids_BSK, gates_BSK, experts, plan: DispatchPl
     return y_TD.reshape(b, s, d), dropped
 
 
-def _dense_ffn_step(d_model: int, d_hidden: int, activation: str):
+def _compiled_fwd_bwd(module, loss, x_BSD):
+    """jit(value_and_grad(loss)) over (module state, x), compiled; with its arguments."""
+    graphdef, state = nnx.split(module)
+
+    def f(state, x_BSD):
+        return jax.value_and_grad(lambda s, x: loss(nnx.merge(graphdef, s), x), argnums=(0, 1), has_aux=True)(
+            state, x_BSD
+        )
+
+    return jax.jit(f).lower(state, x_BSD).compile(), (state, x_BSD)
+
+
+def _temp_bytes(compiled) -> int | None:
+    """XLA's temporary-buffer bytes per device for a compiled program (None where not reported)."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
+
+
+def _dense_ffn(d_model: int, d_hidden: int, activation: str) -> DenseFFN:
     """The model's own dense FFN block (moe.transformer.DenseFFN), gated like the experts."""
-    dense = DenseFFN(
+    return DenseFFN(
         TransformerConfig(vocab_size=1, d_model=d_model, d_ff=d_hidden, activation=activation, gated=True),
         rngs=nnx.Rngs(2),
     )
 
-    def loss(dense, x_BSD):
-        return jnp.sum(dense(x_BSD))
 
-    return dense, nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+def _cases(cfg: BenchConfig, num_experts: int, k: int, ids_BS):
+    """name -> (module, loss) for the MoE layer and the formulations it is measured against."""
+    mcfg = MoEConfig(
+        d_model=cfg.d_model, d_ff=cfg.d_ff, num_experts=num_experts, experts_per_token=k, router=cfg.router,
+        capacity_factor=cfg.capacity_factor, activation=cfg.activation,
+    )
+    layer = MoEFeedForward(mcfg, rngs=nnx.Rngs(0))
+
+    def moe_loss(layer, x_BSD):
+        y_BSD, aux = layer(x_BSD, ids_BS)
+        return jnp.sum(y_BSD) + aux["router_loss"], aux["dropped_fraction"]
+
+    def onehot_loss(layer, x_BSD):
+        y_BSD, aux = layer.forward_with(onehot_dispatch_combine, x_BSD, ids_BS)
+        return jnp.sum(y_BSD) + aux["router_loss"], aux["dropped_fraction"]
+
+    def dense_loss(dense, x_BSD):
+        return jnp.sum(dense(x_BSD)), jnp.zeros((), jnp.float32)
+
+    cases = {
+        "moe": (layer, moe_loss),
+        "dense": (_dense_ffn(cfg.d_model, k * cfg.d_ff, cfg.activation), dense_loss),
+        "onehot": (layer, onehot_loss),
+    }
+    if cfg.dropless:
+        cases["dropless"] = (MoEFeedForward(dataclasses.replace(mcfg, dispatch="dropless"), rngs=nnx.Rngs(0)), moe_loss)
+    return cases
 
 
 def run(cfg: BenchConfig, log=print) -> list[dict]:
+    """One row per (tokens per device, k, E): median fwd+bwd ms and temp bytes of each case."""
     mesh = make_mesh(data=cfg.data, expert=cfg.expert)
     n_dev = cfg.data * cfg.expert
-    tokens = cfg.tokens_per_device * n_dev
-    b, s = tokens // cfg.seq_len, cfg.seq_len
     rows = []
     with jax.set_mesh(mesh):
         spec = jax.P(batch_axes(mesh))
-        x_BSD = jax.random.normal(jax.random.key(0), (b, s, cfg.d_model), out_sharding=spec)
-        ids_BS = jax.random.randint(jax.random.key(1), (b, s), 0, 50_000, out_sharding=spec)
-        dense, dense_step = _dense_ffn_step(cfg.d_model, cfg.experts_per_token * cfg.d_ff, cfg.activation)
-        for num_experts in cfg.experts:
-            mcfg = MoEConfig(
-                d_model=cfg.d_model, d_ff=cfg.d_ff, num_experts=num_experts, experts_per_token=cfg.experts_per_token,
-                router=cfg.router, capacity_factor=cfg.capacity_factor, activation=cfg.activation,
-            )
-            layer = MoEFeedForward(mcfg, rngs=nnx.Rngs(0))
-
-            def loss(layer, x_BSD):
-                y_BSD, aux = layer(x_BSD, ids_BS)
-                return jnp.sum(y_BSD) + aux["router_loss"], aux["dropped_fraction"]
-
-            def onehot_loss(layer, x_BSD):
-                y_BSD, aux = layer.forward_with(onehot_dispatch_combine, x_BSD, ids_BS)
-                return jnp.sum(y_BSD) + aux["router_loss"], aux["dropped_fraction"]
-
-            moe_step = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-            onehot_step = nnx.jit(nnx.value_and_grad(onehot_loss, argnums=(0, 1), has_aux=True))
-            (_, dropped), _ = moe_step(layer, x_BSD)
-            times = {"moe": [], "dense": [], "onehot": []}
-            for _ in range(cfg.repeats):
-                times["moe"].append(_timed(moe_step, (layer, x_BSD), cfg.iters))
-                times["dense"].append(_timed(dense_step, (dense, x_BSD), cfg.iters))
-                times["onehot"].append(_timed(onehot_step, (layer, x_BSD), cfg.iters))
-            row = {"experts": num_experts, "dropped_fraction": float(dropped)}
-            row.update({f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()})
-            row["ratio"] = row["moe_ms"] / row["dense_ms"]
-            row["onehot_speedup"] = row["onehot_ms"] / row["moe_ms"]
-            rows.append(row)
-            log(
-                f"E={num_experts:3d}  moe {row['moe_ms']:8.2f} ms  dense {row['dense_ms']:8.2f} ms  "
-                f"one-hot {row['onehot_ms']:8.2f} ms  moe/dense {row['ratio']:.2f}  "
-                f"one-hot/moe {row['onehot_speedup']:.2f}  dropped {row['dropped_fraction']:.3f}"
-            )
+        for tokens_per_device in cfg.tokens_per_device:
+            b, s = tokens_per_device * n_dev // cfg.seq_len, cfg.seq_len
+            x_BSD = jax.random.normal(jax.random.key(0), (b, s, cfg.d_model), out_sharding=spec)
+            ids_BS = jax.random.randint(jax.random.key(1), (b, s), 0, 50_000, out_sharding=spec)
+            for k in cfg.experts_per_token:
+                for num_experts in cfg.experts:
+                    steps = {
+                        name: _compiled_fwd_bwd(module, loss, x_BSD)
+                        for name, (module, loss) in _cases(cfg, num_experts, k, ids_BS).items()
+                    }
+                    (_, dropped), _ = steps["moe"][0](*steps["moe"][1])
+                    times = {name: [] for name in steps}
+                    for _ in range(cfg.repeats):  # alternate, so that noise hits every case alike
+                        for name, (fn, args) in steps.items():
+                            times[name].append(_timed(fn, args, cfg.iters))
+                    row = {"tokens_per_device": tokens_per_device, "k": k, "experts": num_experts,
+                           "dropped_fraction": float(dropped)}
+                    for name, t in times.items():
+                        row[f"{name}_ms"] = 1e3 * statistics.median(t)
+                        row[f"{name}_temp_bytes"] = _temp_bytes(steps[name][0])
+                    row["moe_vs_dense"] = row["moe_ms"] / row["dense_ms"]
+                    row["onehot_vs_moe"] = row["onehot_ms"] / row["moe_ms"]
+                    if row["moe_temp_bytes"] and row["dense_temp_bytes"]:
+                        row["temp_moe_vs_dense"] = row["moe_temp_bytes"] / row["dense_temp_bytes"]
+                    rows.append(row)
+                    log(
+                        f"tokens/device={tokens_per_device} k={k} E={num_experts:3d}  moe {row['moe_ms']:8.2f} ms  "
+                        f"dense {row['dense_ms']:8.2f} ms  one-hot {row['onehot_ms']:8.2f} ms"
+                        + (f"  dropless {row['dropless_ms']:8.2f} ms" if cfg.dropless else "")
+                        + f"  moe/dense {row['moe_vs_dense']:.2f}  one-hot/moe {row['onehot_vs_moe']:.2f}  "
+                        f"dropped {row['dropped_fraction']:.3f}"
+                    )
     return rows
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
 def markdown_table(cfg: BenchConfig, rows: list[dict], device: str) -> str:
     head = (
-        f"fwd+bwd, {device}, mesh data={cfg.data} x expert={cfg.expert}, top-{cfg.experts_per_token} "
-        f"{cfg.router}, {cfg.activation} GLU, cf {cfg.capacity_factor}, d={cfg.d_model}, d_ff={cfg.d_ff}, "
-        f"{cfg.tokens_per_device} tokens/device; medians of {cfg.repeats} x {cfg.iters} steps\n\n"
-        "| experts | MoE layer (ms) | dense FFN, equal active FLOPs (ms) | one-hot einsum dispatch (ms) "
-        "| MoE / dense | one-hot / MoE | dropped |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"fwd+bwd, {device}, mesh data={cfg.data} x expert={cfg.expert}, {cfg.router} router, "
+        f"{cfg.activation} GLU, cf {cfg.capacity_factor}, d={cfg.d_model}, d_ff={cfg.d_ff}; "
+        f"medians of {cfg.repeats} x {cfg.iters} steps; temp = XLA temporary buffers per device (MiB)\n\n"
+        "| tokens/device | k | experts | MoE (ms) | dense FFN (ms) | one-hot (ms) "
+        + ("| dropless (ms) " if cfg.dropless else "")
+        + "| MoE / dense | one-hot / MoE | temp MoE | temp dense | temp one-hot | dropped |\n"
+        + "|---:" * (12 + cfg.dropless) + "|\n"
     )
     body = "".join(
-        f"| {r['experts']} | {r['moe_ms']:.2f} | {r['dense_ms']:.2f} | {r['onehot_ms']:.2f} | {r['ratio']:.2f} "
-        f"| {r['onehot_speedup']:.2f} | {r['dropped_fraction']:.3f} |\n"
+        f"| {r['tokens_per_device']} | {r['k']} | {r['experts']} | {r['moe_ms']:.1f} | {r['dense_ms']:.1f} "
+        f"| {r['onehot_ms']:.1f} "
+        + (f"| {r['dropless_ms']:.1f} " if cfg.dropless else "")
+        + f"| {r['moe_vs_dense']:.2f} | {r['onehot_vs_moe']:.2f} | {_mib(r['moe_temp_bytes'])} "
+        f"| {_mib(r['dense_temp_bytes'])} | {_mib(r['onehot_temp_bytes'])} | {r['dropped_fraction']:.3f} |\n"
         for r in rows
     )
     return head + body
+
+
+def plot(rows: list[dict], path) -> None:
+    """One panel per (tokens per device, k): fwd+bwd ms against the number of experts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["tokens_per_device"], r["k"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (tokens, k) in zip(axes[0], panels, strict=True):
+        sub = sorted((r for r in rows if (r["tokens_per_device"], r["k"]) == (tokens, k)), key=lambda r: r["experts"])
+        es = [r["experts"] for r in sub]
+        for name, label in (("moe", "MoE layer"), ("dense", "dense FFN, equal FLOPs"), ("onehot", "one-hot einsum"),
+                            ("dropless", "dropless")):
+            if f"{name}_ms" in sub[0]:
+                ax.plot(es, [r[f"{name}_ms"] for r in sub], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(es, [str(e) for e in es])
+        ax.set_xlabel("experts")
+        ax.set_ylabel("fwd+bwd (ms)")
+        ax.set_title(f"{tokens} tokens/device, top-{k}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
