@@ -33,6 +33,26 @@ class Routing(NamedTuple):
     router_entropy: jax.Array  # scalar, mean entropy (nats) of the router distribution; 0 without one
 
 
+def top_k(scores_BSE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k`` over the expert axis: (values [B,S,K], int32 ids [B,S,K]), best first,
+    ties to the lower index.
+
+    For small k it is k rounds of argmax-and-mask: XLA:CPU lowers top_k to a full sort per
+    token, which at 128 experts costs more than the rest of the layer's routing.
+    """
+    if k > 4:
+        values, ids = jax.lax.top_k(scores_BSE, k)
+        return values, ids.astype(jnp.int32)
+    experts_E = jnp.arange(scores_BSE.shape[-1], dtype=jnp.int32)
+    masked, ids = jax.lax.stop_gradient(scores_BSE), []
+    for _ in range(k):
+        best = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+        ids.append(best)
+        masked = jnp.where(experts_E == best[..., None], -jnp.inf, masked)
+    ids_BSK = jnp.stack(ids, axis=-1)
+    return jnp.take_along_axis(scores_BSE, ids_BSK, axis=-1), ids_BSK
+
+
 def expert_load(expert_ids_BSK: jax.Array, num_experts: int) -> jax.Array:
     """[E] fraction of all token-expert assignments that go to each expert (global)."""
     one_hot_BSKE = jax.nn.one_hot(expert_ids_BSK, num_experts, dtype=jnp.float32)
@@ -60,7 +80,7 @@ def topk_route(logits_BSE: jax.Array, k: int) -> Routing:
     logits_BSE = logits_BSE.astype(jnp.float32)
     num_experts = logits_BSE.shape[-1]
     probs_BSE = jax.nn.softmax(logits_BSE, axis=-1)
-    gates_BSK, ids_BSK = jax.lax.top_k(probs_BSE, k)
+    gates_BSK, ids_BSK = top_k(probs_BSE, k)
     if k > 1:
         gates_BSK = gates_BSK / jnp.sum(gates_BSK, axis=-1, keepdims=True)
     load_E = expert_load(ids_BSK, num_experts)
@@ -94,13 +114,12 @@ def hash_scores(token_ids_BS: jax.Array, num_experts: int, seed: int) -> jax.Arr
     ids_BS1 = token_ids_BS.astype(jnp.uint32)[..., None]
     experts_E = jnp.arange(num_experts, dtype=jnp.uint32)
     h_BSE = _mix32(_mix32(ids_BS1 ^ seed_mix) + experts_E * jnp.uint32(0x632BE5AB))
-    return (h_BSE >> 8).astype(jnp.float32)  # 24 bits: exact in float32, top_k-friendly
+    return (h_BSE >> 8).astype(jnp.float32)  # 24 bits: exact in float32, exact comparisons
 
 
 def _fixed_route(scores_BSE: jax.Array, k: int) -> Routing:
     """Routing with no router distribution: the top-k scores choose; gates 1/k."""
-    _, ids_BSK = jax.lax.top_k(scores_BSE, k)
-    ids_BSK = ids_BSK.astype(jnp.int32)
+    _, ids_BSK = top_k(scores_BSE, k)
     gates_BSK = jnp.full(ids_BSK.shape, 1.0 / k, jnp.float32)
     zero = jnp.zeros((), jnp.float32)
     load_E = expert_load(ids_BSK, scores_BSE.shape[-1])

@@ -43,6 +43,7 @@ class BenchConfig:
     repeats: int = 5
     iters: int = 3
     dropless: bool = False  # also time model.dispatch="dropless"
+    dtype: str = "float32"  # activations and expert compute ("bfloat16": weights stay float32)
 
 
 def _timed(fn, args, iters: int) -> float:
@@ -116,7 +117,7 @@ def _cases(cfg: BenchConfig, num_experts: int, k: int, ids_BS):
     """name -> (module, loss) for the MoE layer and the formulations it is measured against."""
     mcfg = MoEConfig(
         d_model=cfg.d_model, d_ff=cfg.d_ff, num_experts=num_experts, experts_per_token=k, router=cfg.router,
-        capacity_factor=cfg.capacity_factor, activation=cfg.activation,
+        capacity_factor=cfg.capacity_factor, activation=cfg.activation, dtype=cfg.dtype,
     )
     layer = MoEFeedForward(mcfg, rngs=nnx.Rngs(0))
 
@@ -150,7 +151,7 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         spec = jax.P(batch_axes(mesh))
         for tokens_per_device in cfg.tokens_per_device:
             b, s = tokens_per_device * n_dev // cfg.seq_len, cfg.seq_len
-            x_BSD = jax.random.normal(jax.random.key(0), (b, s, cfg.d_model), out_sharding=spec)
+            x_BSD = jax.random.normal(jax.random.key(0), (b, s, cfg.d_model), cfg.dtype, out_sharding=spec)
             ids_BS = jax.random.randint(jax.random.key(1), (b, s), 0, 50_000, out_sharding=spec)
             for k in cfg.experts_per_token:
                 for num_experts in cfg.experts:
@@ -189,7 +190,7 @@ def _mib(n: int | None) -> str:
 
 def markdown_table(cfg: BenchConfig, rows: list[dict], device: str) -> str:
     head = (
-        f"fwd+bwd, {device}, mesh data={cfg.data} x expert={cfg.expert}, {cfg.router} router, "
+        f"fwd+bwd, {device}, {cfg.dtype}, mesh data={cfg.data} x expert={cfg.expert}, {cfg.router} router, "
         f"{cfg.activation} GLU, cf {cfg.capacity_factor}, d={cfg.d_model}, d_ff={cfg.d_ff}; "
         f"medians of {cfg.repeats} x {cfg.iters} steps; temp = XLA temporary buffers per device (MiB)\n\n"
         "| tokens/device | k | experts | MoE (ms) | dense FFN (ms) | one-hot (ms) "

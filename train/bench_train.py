@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from train.config import Config, validate_mesh
 from train.loop import Trainer, flops_per_token, param_counts
+from train.metrics import NOMINAL_PEAK_FLOPS, peak_flops_per_device
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ class _Model:
             t.state = state
         self.times.append((time.perf_counter() - start) / steps)
 
-    def row(self, peak: float, devices: int) -> dict:
+    def row(self, peak: float, spec_peak: float | None) -> dict:
         step_s = statistics.median(self.times)
         tokens = self.cfg.train.batch_size * self.cfg.train.seq_len
         counts = param_counts(self.cfg.model)
@@ -88,6 +89,7 @@ class _Model:
             "step_ms": 1e3 * step_s,
             "tokens_per_s": tokens / step_s,
             "mfu": tokens / step_s * flops / peak,
+            "mfu_vs_spec": None if spec_peak is None else tokens / step_s * flops / spec_peak,
             "flops_per_token": flops,
         }
 
@@ -116,7 +118,10 @@ def run(moe_cfg: Config, dense_cfg: Config, bench: TrainBenchConfig, log=print) 
             for m in models:
                 m.time(bench.steps)
             log(f"repeat {r + 1}/{bench.repeats}: " + "  ".join(f"{m.name} {1e3 * m.times[-1]:.0f} ms" for m in models))
-        rows = [m.row(peak, mesh.devices.size) for m in models]
+        kind = mesh.devices.flat[0].device_kind
+        spec = peak_flops_per_device(kind, "float32" if moe_cfg.model.dtype == "float32" else "bfloat16")
+        spec_peak = None if spec == NOMINAL_PEAK_FLOPS else spec * mesh.devices.size
+        rows = [m.row(peak, spec_peak) for m in models]
         for m in models:
             m.trainer.close()
     by_name = {r["model"]: r for r in rows}
@@ -126,6 +131,7 @@ def run(moe_cfg: Config, dense_cfg: Config, bench: TrainBenchConfig, log=print) 
         r["step_vs_smallest"] = r["step_ms"] / smallest["step_ms"]
     return {
         "peak_flops": peak,
+        "spec_peak_flops": spec_peak,
         "dtype": moe_cfg.model.dtype,
         "moe": by_name["moe"],
         "dense": by_name["dense"],
@@ -138,12 +144,14 @@ def markdown(result: dict, device: str, bench: TrainBenchConfig) -> str:
     moe, dense = result["moe"], result["dense"]
     head = (
         f"Training steps on {device} ({result['dtype']}); medians of {bench.repeats} x {bench.steps} steps; "
-        f"MFU against a matmul peak of {result['peak_flops'] / 1e9:.1f} GFLOP/s timed in the same run\n\n"
-        "| model | params | active params | step (ms) | tokens/s | MFU |\n|---|---:|---:|---:|---:|---:|\n"
+        f"MFU against a matmul peak of {result['peak_flops'] / 1e9:.1f} GFLOP/s timed in the same run"
+        + (f" (spec sheet: {result['spec_peak_flops'] / 1e12:.0f} TFLOP/s)" if result["spec_peak_flops"] else "")
+        + "\n\n| model | params | active params | step (ms) | tokens/s | MFU (timed peak) | MFU (spec) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
     )
     body = "".join(
         f"| {r['model']} | {r['params']:,} | {r['active_params']:,} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} "
-        f"| {100 * r['mfu']:.1f}% |\n"
+        f"| {100 * r['mfu']:.1f}% | " + ("n/a" if r["mfu_vs_spec"] is None else f"{100 * r['mfu_vs_spec']:.1f}%") + " |\n"
         for r in (moe, dense)
     )
     ratio = f"\nMoE / dense tokens/s: {result['moe_vs_dense_tokens_per_s']:.2f}\n\n"

@@ -314,6 +314,7 @@ def _bench_layer(argv) -> int:
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--iters", type=int, default=d.iters)
     p.add_argument("--dropless", action="store_true", help="also time model.dispatch='dropless'")
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="activation dtype")
     p.add_argument("--sweep", action="store_true",
                    help="the full sweep: E 8,64,128 x tokens/device 1024,4096 x k 1,2")
     p.add_argument("--plot", help="write a PNG plot of the results here")
@@ -361,7 +362,8 @@ def _bench_train(argv) -> int:
         prog=prog, description="Training steps: MoE config vs its dense baseline, and step time as experts grow."
     )
     p.add_argument("--config", default="configs/default.py", help="the MoE config")
-    p.add_argument("--dense_config", default="configs/dense_baseline.py", help="its dense baseline")
+    p.add_argument("--dense_config", default="configs/dense_baseline.py",
+                   help="its dense baseline; 'auto' = the MoE config with every block dense (model.moe_every=0)")
     p.add_argument("--experts", type=_ints, default=d.experts, help="expert counts to sweep (default 8,16,32,64,128)")
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=d.repeats)
@@ -369,7 +371,14 @@ def _bench_train(argv) -> int:
     _bench_outputs(p)
     args, rest = p.parse_known_args(argv)
     overrides = _split_overrides(rest, prog)  # --config.KEY=VALUE applies to both configs
-    moe_cfg, dense_cfg = _load_config(prog, args.config, overrides), _load_config(prog, args.dense_config, overrides)
+    moe_cfg = _load_config(prog, args.config, overrides)
+    if args.dense_config == "auto":
+        import copy
+
+        dense_cfg = copy.deepcopy(moe_cfg)
+        dense_cfg.model.moe_every = 0
+    else:
+        dense_cfg = _load_config(prog, args.dense_config, overrides)
     for e in args.experts:
         if moe_cfg.mesh.expert > 0 and e % moe_cfg.mesh.expert:
             _fail(prog, f"--experts={e}: not divisible by config.mesh.expert={moe_cfg.mesh.expert}")

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU benchmarks for a ~1B-parameter bf16 MoE (configs/gpu_1b.py) on the NVIDIA GPUs of this host:
+#   1. moe-bench layer at the 1B config's widths (d=2048, expert d_ff=1408), bf16, capacity and
+#      dropless dispatch (grouped ragged_dot; ragged_all_to_all when the expert axis spans >= 2 GPUs)
+#   2. moe-bench train: the 1B MoE vs the same model with every block dense, tokens/s and MFU
+#      (against a bf16 matmul peak timed in the same run and against the spec sheet)
+#
+#   scripts/gpu_bench.sh [OUT_DIR]          # default OUT_DIR: runs/gpu_bench
+#
+# Needs a Python with JAX for CUDA and this project's dependencies (PYTHON, default python3);
+# nothing is downloaded. The data is the running Python's standard library (byte tokenizer), so
+# only the speed is meaningful, not the loss. About 10 minutes on one H200.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+out=${1:-runs/gpu_bench}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+bench() { "$py" -c 'import sys; from train.cli import bench_main; sys.exit(bench_main())' "$@"; }
+
+read -r ngpu kind < <("$py" -c 'import jax; d = jax.devices(); print(len(d), d[0].platform)')
+if [[ $kind != gpu ]]; then
+  echo "gpu_bench.sh: JAX sees no GPU (platform: $kind); install a CUDA build of JAX" >&2
+  exit 2
+fi
+ep=$(( ngpu >= 8 ? 8 : ngpu ))
+echo "== $ngpu GPU(s); expert axis $ep; output in $out"
+"$py" -c 'import jax; print(jax.__version__, jax.devices())'
+
+echo "== layer: d=2048, expert d_ff=1408, bf16, top-1 and top-2, capacity and dropless"
+bench layer --data 1 --expert "$ep" --d_model 2048 --d_ff 1408 --dtype bfloat16 --seq_len 2048 \
+  --experts 8,64,128 --tokens_per_device 8192,32768 --experts_per_token 1,2 --dropless \
+  --repeats 5 --iters 5 --markdown --json "$out/layer.json" --plot "$out/layer.png"
+
+echo "== train: configs/gpu_1b.py vs all-dense, bf16"
+bench train --config configs/gpu_1b.py --dense_config auto --experts 8,16,32 --steps 5 --repeats 5 \
+  --peak_size 8192 --json "$out/train.json" \
+  --config.mesh.data=-1 --config.mesh.expert="$ep" --config.train.batch_size=$(( 8 * ngpu )) \
+  --config.train.seq_len=2048 --config.data.tokenizer=byte --config.data.max_bytes=20000000
