@@ -25,11 +25,12 @@ from sharding.rules import logical_to_spec
 AUX_KEYS = ("aux_loss", "z_loss", "router_loss", "dropped_fraction", "router_entropy", "expert_load")
 
 
-def einsum(eq: str, a: jax.Array, b: jax.Array, out_axes) -> jax.Array:
-    """jnp.einsum whose result carries the compute sharding of ``out_axes`` (logical names)."""
+def einsum(eq: str, a: jax.Array, b: jax.Array, out_axes, preferred_element_type=None) -> jax.Array:
+    """jnp.einsum whose result carries the compute sharding of ``out_axes`` (logical names);
+    ``preferred_element_type=jnp.float32`` accumulates and returns float32 from bf16 inputs."""
     mesh = current_mesh()
     out_sharding = None if mesh is None else logical_to_spec(out_axes, mesh)
-    return jnp.einsum(eq, a, b, out_sharding=out_sharding)
+    return jnp.einsum(eq, a, b, out_sharding=out_sharding, preferred_element_type=preferred_element_type)
 
 
 class RMSNorm(nnx.Module):
@@ -78,8 +79,8 @@ class Attention(nnx.Module):
     def attend(self, q_BSNK, k_BTNK, v_BTNK, mask_BST):
         """softmax(q k^T / sqrt(K) + mask) v, output projection; float32 softmax."""
         scale = q_BSNK.shape[-1] ** -0.5
-        logits = einsum("bsnk,btnk->bnst", q_BSNK, k_BTNK, ("batch", "act_heads", "seq", None))
-        logits = jnp.where(mask_BST[:, None], logits.astype(jnp.float32) * scale, -1e30)
+        logits = einsum("bsnk,btnk->bnst", q_BSNK, k_BTNK, ("batch", "act_heads", "seq", None), jnp.float32)
+        logits = jnp.where(mask_BST[:, None], logits * scale, -1e30)
         probs = jax.nn.softmax(logits, axis=-1).astype(v_BTNK.dtype)
         out_BSNK = einsum("bnst,btnk->bsnk", probs, v_BTNK, ("batch", "seq", "act_heads", None))
         wo = compute_value(self.wo, self.OUT_AXES).astype(out_BSNK.dtype)
@@ -177,12 +178,14 @@ class Transformer(nnx.Module):
         return x_BSD.astype(jnp.dtype(self.cfg.dtype))
 
     def logits(self, x_BSD):
-        x_BSD = self.final_norm(x_BSD).astype(jnp.float32)
-        out_axes = ("batch", "seq", "act_vocab")
+        """float32 logits; the matmul takes the activation dtype with float32 accumulation."""
+        x_BSD = self.final_norm(x_BSD)
+        dtype, out_axes = x_BSD.dtype, ("batch", "seq", "act_vocab")
         if self.unembed is None:
-            table = compute_value(self.embed, self.EMBED_AXES).astype(jnp.float32)
-            return einsum("bsd,vd->bsv", x_BSD, table, out_axes) * self.cfg.d_model**-0.5
-        return einsum("bsd,dv->bsv", x_BSD, compute_value(self.unembed, ("embed", "vocab")).astype(jnp.float32), out_axes)
+            table = compute_value(self.embed, self.EMBED_AXES).astype(dtype)
+            return einsum("bsd,vd->bsv", x_BSD, table, out_axes, jnp.float32) * self.cfg.d_model**-0.5
+        unembed = compute_value(self.unembed, ("embed", "vocab")).astype(dtype)
+        return einsum("bsd,dv->bsv", x_BSD, unembed, out_axes, jnp.float32)
 
     def __call__(self, tokens_BS, positions_BS=None):
         """Training / scoring forward pass: ``logits_BSV, aux``."""

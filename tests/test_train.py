@@ -179,12 +179,14 @@ BAD_INPUTS = [
     (["--config.model.capacity_factor=0"], "config.model.capacity_factor=0.0: must be a number > 0"),
     (["--config.train.batch_size=12"], "config.train.batch_size=12: each micro-batch"),
     (["--config.model.router=learned"], "config.model.router='learned'"),
+    (["--config.model.dispatch=ragged"], "config.model.dispatch='ragged': choose one of capacity, dropless"),
     (["--config.data.path=/no/such/dir"], "data.path=/no/such/dir"),
     (["--config.data.path=EMPTY_DIR"], "data.path=EMPTY_DIR"),
     (["--config.data.tokenizer=bpe", "--config.data.tokenizer_path=BAD_TOKENIZER"], "data.tokenizer_path=BAD_TOKENIZER"),
     (["--config.data.tokenizer_path=/no/such/tokenizer.json"], "config.data.tokenizer_path='/no/such/tokenizer.json': no such file"),
     (["--bogus=1"], "--bogus=1: unrecognised argument"),
     (["--cpu_devices=0"], "--cpu_devices=0: must be >= 1"),
+    (["--config.profile_steps=-1"], "config.profile_steps=-1: must be an integer >= 0"),
 ]
 
 
@@ -255,3 +257,102 @@ def test_untied_output_projection_trains(tmp_path):
     losses, params, _ = run_steps(cfg, tmp_path / "w", 4, repeat_batch=True)
     assert "unembed" in params and params["unembed"].shape == (32, 320)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_profile_steps_traces_steps_after_warm_up(tmp_path, monkeypatch):
+    """--config.profile_steps=2 writes a jax.profiler trace of steps 2-3 (step 1 compiles) under WORKDIR/profile."""
+    import gzip
+
+    from conftest import tiny_train_args
+    from train.metrics import MetricsWriter
+
+    logged, log = [], MetricsWriter.log  # the console lines (its stream was bound before capture started)
+    monkeypatch.setattr(MetricsWriter, "log", lambda self, message: (logged.append(message), log(self, message))[1])
+    workdir = tmp_path / "w"
+    assert train_main([*tiny_train_args(tmp_path, workdir, steps=4), "--config.profile_steps=2"]) == 0
+    sessions = list((workdir / "profile" / "plugins" / "profile").iterdir())
+    assert len(sessions) == 1, sessions
+    assert list(sessions[0].glob("*.xplane.pb")), list(sessions[0].iterdir())  # XProf / TensorBoard
+    trace = json.loads(gzip.decompress((sessions[0] / "perfetto_trace.json.gz").read_bytes()))  # Perfetto
+    steps = sorted(int(e["args"]["step_num"]) for e in trace["traceEvents"] if e.get("name") == "train" and "args" in e)
+    assert steps == [2, 3], steps  # exactly the two steps after the compiling one
+    lines = [line for line in logged if line.startswith("profile:")]
+    assert len(lines) == 1 and "steps 2-3" in lines[0] and str(sessions[0]) in lines[0], lines
+    assert json.loads((workdir / "summary.json").read_text())["profile"] == str(sessions[0])
+    # Resumed at step 4 with fewer steps left than profile_steps: step 5 compiles, step 6 is traced.
+    assert train_main([*tiny_train_args(tmp_path, workdir, steps=6), "--config.profile_steps=10"]) == 0
+    assert len(list((workdir / "profile" / "plugins" / "profile").iterdir())) == 2
+    assert [line for line in logged if line.startswith("profile:")][-1].startswith("profile: steps 6-6 traced to ")
+
+
+def test_profiler_stops_its_trace_when_the_loop_ends_early(tmp_path):
+    """An error (or SIGTERM's early return) inside the traced window still stops the trace."""
+    from train.profiler import StepProfiler
+
+    logged = []
+    f = jax.jit(lambda x: x * 2)
+    x = f(jnp.ones(4))
+    off = StepProfiler(tmp_path / "off", 2, enabled=False, log=logged.append)  # processes other than 0
+    off.maybe_start(2, warm=True, previous=x)
+    assert not off.active and not (tmp_path / "off").exists()
+    prof = StepProfiler(tmp_path / "profile", 5, enabled=True, log=logged.append)
+    with pytest.raises(ZeroDivisionError):
+        try:
+            for step in (1, 2, 3):
+                prof.maybe_start(step, warm=step > 1, previous=x)
+                with prof.annotate(step):
+                    x = f(x)
+                prof.step_done(x)
+                if step == 3:
+                    raise ZeroDivisionError
+        finally:
+            prof.finish()
+    assert not prof.active and list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(logged) == 1 and logged[0].startswith("profile: steps 2-3 traced to "), logged
+    jax.profiler.start_trace(tmp_path / "again")  # no trace was left running
+    jax.profiler.stop_trace()
+
+
+def test_bfloat16_activations_track_float32_with_float32_master_weights(tmp_path):
+    """The same seed and batches in float32 and bfloat16: bf16 losses are finite and within 2% of
+    float32; parameters and optimizer state stay float32; the matmuls really run in bf16 while the
+    router, the logits and the loss stay float32."""
+    import re
+
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = tiny_config(tmp_path)
+        cfg.model.dtype = dtype
+        trainer = Trainer(cfg, tmp_path / dtype)
+        losses = []
+        with trainer.context():
+            for i in range(5):
+                batch = trainer.global_batch(next(trainer.batches))
+                if i == 0:
+                    hlo = trainer.train_step.lower(trainer.state, batch).as_text()
+                trainer.state, metrics = trainer.train_step(trainer.state, batch)
+                losses.append(float(metrics["loss"]))
+            floats = {str(x.dtype) for x in jax.tree.leaves((trainer.state.params, trainer.state.opt_state))
+                      if jnp.issubdtype(x.dtype, jnp.floating)}
+        trainer.close()
+        bf16_dots = re.findall(r"stablehlo\.dot_general[^\n]*-> tensor<[^>]*xbf16>", hlo)
+        runs[dtype] = dict(losses=np.array(losses), floats=floats, bf16_dots=len(bf16_dots), hlo=hlo)
+    f32, bf16 = runs["float32"], runs["bfloat16"]
+    assert "bf16" not in f32["hlo"]
+    assert f32["floats"] == bf16["floats"] == {"float32"}  # master weights and Adam moments
+    assert bf16["bf16_dots"] >= 10, bf16["bf16_dots"]  # attention, dense FFN and expert matmuls
+    assert np.all(np.isfinite(bf16["losses"]))
+    np.testing.assert_allclose(bf16["losses"], f32["losses"], rtol=2e-2)
+
+    # Where each dtype lives, on one device: bf16 residual stream, float32 router and logits.
+    cfg = tiny_config(tmp_path)
+    cfg.model.dtype, cfg.model.vocab_size = "bfloat16", 320
+    model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    x = jax.eval_shape(model.embed_tokens, tokens)
+    h = jax.eval_shape(lambda t: model.blocks[0](model.embed_tokens(t), positions, t)[0], tokens)
+    route = jax.eval_shape(lambda t: model.blocks[0].ffn.route(model.embed_tokens(t), t), tokens)
+    logits, aux = jax.eval_shape(model, tokens)
+    assert x.dtype == h.dtype == jnp.bfloat16
+    assert route.gates.dtype == jnp.float32 and logits.dtype == jnp.float32 and aux["router_loss"].dtype == jnp.float32

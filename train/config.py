@@ -86,6 +86,7 @@ class Config:
     eval_every_steps: int = 100  # 0 = only at the end
     eval_batches: int = 8  # validation batches per evaluation
     peak_flops_per_device: float = 0.0  # for MFU; 0 = guess from the device kind
+    profile_steps: int = 0  # > 0: jax.profiler trace of this many steps after warm-up into WORKDIR/profile
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -228,6 +229,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(cfg.eval_every_steps >= 0, "eval_every_steps", "must be >= 0")
     need(cfg.eval_batches >= 1, "eval_batches", "must be >= 1")
     need(cfg.peak_flops_per_device >= 0, "peak_flops_per_device", "must be >= 0")
+    need(type(cfg.profile_steps) is int and cfg.profile_steps >= 0, "profile_steps", "must be an integer >= 0 (0 = off)")
     from sharding.rules import PRESETS
 
     need(cfg.mesh.rules in PRESETS, "mesh.rules", f"choose one of {', '.join(PRESETS)}")
@@ -267,7 +269,7 @@ def fingerprint(obj) -> str:
 
 # Sections a resumed run may change; anything else must match the checkpoint.
 RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches",
-             "peak_flops_per_device", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
+             "peak_flops_per_device", "profile_steps", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
              "train.step_timeout_s")
 
 

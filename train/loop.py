@@ -32,6 +32,7 @@ from train.batches import TrainBatches, eval_batches
 from train.data import corpus_texts, data_fingerprint, load_corpus
 from train.evaluate import score
 from train.optimizer import make_optimizer
+from train.profiler import StepProfiler
 from train.step import TrainState, make_eval_step, make_train_step, shardings_of, split_model
 from train.tokenizer import build_tokenizer
 
@@ -269,6 +270,7 @@ class Trainer:
         nonfinite_run = 0
         timeout = t.step_timeout_s or (900.0 if self.nproc > 1 else 0.0)
         watchdog = Watchdog(timeout)
+        profiler = StepProfiler(self.workdir / "profile", cfg.profile_steps, enabled=self.proc == 0, log=self.log)
 
         def consume(step: int, dev_metrics) -> None:
             nonlocal window_start, window_tokens, nonfinite_run
@@ -312,7 +314,10 @@ class Trainer:
             with self.context():  # the watchdog arms at the first finished step: compiling is not stalling
                 for step in range(start_step, end):
                     batch = self.global_batch(next(self.batches))
-                    self.state, dev_metrics = self.train_step(self.state, batch)
+                    profiler.maybe_start(step + 1, warm=step > start_step, previous=self.state)  # after the compiling step
+                    with profiler.annotate(step + 1):
+                        self.state, dev_metrics = self.train_step(self.state, batch)
+                    profiler.step_done((self.state, dev_metrics))
                     if pending is not None:
                         consume(*pending)
                     pending = (step, dev_metrics)
@@ -332,6 +337,7 @@ class Trainer:
                         self.writer.write(step + 1, self.evaluate(), split="eval")
                         watchdog.beat(step)
                         window_start, window_tokens = time.perf_counter(), 0  # evaluation time is not training time
+                profiler.stop((self.state, pending))  # fewer steps left than profile_steps
                 if pending is not None:
                     consume(*pending)
                 if self.checkpoints.latest_step() != end:
@@ -339,6 +345,7 @@ class Trainer:
             watchdog.beat(end - 1)
             final_eval = self.evaluate()
         finally:
+            profiler.finish()  # a trace still running here (preemption, error) stops without waiting
             watchdog.stop()
             _restore_sigterm(previous_handler)
         self.writer.write(end, final_eval, split="eval")
@@ -346,6 +353,8 @@ class Trainer:
         summary["tokens_per_sec"] = float(np.median(rates)) if rates else None
         if rates:
             summary["step_ms"] = 1e3 * tokens_per_step / summary["tokens_per_sec"]
+        if profiler.session is not None:
+            summary["profile"] = str(profiler.session)
         if self.save_blocking_ms:
             summary["checkpoint_blocking_ms"] = float(np.median(self.save_blocking_ms))
         if self.proc == 0:
