@@ -356,3 +356,19 @@ def test_bfloat16_activations_track_float32_with_float32_master_weights(tmp_path
     logits, aux = jax.eval_shape(model, tokens)
     assert x.dtype == h.dtype == jnp.bfloat16
     assert route.gates.dtype == jnp.float32 and logits.dtype == jnp.float32 and aux["router_loss"].dtype == jnp.float32
+
+
+def test_dropless_training_equals_capacity_training_that_never_drops(tmp_path):
+    """model.dispatch='dropless' through the whole train step: with a capacity factor that would
+    drop most assignments it drops none, and trains exactly like capacity dispatch with room
+    for every assignment."""
+    roomy = tiny_config(tmp_path)  # capacity_factor 8: nothing dropped
+    losses_ref, params_ref, m_ref = run_steps(roomy, tmp_path / "capacity", 3)
+    dropless = tiny_config(tmp_path)
+    dropless.model.dispatch, dropless.model.capacity_factor = "dropless", 0.25
+    losses, params, m = run_steps(dropless, tmp_path / "dropless", 3)
+    assert float(m["moe/dropped_fraction"]) == 0.0 == float(m_ref["moe/dropped_fraction"])
+    np.testing.assert_allclose(losses, losses_ref, rtol=1e-5)
+    assert jax.tree.structure(params) == jax.tree.structure(params_ref)
+    for (path, a), b in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(params_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
