@@ -215,18 +215,39 @@ class Transformer(nnx.Module):
             if mesh is not None:
                 positions_BS = jax.sharding.reshard(positions_BS, logical_to_spec(("batch", "seq"), mesh))
         x_BSD = self.embed_tokens(tokens_BS)
-        auxes, new_cache = [], []
+        auxes, new_cache = {}, []
         for i, block in enumerate(self.blocks):
             x_BSD, aux, block_cache = block(x_BSD, positions_BS, tokens_BS, None if cache is None else cache[i])
             new_cache.append(block_cache)
             if aux is not None:
-                auxes.append(aux)
+                auxes[i] = aux
         return self.logits(x_BSD), average_aux(auxes, self.cfg.num_experts), (None if cache is None else new_cache)
 
 
-def average_aux(auxes: list[dict], num_experts: int) -> dict:
-    """Mean of each MoE statistic over the MoE layers (zeros for a dense model)."""
+def load_imbalance(load_E: jax.Array) -> jax.Array:
+    """max / mean of the per-expert load (1 = perfectly balanced, E = everything on one expert)."""
+    return jnp.max(load_E) * load_E.shape[-1] / jnp.maximum(jnp.sum(load_E), 1e-9)
+
+
+def average_aux(auxes: dict[int, dict], num_experts: int) -> dict:
+    """Mean of each MoE statistic over the MoE layers (zeros for a dense model), plus
+    ``load_imbalance`` (its mean over layers) and ``per_layer``: for the MoE block with index i,
+    ``per_layer[f"layer{i}"]`` holds that layer's expert_load, dropped_fraction, router_entropy and
+    load_imbalance."""
+    zero = jnp.zeros((), jnp.float32)
     if not auxes:
-        zero = jnp.zeros((), jnp.float32)
-        return {k: (jnp.zeros((num_experts,), jnp.float32) if k == "expert_load" else zero) for k in AUX_KEYS}
-    return {k: sum(a[k] for a in auxes) / len(auxes) for k in AUX_KEYS}
+        out = {k: (jnp.zeros((num_experts,), jnp.float32) if k == "expert_load" else zero) for k in AUX_KEYS}
+        return {**out, "load_imbalance": zero, "per_layer": {}}
+    layers = list(auxes.values())
+    out = {k: sum(a[k] for a in layers) / len(layers) for k in AUX_KEYS}
+    per_layer = {
+        f"layer{i}": {
+            "expert_load": a["expert_load"],
+            "dropped_fraction": a["dropped_fraction"],
+            "router_entropy": a["router_entropy"],
+            "load_imbalance": load_imbalance(a["expert_load"]),
+        }
+        for i, a in auxes.items()
+    }
+    out["load_imbalance"] = sum(v["load_imbalance"] for v in per_layer.values()) / len(per_layer)
+    return {**out, "per_layer": per_layer}

@@ -158,6 +158,13 @@ def test_moe_train_cli_end_to_end(tmp_path, capsys):
         assert key in train_rows[-1], key
     assert "tokens_per_sec" in train_rows[-1] and "mfu" in train_rows[-1]
     assert len(train_rows[-1]["moe/expert_load"]) == 8
+    # per-layer telemetry: default config, 2 layers, MoE in every second block -> block 1 only
+    last = train_rows[-1]
+    assert len(last["moe/layer1/expert_load"]) == 8 and "moe/layer0/expert_load" not in last
+    assert last["moe/layer1/dropped_fraction"] == pytest.approx(last["moe/dropped_fraction"])
+    assert last["moe/layer1/load_imbalance"] == pytest.approx(8 * max(last["moe/layer1/expert_load"]), rel=1e-5)
+    assert last["moe/load_imbalance"] == pytest.approx(last["moe/layer1/load_imbalance"])
+    assert last["moe/layer1/router_entropy"] == pytest.approx(last["moe/router_entropy"])
     evals = [r for r in rows if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 3] and all(np.isfinite(r["loss"]) for r in evals)
     saved = json.loads((workdir / "config.json").read_text())
@@ -372,3 +379,23 @@ def test_dropless_training_equals_capacity_training_that_never_drops(tmp_path):
     assert jax.tree.structure(params) == jax.tree.structure(params_ref)
     for (path, a), b in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(params_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_per_layer_router_telemetry_averages_to_the_global_statistics(tmp_path):
+    cfg = tiny_config(tmp_path)  # 2 layers, MoE in both, top-2 learned router
+    cfg.model.vocab_size, cfg.model.capacity_factor = 64, 0.5
+    model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
+    _, aux = model(tokens)
+    layers = aux["per_layer"]
+    assert sorted(layers) == ["layer0", "layer1"]
+    for stats in layers.values():
+        load = np.asarray(stats["expert_load"])
+        assert load.shape == (8,) and load.sum() == pytest.approx(1.0, abs=1e-6)
+        assert float(stats["load_imbalance"]) == pytest.approx(8 * load.max(), rel=1e-6)
+    for key in ("dropped_fraction", "router_entropy", "load_imbalance"):
+        mean = np.mean([float(v[key]) for v in layers.values()])
+        assert float(aux[key]) == pytest.approx(mean, rel=1e-6), key
+    # the two layers' routers are different parameters: their loads are not the same numbers
+    assert not np.allclose(layers["layer0"]["expert_load"], layers["layer1"]["expert_load"])
+    assert float(aux["dropped_fraction"]) > 0  # capacity 0.5 drops: the statistic is exercised

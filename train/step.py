@@ -126,7 +126,10 @@ def make_train_step(
             "moe/dropped_fraction": aux["dropped_fraction"],
             "moe/expert_load": aux["expert_load"],
             "moe/router_entropy": aux["router_entropy"],
+            "moe/load_imbalance": aux["load_imbalance"],
         }
+        for layer, stats in aux["per_layer"].items():
+            metrics.update({f"moe/{layer}/{name}": value for name, value in stats.items()})
         return TrainState(state.step + 1, params, opt_state, model_state, window), metrics
 
     return train_step
