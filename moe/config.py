@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-ROUTERS = ("topk", "hash", "random")
+ROUTERS = ("topk", "frozen", "hash", "random")
+LEARNED_ROUTERS = ("topk", "frozen")  # routers with a router_w [D, E]
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
 DISPATCHES = ("capacity", "dropless")
@@ -23,7 +24,9 @@ class MoEConfig:
     d_ff: int
     num_experts: int = 8
     experts_per_token: int = 1
-    router: str = "topk"  # "topk" (learned), "hash" (Hash Layers), "random"
+    # "topk" (learned), "frozen" (top-k with router weights fixed at initialisation),
+    # "hash" (Hash Layers), "random"
+    router: str = "topk"
     # "capacity": fixed slots per expert, overflow dropped (the static-shape classic);
     # "dropless": every assignment is computed (worst-case buffer or ragged_all_to_all, grouped matmul)
     dispatch: str = "capacity"

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moe import routing
-from moe.config import MoEConfig
+from moe.config import LEARNED_ROUTERS, MoEConfig
 from moe.dispatch import DispatchPlan, dispatch_combine, dropless_dispatch_combine
 from moe.experts import expert_ffn, grouped_expert_ffn
 from sharding.mesh import axis_size, current_mesh
@@ -33,8 +33,16 @@ ACT_AXES = ("batch", "seq", "act_embed")
 ROUTE_AXES = ("batch", "seq", None)
 
 
-def sharded_param(key, shape, logical_axes, std: float, dtype, mesh=None, init: str = "normal") -> nnx.Param:
-    """A normal(0, std) (or ``init="ones"``) parameter created directly in its sharding.
+class RouterState(nnx.Variable):
+    """Router state that is not trained by gradients (frozen router weights): saved in checkpoints
+    with the model, never seen by the optimizer."""
+
+
+def sharded_param(
+    key, shape, logical_axes, std: float, dtype, mesh=None, init: str = "normal", kind: type = nnx.Param
+) -> nnx.Variable:
+    """A normal(0, std) (or ``init="ones"``) parameter created directly in its sharding
+    (an ``nnx.Param`` unless ``kind`` says otherwise).
 
     The value is born sharded by the current rules (no unsharded copy ever exists); the
     logical axis names are kept as metadata for the sharding table.
@@ -46,7 +54,7 @@ def sharded_param(key, shape, logical_axes, std: float, dtype, mesh=None, init: 
     else:
         value = jax.random.normal(key, shape, dtype, out_sharding=spec) * jnp.asarray(std, dtype)
     meta = {} if spec is None else {"out_sharding": tuple(spec)}
-    return nnx.Param(value, logical_axes=tuple(logical_axes), **meta)
+    return kind(value, logical_axes=tuple(logical_axes), **meta)
 
 
 def compute_value(param: nnx.Param, logical_axes) -> jax.Array:
@@ -97,8 +105,9 @@ class MoEFeedForward(nnx.Module):
         pdtype = jnp.dtype(cfg.param_dtype)
         key = rngs.params()
         k_router, k_wi, k_wg, k_wo = jax.random.split(key, 4)
-        if cfg.router == "topk":
-            self.router_w = sharded_param(k_router, (d, e), ROUTER_AXES, 0.1 * d**-0.5, jnp.float32)
+        if cfg.router in LEARNED_ROUTERS:  # "frozen": the same initial weights, never trained
+            kind = RouterState if cfg.router == "frozen" else nnx.Param
+            self.router_w = sharded_param(k_router, (d, e), ROUTER_AXES, 0.1 * d**-0.5, jnp.float32, kind=kind)
         self.wi = sharded_param(k_wi, (e, d, h), EXPERT_IN_AXES, d**-0.5, pdtype)
         if cfg.gated:
             self.wg = sharded_param(k_wg, (e, d, h), EXPERT_IN_AXES, d**-0.5, pdtype)
@@ -142,7 +151,10 @@ class MoEFeedForward(nnx.Module):
                 key, x32_BSD.shape, jnp.float32, 1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter, out_sharding=spec
             )
             x32_BSD = x32_BSD * noise
-        logits_BSE = jnp.einsum("bsd,de->bse", x32_BSD, compute_value(self.router_w, ROUTER_AXES).astype(jnp.float32))
+        router_w = compute_value(self.router_w, ROUTER_AXES).astype(jnp.float32)
+        if cfg.router == "frozen":
+            router_w = jax.lax.stop_gradient(router_w)
+        logits_BSE = jnp.einsum("bsd,de->bse", x32_BSD, router_w)
         return routing.topk_route(logits_BSE, k)
 
     # ------------------------------------------------------------------ forward

@@ -10,6 +10,8 @@ global position, never by the device.
 All three routers share one interface and return a ``Routing``:
   * ``topk``  learned softmax router in float32; k=1 is Switch (gate = router probability),
               k>1 renormalises the chosen probabilities (Mixtral).
+  * ``frozen`` the same with router weights fixed at initialisation (the layer keeps them as
+              non-trainable state; the routing math is ``topk_route``).
   * ``hash``  Hash Layers: a fixed pseudo-random table token id -> expert(s), seeded by
               ``hash_seed``; no parameters; gate 1 (1/k each for k>1).
   * ``random`` a fresh uniformly random choice of k distinct experts per token on every call;

@@ -44,7 +44,7 @@ def run_layer(cfg, mesh_name, x, token_ids, ct, key=None, deterministic=False):
         x_sharding = jax.typeof(x).sharding.spec if mesh is not None else None
         y_sharding = jax.typeof(y).sharding.spec if mesh is not None else None
         params = {n: np.asarray(getattr(layer, n)[...]) for n in PARAM_NAMES if hasattr(layer, n)}
-        grads = {n: np.asarray(g_layer[n][...]) for n in params}
+        grads = {n: np.asarray(g_layer[n][...]) for n in params if n in g_layer}  # frozen router_w: none
         grads["x"] = np.asarray(g_x)
         aux = jax.tree.map(np.asarray, aux)
     return dict(y=np.asarray(y), aux=aux, params=params, grads=grads, x_spec=x_sharding, y_spec=y_sharding)

@@ -22,7 +22,7 @@ def oracle_routing(cfg, params, x, token_ids, key=None):
     """NumPy expert ids [T,K] for global tokens in (batch, seq) order."""
     t = x.shape[0] * x.shape[1]
     k, e = cfg.experts_per_token, cfg.num_experts
-    if cfg.router == "topk":
+    if cfg.router in ("topk", "frozen"):
         logits = np.asarray(jnp.einsum("bsd,de->bse", x.astype(jnp.float32), params["router_w"])).reshape(t, e)
         return np.argsort(-logits, axis=-1, kind="stable")[:, :k]
     if cfg.router == "hash":
@@ -64,7 +64,7 @@ def make_oracle(cfg, ids, num_groups, capacity):
         b, s, d = x.shape
         x_td = x.reshape(t, d)
         router_loss = jnp.zeros((), jnp.float32)
-        if cfg.router == "topk":
+        if cfg.router in ("topk", "frozen"):
             logits = (x_td.astype(jnp.float32) @ params["router_w"]).astype(jnp.float32)
             probs = jax.nn.softmax(logits, axis=-1)
             gates = probs[np.arange(t)[:, None], ids]

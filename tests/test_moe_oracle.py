@@ -24,7 +24,7 @@ def oracle(cfg, out, x, token_ids, ct, num_groups, key=None, deterministic=False
 
     y, _, dropped = f(params, x)
     grads, g_x = jax.grad(loss, argnums=(0, 1))(params, x)
-    grads = {n: np.asarray(v) for n, v in grads.items()}
+    grads = {n: np.asarray(v) for n, v in grads.items() if not (n == "router_w" and cfg.router == "frozen")}
     grads["x"] = np.asarray(g_x)
     return np.asarray(y), grads, dropped
 
@@ -100,3 +100,15 @@ def test_dropless_ragged_exchange_lowers_with_gradients(monkeypatch):
 
         hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).as_text()
     assert hlo.count("ragged_all_to_all") == 4
+
+
+@pytest.mark.parametrize("mesh_name, k", [("1dev", 1), ("d2e4", 2)])
+def test_frozen_router_matches_oracle_and_has_no_gradient(mesh_name, k):
+    """"frozen" routes exactly like "topk" from the same initial weights; its router_w is model
+    state, not a parameter, so it gets no gradient (the oracle drops it too)."""
+    kw = dict(d_model=D, d_ff=H, num_experts=E, experts_per_token=k, capacity_factor=1.0, gated=True)
+    out, _ = check_against_oracle(MoEConfig(router="frozen", **kw), mesh_name)
+    assert "router_w" in out["params"] and "router_w" not in out["grads"]
+    ref = run_layer(MoEConfig(router="topk", **kw), mesh_name, *make_inputs(0))
+    np.testing.assert_allclose(out["y"], ref["y"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out["params"]["router_w"], ref["params"]["router_w"])

@@ -399,3 +399,30 @@ def test_per_layer_router_telemetry_averages_to_the_global_statistics(tmp_path):
     # the two layers' routers are different parameters: their loads are not the same numbers
     assert not np.allclose(layers["layer0"]["expert_load"], layers["layer1"]["expert_load"])
     assert float(aux["dropped_fraction"]) > 0  # capacity 0.5 drops: the statistic is exercised
+
+
+def _router_weights(tree) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(tree) if "router_w" in jax.tree_util.keystr(p)}
+
+
+def test_frozen_router_weights_never_change_and_restore_for_eval(tmp_path):
+    from train.evaluate import load_run
+
+    cfg = tiny_config(tmp_path)
+    cfg.model.router = "frozen"
+    cfg.optimizer.weight_decay, cfg.optimizer.learning_rate = 0.1, 1e-2  # decay would move a trained weight
+    cfg.checkpoint.every_steps = 3
+    trainer = Trainer(cfg, tmp_path / "w")
+    before = _router_weights(trainer.state.model_state)
+    assert len(before) == 2 and not _router_weights(trainer.state.params)  # state, not parameters
+    first = jax.tree.map(np.asarray, trainer.state.params)
+    trainer.run()
+    after = _router_weights(trainer.state.model_state)
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), first, trainer.state.params)
+    trainer.close()
+    assert any(jax.tree.leaves(moved))  # the rest of the model trained
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    restored = _router_weights(load_run(tmp_path / "w").model_state)
+    for name in before:
+        np.testing.assert_array_equal(restored[name], before[name])

@@ -52,7 +52,7 @@ def bench_layer_main(argv) -> int:
     p.add_argument("--d_model", type=int, default=d.d_model)
     p.add_argument("--d_ff", type=int, default=d.d_ff)
     p.add_argument("--capacity_factor", type=float, default=d.capacity_factor)
-    p.add_argument("--router", default=d.router, choices=("topk", "hash", "random"))
+    p.add_argument("--router", default=d.router, choices=("topk", "frozen", "hash", "random"))
     p.add_argument("--activation", default=d.activation, choices=("gelu", "silu", "relu"))
     p.add_argument("--seq_len", type=int, default=d.seq_len)
     p.add_argument("--data", type=int, default=d.data, help="mesh 'data' axis size")
