@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-ROUTERS = ("topk", "frozen", "hash", "random")
+ROUTERS = ("topk", "frozen", "hash", "bigram_hash", "random")
 LEARNED_ROUTERS = ("topk", "frozen")  # routers with a router_w [D, E]
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
@@ -25,7 +25,7 @@ class MoEConfig:
     num_experts: int = 8
     experts_per_token: int = 1
     # "topk" (learned), "frozen" (top-k with router weights fixed at initialisation),
-    # "hash" (Hash Layers), "random"
+    # "hash" (Hash Layers), "bigram_hash" (hash of the previous and current token), "random"
     router: str = "topk"
     # "capacity": fixed slots per expert, overflow dropped (the static-shape classic);
     # "dropless": every assignment is computed (worst-case buffer or ragged_all_to_all, grouped matmul)

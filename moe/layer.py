@@ -121,18 +121,25 @@ class MoEFeedForward(nnx.Module):
         token_ids_BS: jax.Array | None,
         key: jax.Array | None = None,
         positions_BS: jax.Array | None = None,
+        prev_token_ids_BS: jax.Array | None = None,
     ) -> routing.Routing:
         """Routing decisions for a batch (global arrays; layout-invariant).
 
-        ``positions_BS`` (default 0..S-1 per row) only matter to the random router.
+        ``positions_BS`` (default 0..S-1 per row) only matter to the random router;
+        ``prev_token_ids_BS`` (default: ``token_ids`` shifted right, as for rows that start a
+        sequence) only to ``bigram_hash``.
         """
         cfg = self.cfg
         e, k = cfg.num_experts, cfg.experts_per_token
         mesh = current_mesh()
+        if cfg.router in ("hash", "bigram_hash") and token_ids_BS is None:
+            raise ValueError(f"MoEConfig.router={cfg.router!r}: the layer needs token_ids")
         if cfg.router == "hash":
-            if token_ids_BS is None:
-                raise ValueError("MoEConfig.router='hash': the layer needs token_ids")
             return routing.hash_route(token_ids_BS, e, k, cfg.hash_seed)
+        if cfg.router == "bigram_hash":
+            if prev_token_ids_BS is None:
+                prev_token_ids_BS = routing.previous_tokens(token_ids_BS)
+            return routing.bigram_hash_route(prev_token_ids_BS, token_ids_BS, e, k, cfg.hash_seed)
         if cfg.router == "random":
             if key is None:
                 key = jax.random.key(cfg.eval_seed) if self.deterministic else self.rngs()
@@ -165,18 +172,21 @@ class MoEFeedForward(nnx.Module):
         *,
         key: jax.Array | None = None,
         positions_BS: jax.Array | None = None,
+        prev_token_ids_BS: jax.Array | None = None,
     ):
         dispatch = dropless_dispatch_combine if self.cfg.dispatch == "dropless" else dispatch_combine
-        return self.forward_with(dispatch, x_BSD, token_ids_BS, key=key, positions_BS=positions_BS)
+        return self.forward_with(
+            dispatch, x_BSD, token_ids_BS, key=key, positions_BS=positions_BS, prev_token_ids_BS=prev_token_ids_BS
+        )
 
-    def forward_with(self, dispatch, x_BSD, token_ids_BS=None, *, key=None, positions_BS=None):
+    def forward_with(self, dispatch, x_BSD, token_ids_BS=None, *, key=None, positions_BS=None, prev_token_ids_BS=None):
         """The layer with ``dispatch`` (signature of ``moe.dispatch.dispatch_combine``) in place of
         the sort-based dispatch: how benchmarks run other formulations on the same parameters."""
         cfg = self.cfg
         if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
             raise ValueError(f"MoEFeedForward: x must be [batch, seq, {cfg.d_model}], got shape {x_BSD.shape}")
         x_BSD = x_BSD.astype(jnp.dtype(cfg.dtype))
-        r = self.route(x_BSD, token_ids_BS, key, positions_BS)
+        r = self.route(x_BSD, token_ids_BS, key, positions_BS, prev_token_ids_BS)
 
         mesh = current_mesh()
         b_spec = logical_to_spec(("batch",), mesh)[0]

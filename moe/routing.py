@@ -14,6 +14,9 @@ All three routers share one interface and return a ``Routing``:
               non-trainable state; the routing math is ``topk_route``).
   * ``hash``  Hash Layers: a fixed pseudo-random table token id -> expert(s), seeded by
               ``hash_seed``; no parameters; gate 1 (1/k each for k>1).
+  * ``bigram_hash`` the same table indexed by a hash of (previous token id, token id): the
+              token's bigram chooses (Hash Layers' bigram variant); the first token of a
+              sequence has the previous id ``NO_PREVIOUS_TOKEN``.
   * ``random`` a fresh uniformly random choice of k distinct experts per token on every call;
               gate 1 (1/k each for k>1).
 """
@@ -131,6 +134,27 @@ def _fixed_route(scores_BSE: jax.Array, k: int) -> Routing:
 def hash_route(token_ids_BS: jax.Array, num_experts: int, k: int, seed: int) -> Routing:
     """Hash Layers routing: equal token ids always go to equal experts."""
     return _fixed_route(hash_scores(token_ids_BS, num_experts, seed), k)
+
+
+NO_PREVIOUS_TOKEN = -1  # the previous id of a sequence's first token
+
+
+def previous_tokens(token_ids_BS: jax.Array) -> jax.Array:
+    """[B,S] the token before each one in its row; ``NO_PREVIOUS_TOKEN`` at position 0."""
+    first_B1 = jnp.full_like(token_ids_BS[:, :1], NO_PREVIOUS_TOKEN)
+    return jnp.concatenate([first_B1, token_ids_BS[:, :-1]], axis=1)
+
+
+def bigram_ids(prev_ids_BS: jax.Array, token_ids_BS: jax.Array) -> jax.Array:
+    """uint32 [B,S] id of each (previous token, token) pair: a bijective mix of the previous id,
+    xor-ed with the current one (distinct pairs collide only as 32-bit hashes do)."""
+    prev = _mix32(prev_ids_BS.astype(jnp.uint32) ^ jnp.uint32(0xB5297A4D))
+    return prev ^ token_ids_BS.astype(jnp.uint32)
+
+
+def bigram_hash_route(prev_ids_BS, token_ids_BS, num_experts: int, k: int, seed: int) -> Routing:
+    """Hash routing on the bigram: equal (previous, current) pairs always go to equal experts."""
+    return _fixed_route(hash_scores(bigram_ids(prev_ids_BS, token_ids_BS), num_experts, seed), k)
 
 
 def random_route(key: jax.Array, positions_BS: jax.Array, num_experts: int, k: int) -> Routing:

@@ -19,6 +19,7 @@ from flax import nnx
 from moe.config import TransformerConfig
 from moe.experts import ACTIVATION_FNS
 from moe.layer import MoEFeedForward, compute_value, sharded_param
+from moe.routing import NO_PREVIOUS_TOKEN
 from sharding.mesh import current_mesh
 from sharding.rules import logical_to_spec
 
@@ -136,12 +137,12 @@ class Block(nnx.Module):
         self.is_moe = cfg.is_moe_block(index)
         self.ffn = MoEFeedForward(cfg.moe_config(), rngs=rngs) if self.is_moe else DenseFFN(cfg, rngs=rngs)
 
-    def __call__(self, x_BSD, positions_BS, token_ids_BS, cache=None):
+    def __call__(self, x_BSD, positions_BS, token_ids_BS, cache=None, prev_token_ids_BS=None):
         attn_BSD, cache = self.attn(self.attn_norm(x_BSD), positions_BS, cache)
         x_BSD = x_BSD + attn_BSD
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
-            y_BSD, aux = self.ffn(h_BSD, token_ids_BS, positions_BS=positions_BS)
+            y_BSD, aux = self.ffn(h_BSD, token_ids_BS, positions_BS=positions_BS, prev_token_ids_BS=prev_token_ids_BS)
         else:
             y_BSD, aux = self.ffn(h_BSD), None
         return x_BSD + y_BSD, aux, cache
@@ -200,12 +201,14 @@ class Transformer(nnx.Module):
         logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, cache)
         return logits_BSV, cache
 
-    def init_cache(self, batch: int, max_len: int) -> list[dict]:
-        """Empty keys/values [B, max_len, N, K] for every block, in the activation dtype."""
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """Empty keys/values [B, max_len, N, K] for every block, in the activation dtype, and the
+        token ids seen so far [B, max_len] (the bigram router reads the previous one)."""
         n = self.cfg.num_heads
         shape = (batch, max_len, n, self.cfg.d_model // n)
         dtype = jnp.dtype(self.cfg.dtype)
-        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in self.blocks]
+        blocks = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in self.blocks]
+        return {"blocks": blocks, "tokens": jnp.zeros((batch, max_len), jnp.int32)}
 
     def forward(self, tokens_BS, positions_BS=None, cache=None):
         if positions_BS is None:
@@ -215,13 +218,21 @@ class Transformer(nnx.Module):
             if mesh is not None:
                 positions_BS = jax.sharding.reshard(positions_BS, logical_to_spec(("batch", "seq"), mesh))
         x_BSD = self.embed_tokens(tokens_BS)
-        auxes, new_cache = {}, []
+        prev_BS, new_cache = None, None
+        if cache is not None:  # the previous token of each new position comes from the cache
+            seen_BT = jax.lax.dynamic_update_slice(cache["tokens"], tokens_BS.astype(jnp.int32), (0, positions_BS[0, 0]))
+            prev_BS = jnp.take_along_axis(seen_BT, jnp.maximum(positions_BS - 1, 0), axis=1)
+            prev_BS = jnp.where(positions_BS > 0, prev_BS, NO_PREVIOUS_TOKEN)
+            new_cache = {"blocks": [], "tokens": seen_BT}
+        auxes = {}
         for i, block in enumerate(self.blocks):
-            x_BSD, aux, block_cache = block(x_BSD, positions_BS, tokens_BS, None if cache is None else cache[i])
-            new_cache.append(block_cache)
+            block_cache = None if cache is None else cache["blocks"][i]
+            x_BSD, aux, block_cache = block(x_BSD, positions_BS, tokens_BS, block_cache, prev_BS)
+            if cache is not None:
+                new_cache["blocks"].append(block_cache)
             if aux is not None:
                 auxes[i] = aux
-        return self.logits(x_BSD), average_aux(auxes, self.cfg.num_experts), (None if cache is None else new_cache)
+        return self.logits(x_BSD), average_aux(auxes, self.cfg.num_experts), new_cache
 
 
 def load_imbalance(load_E: jax.Array) -> jax.Array:

@@ -11,7 +11,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from moe.routing import hash_scores
+from moe.routing import NO_PREVIOUS_TOKEN, bigram_ids, hash_scores
 
 
 def _act(name):
@@ -27,6 +27,11 @@ def oracle_routing(cfg, params, x, token_ids, key=None):
         return np.argsort(-logits, axis=-1, kind="stable")[:, :k]
     if cfg.router == "hash":
         scores = np.asarray(hash_scores(jnp.asarray(token_ids), e, cfg.hash_seed)).reshape(t, e)
+    elif cfg.router == "bigram_hash":  # previous token by hand: the row's preceding id, or none
+        tokens = np.asarray(token_ids)
+        prev = np.full_like(tokens, NO_PREVIOUS_TOKEN)
+        prev[:, 1:] = tokens[:, :-1]
+        scores = np.asarray(hash_scores(bigram_ids(jnp.asarray(prev), jnp.asarray(tokens)), e, cfg.hash_seed)).reshape(t, e)
     else:
         b, s = x.shape[:2]  # the documented rule: token (b, s) draws from fold_in(fold_in(key, b), s)
         rows, positions = np.divmod(np.arange(b * s), s)

@@ -112,3 +112,21 @@ def test_frozen_router_matches_oracle_and_has_no_gradient(mesh_name, k):
     ref = run_layer(MoEConfig(router="topk", **kw), mesh_name, *make_inputs(0))
     np.testing.assert_allclose(out["y"], ref["y"], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(out["params"]["router_w"], ref["params"]["router_w"])
+
+
+@pytest.mark.parametrize("mesh_name, k", [("1dev", 2), ("d2e4", 1)])
+def test_bigram_hash_router_matches_oracle(mesh_name, k):
+    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=k, router="bigram_hash", capacity_factor=1.0)
+    check_against_oracle(cfg, mesh_name)
+
+
+def test_bigram_hash_routes_by_the_pair_of_tokens():
+    from moe.routing import bigram_hash_route, hash_route
+
+    cur = jnp.asarray([[5, 5, 5, 5, 7, 5]], jnp.int32)
+    prev = jnp.asarray([[1, 2, 3, 1, 1, 1]], jnp.int32)
+    ids = np.asarray(bigram_hash_route(prev, cur, 64, 1, 0).expert_ids)[0, :, 0]
+    assert ids[0] == ids[3] == ids[5]  # the pair (1, 5) always goes to the same expert
+    assert len({ids[0], ids[1], ids[2]}) > 1  # token 5 after 1, 2, 3: not one fixed expert
+    uni = np.asarray(hash_route(cur, 64, 1, 0).expert_ids)[0, :, 0]
+    assert len(set(uni[[0, 1, 2, 3, 5]])) == 1  # the unigram hash cannot tell them apart

@@ -426,3 +426,18 @@ def test_frozen_router_weights_never_change_and_restore_for_eval(tmp_path):
     restored = _router_weights(load_run(tmp_path / "w").model_state)
     for name in before:
         np.testing.assert_array_equal(restored[name], before[name])
+
+
+def test_bigram_routing_decodes_with_the_kv_cache_as_the_full_sequence(tmp_path):
+    """bigram_hash reads each token's predecessor: during cached decoding it comes from the cache."""
+    from train.generate import generate, generate_without_cache
+
+    cfg = tiny_config(tmp_path)
+    cfg.model.router, cfg.model.vocab_size, cfg.model.eval_capacity_factor = "bigram_hash", 64, 0.0
+    model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+    model.eval()
+    prompt = [3, 9, 9, 27]
+    cached, cached_logits = generate(model, prompt, 5)
+    full, full_logits = generate_without_cache(model, prompt, 5)
+    assert cached == full
+    np.testing.assert_allclose(cached_logits, full_logits, rtol=1e-4, atol=1e-4)
