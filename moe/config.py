@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-ROUTERS = ("topk", "frozen", "hash", "bigram_hash", "random")
+ROUTERS = ("topk", "frozen", "hash", "balanced_hash", "bigram_hash", "random")
 LEARNED_ROUTERS = ("topk", "frozen")  # routers with a router_w [D, E]
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
@@ -25,7 +25,8 @@ class MoEConfig:
     num_experts: int = 8
     experts_per_token: int = 1
     # "topk" (learned), "frozen" (top-k with router weights fixed at initialisation),
-    # "hash" (Hash Layers), "bigram_hash" (hash of the previous and current token), "random"
+    # "hash" (Hash Layers), "balanced_hash" (a token -> expert table balanced on training-set
+    # frequencies), "bigram_hash" (hash of the previous and current token), "random"
     router: str = "topk"
     # "capacity": fixed slots per expert, overflow dropped (the static-shape classic);
     # "dropless": every assignment is computed (worst-case buffer or ragged_all_to_all, grouped matmul)
@@ -43,6 +44,7 @@ class MoEConfig:
     z_loss_coef: float = 1e-3  # router z-loss coefficient
     router_jitter: float = 0.0  # multiplicative router-input noise in training: x * U(1-eps, 1+eps)
     hash_seed: int = 0  # seeds the hash router's token -> expert table
+    vocab_size: int = 0  # token ids the balanced_hash table covers (required for that router)
     eval_seed: int = 0  # seeds the random router in eval mode (deterministic evaluation)
     dtype: str = "float32"  # activation / expert compute dtype; the router is always float32
     param_dtype: str = "float32"
@@ -59,6 +61,8 @@ class MoEConfig:
             fail("router", f"unknown router; choose one of {', '.join(ROUTERS)}")
         if self.dispatch not in DISPATCHES:
             fail("dispatch", f"choose one of {', '.join(DISPATCHES)}")
+        if self.router == "balanced_hash" and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
+            fail("vocab_size", "the balanced_hash router needs the vocabulary size (>= 1)")
         if self.experts_per_token > self.num_experts:
             fail("experts_per_token", f"cannot exceed num_experts={self.num_experts}")
         if not _positive_finite(self.capacity_factor):
@@ -148,6 +152,7 @@ class TransformerConfig:
             z_loss_coef=self.z_loss_coef,
             router_jitter=self.router_jitter,
             hash_seed=self.hash_seed,
+            vocab_size=self.vocab_size,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

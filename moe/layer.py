@@ -112,6 +112,9 @@ class MoEFeedForward(nnx.Module):
         if cfg.gated:
             self.wg = sharded_param(k_wg, (e, d, h), EXPERT_IN_AXES, d**-0.5, pdtype)
         self.wo = sharded_param(k_wo, (e, h, d), EXPERT_OUT_AXES, h**-0.5, pdtype)
+        if cfg.router == "balanced_hash":  # replaced by the training-set table before training
+            table = routing.hash_table(cfg.vocab_size, e, cfg.experts_per_token, cfg.hash_seed)
+            self.hash_table = RouterState(jnp.asarray(table), logical_axes=(None, None))
         self.rngs = rngs["routing"].fork() if cfg.router == "random" or cfg.router_jitter > 0 else nnx.data(None)
 
     # ------------------------------------------------------------------ routing
@@ -132,10 +135,13 @@ class MoEFeedForward(nnx.Module):
         cfg = self.cfg
         e, k = cfg.num_experts, cfg.experts_per_token
         mesh = current_mesh()
-        if cfg.router in ("hash", "bigram_hash") and token_ids_BS is None:
+        if cfg.router in ("hash", "balanced_hash", "bigram_hash") and token_ids_BS is None:
             raise ValueError(f"MoEConfig.router={cfg.router!r}: the layer needs token_ids")
         if cfg.router == "hash":
             return routing.hash_route(token_ids_BS, e, k, cfg.hash_seed)
+        if cfg.router == "balanced_hash":
+            spec = None if mesh is None else logical_to_spec(ROUTE_AXES, mesh)
+            return routing.table_route(self.hash_table[...], token_ids_BS, e, out_sharding=spec)
         if cfg.router == "bigram_hash":
             if prev_token_ids_BS is None:
                 prev_token_ids_BS = routing.previous_tokens(token_ids_BS)

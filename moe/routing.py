@@ -14,6 +14,9 @@ All three routers share one interface and return a ``Routing``:
               non-trainable state; the routing math is ``topk_route``).
   * ``hash``  Hash Layers: a fixed pseudo-random table token id -> expert(s), seeded by
               ``hash_seed``; no parameters; gate 1 (1/k each for k>1).
+  * ``balanced_hash`` Hash Layers' balanced assignment: a table token id -> k experts, filled
+              greedily from training-set token frequencies so that every expert carries about
+              the same token mass (``balanced_table``); unseen ids keep their ``hash`` experts.
   * ``bigram_hash`` the same table indexed by a hash of (previous token id, token id): the
               token's bigram chooses (Hash Layers' bigram variant); the first token of a
               sequence has the previous id ``NO_PREVIOUS_TOKEN``.
@@ -27,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Routing(NamedTuple):
@@ -134,6 +138,41 @@ def _fixed_route(scores_BSE: jax.Array, k: int) -> Routing:
 def hash_route(token_ids_BS: jax.Array, num_experts: int, k: int, seed: int) -> Routing:
     """Hash Layers routing: equal token ids always go to equal experts."""
     return _fixed_route(hash_scores(token_ids_BS, num_experts, seed), k)
+
+
+def hash_table(vocab_size: int, num_experts: int, k: int, seed: int) -> np.ndarray:
+    """int32 [V, K]: the ``hash`` router's experts for every token id (as a lookup table)."""
+    with jax.ensure_compile_time_eval():  # concrete even while a model is built under jit
+        _, ids = jax.lax.top_k(hash_scores(jnp.arange(vocab_size, dtype=jnp.int32)[None], num_experts, seed), k)
+        return np.array(ids[0], np.int32)  # a writable copy
+
+
+def balanced_table(counts_V: np.ndarray, num_experts: int, k: int, seed: int) -> np.ndarray:
+    """int32 [V, K] token -> experts balancing the training mass (Hash Layers, "balanced").
+
+    Token ids in decreasing frequency each take the k experts that carry the least mass so far
+    (ties to the lower index) and add count/k to each; ids never seen keep their ``hash`` experts.
+    """
+    counts_V = np.asarray(counts_V, np.float64)
+    table = hash_table(len(counts_V), num_experts, k, seed)
+    mass_E = np.zeros(num_experts)
+    for token in np.argsort(-counts_V, kind="stable"):
+        if counts_V[token] <= 0:
+            break
+        chosen = np.argsort(mass_E, kind="stable")[:k]
+        table[token] = chosen
+        mass_E[chosen] += counts_V[token] / k
+    return table
+
+
+def table_route(table_VK: jax.Array, token_ids_BS: jax.Array, num_experts: int, out_sharding=None) -> Routing:
+    """Routing by table lookup (``balanced_hash``); gates 1/k; ids past the table are clipped.
+    ``out_sharding``: the [B,S,K] ids' spec under an explicit mesh (the batch's)."""
+    ids_BSK = table_VK.at[token_ids_BS].get(mode="clip", out_sharding=out_sharding).astype(jnp.int32)
+    k = ids_BSK.shape[-1]
+    zero = jnp.zeros((), jnp.float32)
+    gates_BSK = jnp.full(ids_BSK.shape, 1.0 / k, jnp.float32)
+    return Routing(ids_BSK, gates_BSK, zero, zero, expert_load(ids_BSK, num_experts), zero)
 
 
 NO_PREVIOUS_TOKEN = -1  # the previous id of a sequence's first token

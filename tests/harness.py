@@ -12,7 +12,7 @@ from moe import MoEFeedForward
 from sharding.rules import use_rules
 
 B, S, D, H, E = 8, 16, 16, 32, 8
-PARAM_NAMES = ("router_w", "wi", "wg", "wo")
+PARAM_NAMES = ("router_w", "wi", "wg", "wo", "hash_table")
 
 
 def make_inputs(seed=0, b=B, s=S):

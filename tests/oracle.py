@@ -27,6 +27,8 @@ def oracle_routing(cfg, params, x, token_ids, key=None):
         return np.argsort(-logits, axis=-1, kind="stable")[:, :k]
     if cfg.router == "hash":
         scores = np.asarray(hash_scores(jnp.asarray(token_ids), e, cfg.hash_seed)).reshape(t, e)
+    elif cfg.router == "balanced_hash":  # the layer's table, looked up by hand
+        return np.asarray(params["hash_table"])[np.asarray(token_ids).reshape(t)]
     elif cfg.router == "bigram_hash":  # previous token by hand: the row's preceding id, or none
         tokens = np.asarray(token_ids)
         prev = np.full_like(tokens, NO_PREVIOUS_TOKEN)

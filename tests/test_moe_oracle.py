@@ -11,8 +11,8 @@ from moe import MoEConfig
 
 
 def oracle(cfg, out, x, token_ids, ct, num_groups, key=None, deterministic=False):
-    params = {n: jnp.asarray(v) for n, v in out["params"].items()}
-    ids = oracle_routing(cfg, params, x, token_ids, key)
+    params = {n: jnp.asarray(v) for n, v in out["params"].items() if n != "hash_table"}  # tables get no gradient
+    ids = oracle_routing(cfg, out["params"], x, token_ids, key)
     capacity = cfg.capacity(x.shape[0] * x.shape[1] // num_groups, deterministic)
     if cfg.dispatch == "dropless":
         capacity = x.shape[0] * x.shape[1]  # every assignment is kept
@@ -130,3 +130,30 @@ def test_bigram_hash_routes_by_the_pair_of_tokens():
     assert len({ids[0], ids[1], ids[2]}) > 1  # token 5 after 1, 2, 3: not one fixed expert
     uni = np.asarray(hash_route(cur, 64, 1, 0).expert_ids)[0, :, 0]
     assert len(set(uni[[0, 1, 2, 3, 5]])) == 1  # the unigram hash cannot tell them apart
+
+
+def test_balanced_hash_router_matches_oracle():
+    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, router="balanced_hash", vocab_size=50,
+                    capacity_factor=1.0)
+    check_against_oracle(cfg, "d2e4")
+
+
+def test_balanced_table_balances_the_training_mass_and_keeps_hash_for_unseen_ids():
+    from moe.routing import balanced_table, hash_table
+
+    counts = (1000.0 / np.arange(1, 201) ** 1.1).round()  # Zipf-like: no id above 1/8 of the mass...
+    counts[0] = counts.sum() / 10
+    counts[150:] = 0  # ...and 50 ids never seen
+    for k in (1, 2):
+        table = balanced_table(counts, 8, k, seed=0)
+        assert table.shape == (200, k) and all(len(set(row)) == k for row in table)
+        mass = np.zeros(8)
+        for token, experts in enumerate(table):
+            mass[experts] += counts[token] / k
+        assert mass.max() / mass.mean() < 1.02  # balanced
+        hashed = hash_table(200, 8, k, seed=0)
+        hashed_mass = np.zeros(8)
+        for token, experts in enumerate(hashed):
+            hashed_mass[experts] += counts[token] / k
+        assert hashed_mass.max() / hashed_mass.mean() > 1.2  # the plain hash is not
+        np.testing.assert_array_equal(table[150:], hashed[150:])  # unseen ids: hash experts

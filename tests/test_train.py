@@ -441,3 +441,27 @@ def test_bigram_routing_decodes_with_the_kv_cache_as_the_full_sequence(tmp_path)
     full, full_logits = generate_without_cache(model, prompt, 5)
     assert cached == full
     np.testing.assert_allclose(cached_logits, full_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_balanced_hash_table_is_built_from_the_training_split_saved_and_reused_at_eval(tmp_path):
+    from moe.routing import balanced_table
+    from train.evaluate import load_run
+
+    cfg = tiny_config(tmp_path)
+    cfg.model.router, cfg.model.experts_per_token, cfg.checkpoint.every_steps = "balanced_hash", 1, 2
+    trainer = Trainer(cfg, tmp_path / "w")
+    counts = np.bincount(trainer.train_corpus.tokens, minlength=trainer.cfg.model.vocab_size)
+    expected = balanced_table(counts, 8, 1, seed=0)
+    tables = [np.asarray(v) for p, v in jax.tree.leaves_with_path(trainer.state.model_state)
+              if "hash_table" in jax.tree_util.keystr(p)]
+    assert len(tables) == 2
+    for table in tables:
+        np.testing.assert_array_equal(table, expected)
+    mass = np.bincount(expected[:, 0], weights=counts, minlength=8)
+    top = counts.max() / counts.sum()  # no table can put less than the commonest id on one expert
+    assert mass.max() / mass.sum() <= max(top, 1 / 8) * 1.25
+    trainer.run()
+    trainer.close()
+    restored = [np.asarray(v) for p, v in jax.tree.leaves_with_path(load_run(tmp_path / "w").model_state)
+                if "hash_table" in jax.tree_util.keystr(p)]
+    assert len(restored) == 2 and all(np.array_equal(t, expected) for t in restored)

@@ -196,8 +196,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(m.eval_capacity_factor >= 0, "model.eval_capacity_factor", "must be >= 0 (0 = no drops)")
     need(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     if m.moe_every:
-        try:
-            m.moe_config()
+        try:  # vocab_size 0 = the tokenizer's, known later: any size validates the rest
+            dataclasses.replace(m, vocab_size=m.vocab_size or 1).moe_config()
         except ValueError as e:  # "MoEConfig.<field>=<value>: why": name the model field instead
             field = str(e).split("=")[0].removeprefix("MoEConfig.")
             field = {"d_ff": "expert_d_ff"}.get(field, field)

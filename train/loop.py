@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe.routing import balanced_table
 from moe.transformer import Transformer
 from sharding.distributed import Watchdog
 from sharding.mesh import make_mesh
@@ -124,6 +125,7 @@ class Trainer:
         self._check_checkpoint_config()  # before any compile: an incompatible workdir is refused at once
         with self.context():
             self._init_state()
+            self._install_hash_tables()
             self._compile()
             self._check_process_rows()
             self._maybe_resume()
@@ -153,6 +155,23 @@ class Trainer:
         abstract_shardings = shardings_of(jax.eval_shape(init))
         self.state = jax.jit(init, out_shardings=abstract_shardings)()  # parameters born sharded
         self.state_shardings = shardings_of(self.state)
+
+    def _install_hash_tables(self) -> None:
+        """balanced_hash: every MoE layer's token -> expert table, balanced on the training split's
+        token frequencies (a resumed run then restores the saved one, which is the same)."""
+        m = self.cfg.model
+        if m.router != "balanced_hash":
+            return
+        counts = np.bincount(self.train_corpus.tokens, minlength=m.vocab_size)[: m.vocab_size]
+        table = balanced_table(counts, m.num_experts, m.experts_per_token, m.hash_seed)
+
+        def put(path, leaf):
+            if "hash_table" not in jax.tree_util.keystr(path):
+                return leaf
+            return jax.device_put(table.astype(leaf.dtype), leaf.sharding)
+
+        self.state = dataclasses.replace(self.state, model_state=jax.tree_util.tree_map_with_path(put, self.state.model_state))
+        self.log(f"balanced_hash: token -> expert table from {len(self.train_corpus.tokens):,} training tokens")
 
     def _check_checkpoint_config(self) -> None:
         step = self.checkpoints.latest_step()
