@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-ROUTERS = ("topk", "frozen", "hash", "balanced_hash", "bigram_hash", "random")
-LEARNED_ROUTERS = ("topk", "frozen")  # routers with a router_w [D, E]
+ROUTERS = ("topk", "frozen", "gshard", "hash", "balanced_hash", "bigram_hash", "random")
+LEARNED_ROUTERS = ("topk", "frozen", "gshard")  # routers with a router_w [D, E]
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
 DISPATCHES = ("capacity", "dropless")
@@ -25,6 +25,7 @@ class MoEConfig:
     num_experts: int = 8
     experts_per_token: int = 1
     # "topk" (learned), "frozen" (top-k with router weights fixed at initialisation),
+    # "gshard" (top-2, the second expert used with probability min(1, gate / gshard_threshold)),
     # "hash" (Hash Layers), "balanced_hash" (a token -> expert table balanced on training-set
     # frequencies), "bigram_hash" (hash of the previous and current token), "random"
     router: str = "topk"
@@ -44,6 +45,7 @@ class MoEConfig:
     z_loss_coef: float = 1e-3  # router z-loss coefficient
     router_jitter: float = 0.0  # multiplicative router-input noise in training: x * U(1-eps, 1+eps)
     hash_seed: int = 0  # seeds the hash router's token -> expert table
+    gshard_threshold: float = 0.2  # gshard: the second expert is used with probability min(1, g2 / this)
     vocab_size: int = 0  # token ids the balanced_hash table covers (required for that router)
     eval_seed: int = 0  # seeds the random router in eval mode (deterministic evaluation)
     dtype: str = "float32"  # activation / expert compute dtype; the router is always float32
@@ -61,6 +63,10 @@ class MoEConfig:
             fail("router", f"unknown router; choose one of {', '.join(ROUTERS)}")
         if self.dispatch not in DISPATCHES:
             fail("dispatch", f"choose one of {', '.join(DISPATCHES)}")
+        if self.router == "gshard" and self.experts_per_token != 2:
+            fail("experts_per_token", "the gshard router is top-2: set it to 2")
+        if not _positive_finite(self.gshard_threshold):
+            fail("gshard_threshold", "must be a number > 0")
         if self.router == "balanced_hash" and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
             fail("vocab_size", "the balanced_hash router needs the vocabulary size (>= 1)")
         if self.experts_per_token > self.num_experts:
@@ -130,6 +136,7 @@ class TransformerConfig:
     z_loss_coef: float = 1e-3
     router_jitter: float = 0.0
     hash_seed: int = 0
+    gshard_threshold: float = 0.2
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     dtype: str = "float32"  # activations; the router is always float32
@@ -152,6 +159,7 @@ class TransformerConfig:
             z_loss_coef=self.z_loss_coef,
             router_jitter=self.router_jitter,
             hash_seed=self.hash_seed,
+            gshard_threshold=self.gshard_threshold,
             vocab_size=self.vocab_size,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

@@ -47,7 +47,7 @@ def _ranks(ids_GA: jax.Array, num_experts: int):
     order_GA = jnp.argsort(ids_GA, axis=-1, stable=True)
     counts_GE = jnp.sum(jax.nn.one_hot(ids_GA, num_experts, dtype=jnp.int32), axis=1)
     starts_GE = jnp.cumsum(counts_GE, axis=-1) - counts_GE
-    sorted_ids_GA = jnp.take_along_axis(ids_GA, order_GA, axis=-1)
+    sorted_ids_GA = jnp.minimum(jnp.take_along_axis(ids_GA, order_GA, axis=-1), num_experts - 1)
     rank_sorted_GA = jnp.arange(assignments)[None, :] - jnp.take_along_axis(starts_GE, sorted_ids_GA, axis=-1)
     rows_G1 = jnp.arange(groups)[:, None]
     rank_GA = jnp.zeros_like(rank_sorted_GA).at[rows_G1, order_GA].set(rank_sorted_GA)
@@ -122,7 +122,8 @@ def dispatch_combine(
     # assignment index within a group: a = choice * Tg + token (first choices first)
     ids_GA = ids_BSK.reshape(g, tg, k).transpose(0, 2, 1).reshape(g, a)
     order_GA, counts_GE, starts_GE, rank_GA = _ranks(ids_GA, e)
-    keep_GA = rank_GA < c
+    routed_GA = ids_GA < e  # id E: no expert (gshard's unused second choice); takes no slot
+    keep_GA = (rank_GA < c) & routed_GA
 
     # Slot (e, g, c) of the [E, G*C] buffer takes the c-th assignment of expert e in group g.
     slot_C = jnp.arange(c)
@@ -150,7 +151,7 @@ def dispatch_combine(
     y_TD = jnp.einsum("tkd,tk->td", y_AD.reshape(t, k, d).astype(jnp.float32), weight_TK)
     y_BSD = y_TD.reshape(b, s, d).astype(x_BSD.dtype)
 
-    dropped = jnp.sum(~keep_GA).astype(jnp.float32)
+    dropped = jnp.sum(routed_GA & ~keep_GA).astype(jnp.float32)
     if plan.stat_axes:
         dropped = jax.lax.psum(dropped, plan.stat_axes)
     return y_BSD, dropped
@@ -213,10 +214,10 @@ def dropless_dispatch_combine(
     valid_X = (i_A[None, :] < dev_counts_N[:, None]).reshape(-1, 1)
     src_X = order_A[jnp.clip(dev_starts_N[:, None] + i_A[None, :], 0, a - 1)].reshape(-1, 1)
     sorted_pos_A = jnp.zeros((a,), jnp.int32).at[order_A].set(i_A.astype(jnp.int32))
-    dev_A = ids_A // el
-    slot_A = (dev_A * a + sorted_pos_A - dev_starts_N[dev_A]).reshape(-1, 1)
-    every_A = jnp.ones((a, 1), bool)
-    buf_XD = move_rows(x_BSD.reshape(t, d), src_X // k, valid_X, slot_A.reshape(t, k), every_A.reshape(t, k))
+    dev_A = jnp.minimum(ids_A // el, n - 1)
+    slot_A = jnp.clip(dev_A * a + sorted_pos_A - dev_starts_N[dev_A], 0, n * a - 1).reshape(-1, 1)
+    routed_A = (ids_A < e).reshape(-1, 1)  # id E: no expert (gshard's unused second choice)
+    buf_XD = move_rows(x_BSD.reshape(t, d), src_X // k, valid_X, slot_A.reshape(t, k), routed_A.reshape(t, k))
 
     # exchange rows and counts; chunk n of the receive buffer came from device n
     if plan.expert_axis is None or n == 1:
@@ -249,6 +250,6 @@ def dropless_dispatch_combine(
     home_NAD = _exchange_rows(back_NAD, recv_totals_N, dev_counts_N, plan)
 
     # combine: assignment (t, k) reads its send slot back and is weighted by its gate
-    y_AD = move_rows(home_NAD.reshape(r, d), slot_A, every_A, src_X, valid_X)
+    y_AD = move_rows(home_NAD.reshape(r, d), slot_A, routed_A, src_X, valid_X)
     y_TD = jnp.einsum("tkd,tk->td", y_AD.reshape(t, k, d).astype(jnp.float32), gates_BSK.reshape(t, k).astype(jnp.float32))
     return y_TD.reshape(b, s, d).astype(x_BSD.dtype), jnp.zeros((), jnp.float32)

@@ -115,7 +115,8 @@ class MoEFeedForward(nnx.Module):
         if cfg.router == "balanced_hash":  # replaced by the training-set table before training
             table = routing.hash_table(cfg.vocab_size, e, cfg.experts_per_token, cfg.hash_seed)
             self.hash_table = RouterState(jnp.asarray(table), logical_axes=(None, None))
-        self.rngs = rngs["routing"].fork() if cfg.router == "random" or cfg.router_jitter > 0 else nnx.data(None)
+        stochastic = cfg.router in ("random", "gshard") or cfg.router_jitter > 0
+        self.rngs = rngs["routing"].fork() if stochastic else nnx.data(None)
 
     # ------------------------------------------------------------------ routing
     def route(
@@ -146,15 +147,19 @@ class MoEFeedForward(nnx.Module):
             if prev_token_ids_BS is None:
                 prev_token_ids_BS = routing.previous_tokens(token_ids_BS)
             return routing.bigram_hash_route(prev_token_ids_BS, token_ids_BS, e, k, cfg.hash_seed)
-        if cfg.router == "random":
-            if key is None:
-                key = jax.random.key(cfg.eval_seed) if self.deterministic else self.rngs()
+        if cfg.router in ("random", "gshard"):
+            draw_key = key
+            if draw_key is None:
+                draw_key = jax.random.key(cfg.eval_seed) if self.deterministic else self.rngs()
+            elif cfg.router == "gshard":
+                key = jax.random.fold_in(key, 1)  # router jitter, below, must not reuse the draw's key
             if positions_BS is None:
                 b, s = x_BSD.shape[:2]
                 positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
                 if mesh is not None:
                     positions_BS = jax.sharding.reshard(positions_BS, logical_to_spec(("batch", "seq"), mesh))
-            return routing.random_route(key, positions_BS, e, k)
+            if cfg.router == "random":
+                return routing.random_route(draw_key, positions_BS, e, k)
         x32_BSD = x_BSD.astype(jnp.float32)
         if cfg.router_jitter > 0 and not self.deterministic:
             if key is None:
@@ -168,6 +173,8 @@ class MoEFeedForward(nnx.Module):
         if cfg.router == "frozen":
             router_w = jax.lax.stop_gradient(router_w)
         logits_BSE = jnp.einsum("bsd,de->bse", x32_BSD, router_w)
+        if cfg.router == "gshard":
+            return routing.gshard_route(logits_BSE, draw_key, positions_BS, cfg.gshard_threshold)
         return routing.topk_route(logits_BSE, k)
 
     # ------------------------------------------------------------------ forward
@@ -257,6 +264,8 @@ class MoEFeedForward(nnx.Module):
                 y_BSD = jax.sharding.reshard(y_BSD, jax.typeof(x_BSD).sharding.spec)
 
         total = b * s * cfg.experts_per_token
+        if cfg.router == "gshard":  # unused second choices (id E) are not assignments
+            total = jnp.maximum(jnp.sum(r.expert_ids < cfg.num_experts), 1).astype(jnp.float32)
         aux = {
             "aux_loss": r.aux_loss,
             "z_loss": r.z_loss,

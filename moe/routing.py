@@ -20,6 +20,8 @@ All three routers share one interface and return a ``Routing``:
   * ``bigram_hash`` the same table indexed by a hash of (previous token id, token id): the
               token's bigram chooses (Hash Layers' bigram variant); the first token of a
               sequence has the previous id ``NO_PREVIOUS_TOKEN``.
+  * ``gshard`` learned top-2 whose second expert is used only with probability proportional to
+              its gate (``gshard_route``).
   * ``random`` a fresh uniformly random choice of k distinct experts per token on every call;
               gate 1 (1/k each for k>1).
 """
@@ -34,7 +36,7 @@ import numpy as np
 
 
 class Routing(NamedTuple):
-    expert_ids: jax.Array  # [B,S,K] int32, k distinct experts per token, best first
+    expert_ids: jax.Array  # [B,S,K] int32, k distinct experts per token, best first; E = none (gshard)
     gates: jax.Array  # [B,S,K] float32
     aux_loss: jax.Array  # scalar, Switch load-balance loss E * sum_i f_i P_i (unweighted; 1 when balanced)
     z_loss: jax.Array  # scalar, mean over tokens of logsumexp(logits)^2 (unweighted)
@@ -203,11 +205,42 @@ def random_route(key: jax.Array, positions_BS: jax.Array, num_experts: int, k: i
     position in the sequence, nothing else. So the draw does not depend on the device layout, and
     decoding one position at a time (KV cache) routes exactly as the full sequence does.
     """
+    return _fixed_route(token_uniforms(key, positions_BS, num_experts), k)
+
+
+def token_uniforms(key: jax.Array, positions_BS: jax.Array, n: int) -> jax.Array:
+    """[B,S,n] uniforms; token (b, s) draws from ``fold_in(fold_in(key, b), positions[b, s])``."""
     b = positions_BS.shape[0]
     rows_BS = jnp.zeros_like(positions_BS) + jnp.arange(b, dtype=positions_BS.dtype)[:, None]
 
     def draw(row, position):
-        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, row), position), (num_experts,))
+        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, row), position), (n,))
 
-    scores_BSE = jax.vmap(jax.vmap(draw))(rows_BS, positions_BS)
-    return _fixed_route(scores_BSE, k)
+    return jax.vmap(jax.vmap(draw))(rows_BS, positions_BS)
+
+
+def gshard_route(logits_BSE: jax.Array, key: jax.Array, positions_BS: jax.Array, threshold: float) -> Routing:
+    """GShard top-2: the best expert always; the second with probability min(1, g2 / threshold),
+    g2 its gate after normalising the top two (GShard's random routing; Mesh-TF's "random"
+    second policy). An unused second choice has expert id E (none) and gate 0 and takes no
+    capacity; first choices are placed before second ones. The token draws its uniform as the
+    random router does (layout-invariant). The load-balance loss uses first choices (GShard)."""
+    logits_BSE = logits_BSE.astype(jnp.float32)
+    e = logits_BSE.shape[-1]
+    probs_BSE = jax.nn.softmax(logits_BSE, axis=-1)
+    top_BS2, ids_BS2 = top_k(probs_BSE, 2)
+    gates_BS2 = top_BS2 / jnp.sum(top_BS2, axis=-1, keepdims=True)
+    u_BS = token_uniforms(key, positions_BS, 1)[..., 0]
+    second_BS = u_BS < jax.lax.stop_gradient(gates_BS2[..., 1]) / threshold
+    ids_BS2 = jnp.stack([ids_BS2[..., 0], jnp.where(second_BS, ids_BS2[..., 1], e)], axis=-1)
+    gates_BS2 = gates_BS2 * jnp.stack([jnp.ones_like(second_BS), second_BS], axis=-1).astype(jnp.float32)
+    routed_E = jnp.sum(jax.nn.one_hot(ids_BS2, e, dtype=jnp.float32), axis=(0, 1, 2))  # E (none) is all zeros
+    entropy = -jnp.mean(jnp.sum(probs_BSE * jax.nn.log_softmax(logits_BSE, axis=-1), axis=-1))
+    return Routing(
+        expert_ids=ids_BS2,
+        gates=gates_BS2,
+        aux_loss=load_balance_loss(probs_BSE, expert_load(ids_BS2[..., :1], e)),
+        z_loss=router_z_loss(logits_BSE),
+        expert_load=routed_E / jnp.sum(routed_E),
+        router_entropy=entropy,
+    )

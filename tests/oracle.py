@@ -22,9 +22,19 @@ def oracle_routing(cfg, params, x, token_ids, key=None):
     """NumPy expert ids [T,K] for global tokens in (batch, seq) order."""
     t = x.shape[0] * x.shape[1]
     k, e = cfg.experts_per_token, cfg.num_experts
-    if cfg.router in ("topk", "frozen"):
+    if cfg.router in ("topk", "frozen", "gshard"):
         logits = np.asarray(jnp.einsum("bsd,de->bse", x.astype(jnp.float32), params["router_w"])).reshape(t, e)
-        return np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+        top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+        if cfg.router == "gshard":  # the documented rule: second expert iff u < g2 / threshold
+            probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+            g = np.take_along_axis(probs, top, axis=1)
+            g2 = g[:, 1] / g.sum(axis=1)
+            b, s = x.shape[:2]
+            rows, positions = np.divmod(np.arange(b * s), s)
+            draw = jax.jit(jax.vmap(lambda r, p: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, r), p), (1,))))
+            u = np.asarray(draw(rows, positions))[:, 0]
+            top[:, 1] = np.where(u < g2 / cfg.gshard_threshold, top[:, 1], e)
+        return top
     if cfg.router == "hash":
         scores = np.asarray(hash_scores(jnp.asarray(token_ids), e, cfg.hash_seed)).reshape(t, e)
     elif cfg.router == "balanced_hash":  # the layer's table, looked up by hand
@@ -53,6 +63,8 @@ def kept_assignments(ids, num_groups, capacity, num_experts):
         for j in range(k):
             for tok in range(g * tg, (g + 1) * tg):
                 e = int(ids[tok, j])
+                if e == num_experts:  # no expert: not an assignment
+                    continue
                 if used[e] < capacity:
                     kept[e].append((tok, j))
                     used[e] += 1
@@ -61,9 +73,14 @@ def kept_assignments(ids, num_groups, capacity, num_experts):
     return kept, dropped
 
 
-def make_oracle(cfg, ids, num_groups, capacity):
-    """Returns f(params, x) -> (y, router_loss, dropped_fraction) with routing fixed to ``ids``."""
+def make_oracle(cfg, ids, num_groups, capacity, gate_ids=None):
+    """Returns f(params, x) -> (y, router_loss, dropped_fraction) with routing fixed to ``ids``.
+
+    ``gate_ids``: the top-k experts whose probabilities make the gates (gshard: the top two,
+    including an unused second choice, whose gate is then zeroed)."""
     kept, dropped = kept_assignments(ids, num_groups, capacity, cfg.num_experts)
+    gate_ids = ids if gate_ids is None else gate_ids
+    routed = int(np.sum(ids < cfg.num_experts))
     t, k = ids.shape
     act = _act(cfg.activation)
 
@@ -71,16 +88,18 @@ def make_oracle(cfg, ids, num_groups, capacity):
         b, s, d = x.shape
         x_td = x.reshape(t, d)
         router_loss = jnp.zeros((), jnp.float32)
-        if cfg.router in ("topk", "frozen"):
+        if cfg.router in ("topk", "frozen", "gshard"):
             logits = (x_td.astype(jnp.float32) @ params["router_w"]).astype(jnp.float32)
             probs = jax.nn.softmax(logits, axis=-1)
-            gates = probs[np.arange(t)[:, None], ids]
+            gates = probs[np.arange(t)[:, None], gate_ids]
             if k > 1:
                 gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+            gates = jnp.where(ids < cfg.num_experts, gates, 0.0)
+            balanced_ids = ids[:, :1] if cfg.router == "gshard" else ids  # GShard: first choices
             load = np.zeros(cfg.num_experts)
-            for e in ids.reshape(-1):
+            for e in balanced_ids.reshape(-1):
                 load[e] += 1
-            load /= ids.size
+            load /= balanced_ids.size
             aux = cfg.num_experts * jnp.sum(load * jnp.mean(probs, axis=0))
             z = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
             router_loss = cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
@@ -100,6 +119,6 @@ def make_oracle(cfg, ids, num_groups, capacity):
             h = act(xe @ params["wg"][e]) * h if cfg.gated else act(h)
             out = h @ params["wo"][e]
             y = y.at[toks].add((live * gates[toks, choice])[:, None] * out)
-        return y.reshape(b, s, d), router_loss, dropped / ids.size
+        return y.reshape(b, s, d), router_loss, dropped / routed
 
     return f

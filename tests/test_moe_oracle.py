@@ -1,5 +1,7 @@
 """Oracle tests: the sharded MoE layer equals a naive per-expert loop, forward and gradients."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +15,11 @@ from moe import MoEConfig
 def oracle(cfg, out, x, token_ids, ct, num_groups, key=None, deterministic=False):
     params = {n: jnp.asarray(v) for n, v in out["params"].items() if n != "hash_table"}  # tables get no gradient
     ids = oracle_routing(cfg, out["params"], x, token_ids, key)
+    gate_ids = oracle_routing(dataclasses.replace(cfg, router="topk"), out["params"], x, token_ids) if cfg.router == "gshard" else None
     capacity = cfg.capacity(x.shape[0] * x.shape[1] // num_groups, deterministic)
     if cfg.dispatch == "dropless":
         capacity = x.shape[0] * x.shape[1]  # every assignment is kept
-    f = make_oracle(cfg, ids, num_groups, capacity)
+    f = make_oracle(cfg, ids, num_groups, capacity, gate_ids)
 
     def loss(params, x):
         y, router_loss, _ = f(params, x)
@@ -34,7 +37,7 @@ GROUPS = {"none": 1, "1dev": 1, "d2e4": 8, "d1e8": 8, "e4t2": 4}
 
 def check_against_oracle(cfg, mesh_name, seed=0, deterministic=False):
     x, token_ids, ct = make_inputs(seed)
-    key = jax.random.key(7) if cfg.router == "random" else None
+    key = jax.random.key(7) if cfg.router in ("random", "gshard") else None
     out = run_layer(cfg, mesh_name, x, token_ids, ct, key=key, deterministic=deterministic)
     y_ref, g_ref, dropped_ref = oracle(cfg, out, x, token_ids, ct, GROUPS[mesh_name], key, deterministic)
     np.testing.assert_allclose(out["y"], y_ref, rtol=1e-5, atol=1e-5)
@@ -68,7 +71,7 @@ def test_layer_matches_oracle_without_mesh_and_with_tensor_axis(mesh_name):
 
 @pytest.mark.parametrize("mesh_name, k, router", [
     ("none", 2, "topk"), ("1dev", 1, "topk"), ("d2e4", 1, "topk"), ("d2e4", 2, "hash"), ("d1e8", 2, "topk"),
-    ("d1e8", 1, "random"), ("e4t2", 2, "topk"),
+    ("d1e8", 1, "random"), ("e4t2", 2, "topk"), ("d2e4", 2, "gshard"),
 ])
 def test_dropless_dispatch_matches_oracle_and_drops_nothing(mesh_name, k, router):
     """Dropless: the capacity factor is ignored (0.5 here would drop under "capacity")."""
@@ -157,3 +160,34 @@ def test_balanced_table_balances_the_training_mass_and_keeps_hash_for_unseen_ids
             hashed_mass[experts] += counts[token] / k
         assert hashed_mass.max() / hashed_mass.mean() > 1.2  # the plain hash is not
         np.testing.assert_array_equal(table[150:], hashed[150:])  # unseen ids: hash experts
+
+
+@pytest.mark.parametrize("mesh_name, cf", [("1dev", 8.0), ("d2e4", 0.5)])
+def test_gshard_router_matches_oracle(mesh_name, cf):
+    """Unused second choices take no capacity and are not counted as dropped (the oracle skips them)."""
+    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, router="gshard", capacity_factor=cf)
+    out, dropped = check_against_oracle(cfg, mesh_name)
+    assert (dropped > 0) == (cf < 1)
+
+
+def test_gshard_uses_the_second_expert_at_the_rate_of_its_gate():
+    from moe.routing import gshard_route, top_k
+
+    b, s, e, threshold = 16, 512, 8, 0.2
+    logits = 2.0 * jax.random.normal(jax.random.key(0), (b, s, e))
+    positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    r = gshard_route(logits, jax.random.key(1), positions, threshold)
+    top, _ = top_k(jax.nn.softmax(logits, axis=-1), 2)
+    g2 = np.asarray(top[..., 1] / top.sum(-1))
+    expected = np.minimum(1.0, g2 / threshold).mean()
+    used = np.asarray(r.expert_ids[..., 1] < e)
+    n = used.size
+    assert abs(used.mean() - expected) < 4 * np.sqrt(expected * (1 - expected) / n)  # binomial, 4 sigma
+    assert 0.2 < used.mean() < 0.95  # the test is informative: some, not all, second choices used
+    assert np.all(np.asarray(r.gates[..., 1])[~used] == 0) and np.all(np.asarray(r.expert_ids[..., 0]) < e)
+    assert float(jnp.sum(r.expert_load)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_gshard_is_top_2():
+    with pytest.raises(ValueError, match="MoEConfig.experts_per_token=1: the gshard router is top-2"):
+        MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=1, router="gshard")

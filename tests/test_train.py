@@ -465,3 +465,20 @@ def test_balanced_hash_table_is_built_from_the_training_split_saved_and_reused_a
     restored = [np.asarray(v) for p, v in jax.tree.leaves_with_path(load_run(tmp_path / "w").model_state)
                 if "hash_table" in jax.tree_util.keystr(p)]
     assert len(restored) == 2 and all(np.array_equal(t, expected) for t in restored)
+
+
+def test_gshard_router_trains_checkpoints_and_evaluates(tmp_path):
+    from train.evaluate import evaluate_run, load_run
+
+    cfg = tiny_config(tmp_path)
+    cfg.model.router, cfg.model.capacity_factor, cfg.checkpoint.every_steps = "gshard", 1.0, 3
+    trainer = Trainer(cfg, tmp_path / "w")
+    summary = trainer.run()
+    trainer.close()
+    assert np.isfinite(summary["last_loss"])
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert 1 <= train_rows[-1]["moe/layer0/load_imbalance"] <= 8
+    run = load_run(tmp_path / "w")
+    result = evaluate_run(run, log=lambda *_: None)
+    assert np.isfinite(result["loss"]) and result["step"] == 4
