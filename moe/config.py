@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-ROUTERS = ("topk", "frozen", "gshard", "hash", "balanced_hash", "bigram_hash", "random")
-LEARNED_ROUTERS = ("topk", "frozen", "gshard")  # routers with a router_w [D, E]
+ROUTERS = ("topk", "frozen", "gshard", "loss_free", "hash", "balanced_hash", "bigram_hash", "random")
+LEARNED_ROUTERS = ("topk", "frozen", "gshard", "loss_free")  # routers with a router_w [D, E]
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
 DISPATCHES = ("capacity", "dropless")
@@ -26,6 +26,7 @@ class MoEConfig:
     experts_per_token: int = 1
     # "topk" (learned), "frozen" (top-k with router weights fixed at initialisation),
     # "gshard" (top-2, the second expert used with probability min(1, gate / gshard_threshold)),
+    # "loss_free" (top-k on scores plus a per-expert bias nudged toward balance, no aux loss),
     # "hash" (Hash Layers), "balanced_hash" (a token -> expert table balanced on training-set
     # frequencies), "bigram_hash" (hash of the previous and current token), "random"
     router: str = "topk"
@@ -46,6 +47,7 @@ class MoEConfig:
     router_jitter: float = 0.0  # multiplicative router-input noise in training: x * U(1-eps, 1+eps)
     hash_seed: int = 0  # seeds the hash router's token -> expert table
     gshard_threshold: float = 0.2  # gshard: the second expert is used with probability min(1, g2 / this)
+    loss_free_gamma: float = 1e-3  # loss_free: bias step per training step toward equal load
     vocab_size: int = 0  # token ids the balanced_hash table covers (required for that router)
     eval_seed: int = 0  # seeds the random router in eval mode (deterministic evaluation)
     dtype: str = "float32"  # activation / expert compute dtype; the router is always float32
@@ -65,6 +67,8 @@ class MoEConfig:
             fail("dispatch", f"choose one of {', '.join(DISPATCHES)}")
         if self.router == "gshard" and self.experts_per_token != 2:
             fail("experts_per_token", "the gshard router is top-2: set it to 2")
+        if not _positive_finite(self.loss_free_gamma):
+            fail("loss_free_gamma", "must be a number > 0")
         if not _positive_finite(self.gshard_threshold):
             fail("gshard_threshold", "must be a number > 0")
         if self.router == "balanced_hash" and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
@@ -137,6 +141,7 @@ class TransformerConfig:
     router_jitter: float = 0.0
     hash_seed: int = 0
     gshard_threshold: float = 0.2
+    loss_free_gamma: float = 1e-3
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     dtype: str = "float32"  # activations; the router is always float32
@@ -160,6 +165,7 @@ class TransformerConfig:
             router_jitter=self.router_jitter,
             hash_seed=self.hash_seed,
             gshard_threshold=self.gshard_threshold,
+            loss_free_gamma=self.loss_free_gamma,
             vocab_size=self.vocab_size,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

@@ -112,6 +112,8 @@ class MoEFeedForward(nnx.Module):
         if cfg.gated:
             self.wg = sharded_param(k_wg, (e, d, h), EXPERT_IN_AXES, d**-0.5, pdtype)
         self.wo = sharded_param(k_wo, (e, h, d), EXPERT_OUT_AXES, h**-0.5, pdtype)
+        if cfg.router == "loss_free":  # selection bias, moved toward balance outside the gradient
+            self.expert_bias = RouterState(jnp.zeros((e,), jnp.float32), logical_axes=(None,))
         if cfg.router == "balanced_hash":  # replaced by the training-set table before training
             table = routing.hash_table(cfg.vocab_size, e, cfg.experts_per_token, cfg.hash_seed)
             self.hash_table = RouterState(jnp.asarray(table), logical_axes=(None, None))
@@ -175,6 +177,12 @@ class MoEFeedForward(nnx.Module):
         logits_BSE = jnp.einsum("bsd,de->bse", x32_BSD, router_w)
         if cfg.router == "gshard":
             return routing.gshard_route(logits_BSE, draw_key, positions_BS, cfg.gshard_threshold)
+        if cfg.router == "loss_free":
+            bias_E = self.expert_bias[...]
+            r = routing.loss_free_route(logits_BSE, bias_E, k)
+            if not self.deterministic:  # this step's global load moves the bias for the next one
+                self.expert_bias[...] = routing.loss_free_bias_update(bias_E, r.expert_load, cfg.loss_free_gamma)
+            return r
         return routing.topk_route(logits_BSE, k)
 
     # ------------------------------------------------------------------ forward

@@ -22,6 +22,10 @@ All three routers share one interface and return a ``Routing``:
               sequence has the previous id ``NO_PREVIOUS_TOKEN``.
   * ``gshard`` learned top-2 whose second expert is used only with probability proportional to
               its gate (``gshard_route``).
+  * ``loss_free`` DeepSeek-V3's auxiliary-loss-free balancing: top-k of the router
+              probabilities plus a per-expert bias (selection only; the gates are the plain
+              probabilities), no load-balance loss (``loss_free_route``); the layer moves the
+              bias by +-gamma toward equal load after every training step.
   * ``random`` a fresh uniformly random choice of k distinct experts per token on every call;
               gate 1 (1/k each for k>1).
 """
@@ -104,6 +108,32 @@ def topk_route(logits_BSE: jax.Array, k: int) -> Routing:
         expert_load=load_E,
         router_entropy=entropy,
     )
+
+
+def loss_free_route(logits_BSE: jax.Array, bias_E: jax.Array, k: int) -> Routing:
+    """Top-k of (probabilities + bias), gated by the probabilities alone (renormalised for k > 1).
+    The bias carries no gradient; ``aux_loss`` is 0 (balance comes from the bias)."""
+    logits_BSE = logits_BSE.astype(jnp.float32)
+    num_experts = logits_BSE.shape[-1]
+    probs_BSE = jax.nn.softmax(logits_BSE, axis=-1)
+    _, ids_BSK = top_k(jax.lax.stop_gradient(probs_BSE) + jax.lax.stop_gradient(bias_E), k)
+    gates_BSK = jnp.take_along_axis(probs_BSE, ids_BSK, axis=-1)
+    if k > 1:
+        gates_BSK = gates_BSK / jnp.sum(gates_BSK, axis=-1, keepdims=True)
+    entropy = -jnp.mean(jnp.sum(probs_BSE * jax.nn.log_softmax(logits_BSE, axis=-1), axis=-1))
+    return Routing(
+        expert_ids=ids_BSK,
+        gates=gates_BSK,
+        aux_loss=jnp.zeros((), jnp.float32),
+        z_loss=router_z_loss(logits_BSE),
+        expert_load=expert_load(ids_BSK, num_experts),
+        router_entropy=entropy,
+    )
+
+
+def loss_free_bias_update(bias_E: jax.Array, load_E: jax.Array, gamma: float) -> jax.Array:
+    """bias_e + gamma * sign(mean load - load_e): underloaded experts up, overloaded down."""
+    return bias_E + gamma * jnp.sign(jnp.mean(load_E) - load_E)
 
 
 def _mix32(x: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ from moe import MoEFeedForward
 from sharding.rules import use_rules
 
 B, S, D, H, E = 8, 16, 16, 32, 8
-PARAM_NAMES = ("router_w", "wi", "wg", "wo", "hash_table")
+PARAM_NAMES = ("router_w", "wi", "wg", "wo", "hash_table", "expert_bias")
 
 
 def make_inputs(seed=0, b=B, s=S):
@@ -29,6 +29,8 @@ def run_layer(cfg, mesh_name, x, token_ids, ct, key=None, deterministic=False):
     rules = "ep+tp" if mesh is not None and "tensor" in mesh.axis_names else "ep"
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(), use_rules(rules):
         layer = MoEFeedForward(cfg, rngs=nnx.Rngs(0))
+        if cfg.router == "loss_free":  # a bias that changes the choices (eval mode keeps it fixed)
+            layer.expert_bias[...] = jnp.linspace(-0.3, 0.3, cfg.num_experts)
         if deterministic:
             layer.eval()
         if mesh is not None:

@@ -22,9 +22,12 @@ def oracle_routing(cfg, params, x, token_ids, key=None):
     """NumPy expert ids [T,K] for global tokens in (batch, seq) order."""
     t = x.shape[0] * x.shape[1]
     k, e = cfg.experts_per_token, cfg.num_experts
-    if cfg.router in ("topk", "frozen", "gshard"):
+    if cfg.router in ("topk", "frozen", "gshard", "loss_free"):
         logits = np.asarray(jnp.einsum("bsd,de->bse", x.astype(jnp.float32), params["router_w"])).reshape(t, e)
         top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+        if cfg.router == "loss_free":  # selection by probability + bias
+            probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+            top = np.argsort(-(probs + np.asarray(params["expert_bias"])), axis=-1, kind="stable")[:, :k]
         if cfg.router == "gshard":  # the documented rule: second expert iff u < g2 / threshold
             probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
             g = np.take_along_axis(probs, top, axis=1)
@@ -88,7 +91,7 @@ def make_oracle(cfg, ids, num_groups, capacity, gate_ids=None):
         b, s, d = x.shape
         x_td = x.reshape(t, d)
         router_loss = jnp.zeros((), jnp.float32)
-        if cfg.router in ("topk", "frozen", "gshard"):
+        if cfg.router in ("topk", "frozen", "gshard", "loss_free"):
             logits = (x_td.astype(jnp.float32) @ params["router_w"]).astype(jnp.float32)
             probs = jax.nn.softmax(logits, axis=-1)
             gates = probs[np.arange(t)[:, None], gate_ids]
@@ -100,7 +103,7 @@ def make_oracle(cfg, ids, num_groups, capacity, gate_ids=None):
             for e in balanced_ids.reshape(-1):
                 load[e] += 1
             load /= balanced_ids.size
-            aux = cfg.num_experts * jnp.sum(load * jnp.mean(probs, axis=0))
+            aux = cfg.num_experts * jnp.sum(load * jnp.mean(probs, axis=0)) * (cfg.router != "loss_free")
             z = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
             router_loss = cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
         else:

@@ -13,7 +13,8 @@ from moe import MoEConfig
 
 
 def oracle(cfg, out, x, token_ids, ct, num_groups, key=None, deterministic=False):
-    params = {n: jnp.asarray(v) for n, v in out["params"].items() if n != "hash_table"}  # tables get no gradient
+    # tables and biases are state, not parameters: no gradient
+    params = {n: jnp.asarray(v) for n, v in out["params"].items() if n not in ("hash_table", "expert_bias")}
     ids = oracle_routing(cfg, out["params"], x, token_ids, key)
     gate_ids = oracle_routing(dataclasses.replace(cfg, router="topk"), out["params"], x, token_ids) if cfg.router == "gshard" else None
     capacity = cfg.capacity(x.shape[0] * x.shape[1] // num_groups, deterministic)
@@ -191,3 +192,38 @@ def test_gshard_uses_the_second_expert_at_the_rate_of_its_gate():
 def test_gshard_is_top_2():
     with pytest.raises(ValueError, match="MoEConfig.experts_per_token=1: the gshard router is top-2"):
         MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=1, router="gshard")
+
+
+@pytest.mark.parametrize("mesh_name, k", [("1dev", 1), ("d2e4", 2)])
+def test_loss_free_router_matches_oracle(mesh_name, k):
+    """Selection by probability + bias (the harness sets a bias that changes the choices), gates
+    from the probabilities alone; eval mode, so the bias stays as set."""
+    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=k, router="loss_free", gated=True)
+    check_against_oracle(cfg, mesh_name, deterministic=True)
+
+
+def test_loss_free_bias_moves_toward_balance_outside_the_gradient():
+    from flax import nnx
+
+    from moe import MoEFeedForward
+
+    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, router="loss_free", loss_free_gamma=0.02, capacity_factor=8.0)
+    layer = MoEFeedForward(cfg, rngs=nnx.Rngs(0))
+    layer.router_w[...] = layer.router_w[...].at[:, 0].add(0.3)  # a router that favours expert 0
+    x = jax.random.normal(jax.random.key(1), (8, 16, D))
+
+    @nnx.jit
+    def step(layer, x):
+        (_, aux), grads = nnx.value_and_grad(lambda m: (lambda y, a: (jnp.sum(y), a))(*m(x)), has_aux=True)(layer)
+        return aux, grads
+
+    loads = []
+    for _ in range(30):
+        before = np.asarray(layer.expert_bias[...])
+        aux, grads = step(layer, x)
+        load = np.asarray(aux["expert_load"])
+        loads.append(load.max() * E)
+        np.testing.assert_allclose(layer.expert_bias[...], before + 0.02 * np.sign(load.mean() - load), atol=1e-7)
+    assert "expert_bias" not in grads and float(aux["aux_loss"]) == 0.0
+    assert loads[0] > 2.0 and loads[-1] < 0.6 * loads[0]  # the overloaded expert sheds load
+    assert np.asarray(layer.expert_bias[...])[0] < 0  # ... because its bias went down

@@ -467,14 +467,26 @@ def test_balanced_hash_table_is_built_from_the_training_split_saved_and_reused_a
     assert len(restored) == 2 and all(np.array_equal(t, expected) for t in restored)
 
 
-def test_gshard_router_trains_checkpoints_and_evaluates(tmp_path):
+@pytest.mark.parametrize("router", ["gshard", "loss_free"])
+def test_stochastic_and_biased_routers_train_checkpoint_and_evaluate(tmp_path, router):
     from train.evaluate import evaluate_run, load_run
 
     cfg = tiny_config(tmp_path)
-    cfg.model.router, cfg.model.capacity_factor, cfg.checkpoint.every_steps = "gshard", 1.0, 3
+    cfg.model.router, cfg.model.capacity_factor, cfg.checkpoint.every_steps = router, 1.0, 3
+    cfg.model.loss_free_gamma = 0.01
     trainer = Trainer(cfg, tmp_path / "w")
     summary = trainer.run()
+    biases = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(trainer.state.model_state)
+              if "expert_bias" in jax.tree_util.keystr(p)}
     trainer.close()
+    if router == "loss_free":  # the bias moved, is saved with the checkpoint and restored for eval
+        assert len(biases) == 2 and all(np.abs(b).max() > 0 for b in biases.values())
+        restored = {jax.tree_util.keystr(p): np.asarray(v)
+                    for p, v in jax.tree.leaves_with_path(load_run(tmp_path / "w").model_state)
+                    if "expert_bias" in jax.tree_util.keystr(p)}
+        assert restored.keys() == biases.keys()
+        for name in biases:
+            np.testing.assert_array_equal(restored[name], biases[name])
     assert np.isfinite(summary["last_loss"])
     rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
