@@ -27,7 +27,7 @@ train: $(STAMP)
 	@$(BIN)/moe-generate --workdir=$(WORKDIR) --prompt='def ' --max_new_tokens=160
 	@echo "---"
 	@echo "evaluate:    $(BIN)/moe-eval --workdir=$(WORKDIR)"
-	@echo "plot:        $(BIN)/python scripts/plot_metrics.py $(WORKDIR)"
+	@echo "plot:        $(BIN)/moe-plot --workdir=$(WORKDIR)"
 	@echo "tensorboard: tensorboard --logdir $(WORKDIR)/tensorboard   (pip install tensorboard)"
 
 bench: $(STAMP)

@@ -216,3 +216,36 @@ def test_plot_metrics_train_rows_only(tmp_path, capsys):
     assert (tmp_path / "metrics.png").stat().st_size > 0
     assert plot.main([str(tmp_path / "missing")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_moe_plot_draws_curves_expert_load_heatmaps_and_drops(tmp_path, capsys):
+    from train.cli import plot_main
+    from train.plots import moe_layers, read_rows, read_series
+
+    with MetricsWriter(tmp_path, total_steps=4, tensorboard=False, progress=False, stream=io.StringIO()) as w:
+        for step in (1, 2, 3, 4):
+            w.write(step, {"loss": 3.0 / step, "moe/dropped_fraction": 0.1 / step,
+                           "moe/layer1/expert_load": [0.5, 0.25, 0.125, 0.125], "moe/layer1/dropped_fraction": 0.2 / step,
+                           "moe/layer3/expert_load": [0.25] * 4, "moe/layer3/dropped_fraction": 0.0})
+        w.write(4, {"loss": 2.5}, split="eval")
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert moe_layers(rows) == ["layer1", "layer3"]
+    steps, loads = read_series(tmp_path / "metrics.jsonl", "moe/layer1/expert_load", rows)["train"]
+    assert steps == [1, 2, 3, 4] and loads[0] == [0.5, 0.25, 0.125, 0.125]
+    assert plot_main([f"--workdir={tmp_path}"]) == 0
+    written = capsys.readouterr().out.split()
+    assert [pathlib.Path(p).name for p in written] == ["metrics.png", "expert_load.png", "dropped.png"]
+    for p in written:
+        assert pathlib.Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as exc:
+        plot_main([f"--workdir={tmp_path / 'nothing'}"])
+    assert exc.value.code == 2 and "no metrics.jsonl there" in capsys.readouterr().err
+
+
+def test_moe_plot_of_a_dense_run_draws_only_the_curves(tmp_path, capsys):
+    from train.cli import plot_main
+
+    with MetricsWriter(tmp_path, total_steps=2, tensorboard=False, progress=False, stream=io.StringIO()) as w:
+        w.write(1, {"loss": 2.0})
+    assert plot_main([f"--workdir={tmp_path}", f"--out_dir={tmp_path / 'p'}"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "p" / "metrics.png")]

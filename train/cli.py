@@ -155,7 +155,7 @@ def _train(cfg, args) -> int:
         print(
             f"done: {trained}, eval loss {summary['eval_loss']:.3f}, {summary['tokens_per_sec'] or 0:,.0f} tokens/s\n"
             f"  checkpoints: {w}/checkpoints   (evaluate: moe-eval --workdir={w}; sample: moe-generate --workdir={w} --prompt='def ')\n"
-            f"  metrics:     {w}/metrics.jsonl   (plot: python scripts/plot_metrics.py {w})\n"
+            f"  metrics:     {w}/metrics.jsonl   (plot: moe-plot --workdir={w})\n"
             f"  tensorboard: tensorboard --logdir {w}/tensorboard"
         )
     return 0
@@ -253,6 +253,25 @@ def generate_main(argv=None) -> int:
         return 0
 
     return _run_guarded(prog, args.verbose, run)
+
+
+def plot_main(argv=None) -> int:
+    """moe-plot --workdir=DIR [--out_dir=DIR]: PNGs of a run's curves, expert load and drops."""
+    import pathlib
+
+    prog = "moe-plot"
+    p = argparse.ArgumentParser(prog=prog, description="Draw a run's loss curves, expert-load heatmaps and drops.")
+    p.add_argument("--workdir", required=True, help="run folder holding metrics.jsonl")
+    p.add_argument("--out_dir", help="where the PNGs go (default WORKDIR/plots)")
+    args = p.parse_args(argv)
+    workdir = pathlib.Path(args.workdir)
+    if not (workdir / "metrics.jsonl").is_file():
+        _fail(prog, f"--workdir={args.workdir}: no metrics.jsonl there")
+    from train.plots import plot_run
+
+    for path in plot_run(workdir, pathlib.Path(args.out_dir) if args.out_dir else workdir / "plots"):
+        print(path)
+    return 0
 
 
 def bench_main(argv=None) -> int:
