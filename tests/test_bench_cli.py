@@ -1,6 +1,7 @@
 """moe-bench runs end to end on a tiny problem and refuses bad arguments before compiling."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -75,3 +76,26 @@ def test_onehot_baseline_computes_the_same_layer(k, cf):
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y), rtol=1e-5, atol=1e-6)
     assert float(aux1["dropped_fraction"]) == float(aux["dropped_fraction"])
     assert float(aux["dropped_fraction"]) > (0.2 if cf < 1 else 0.0)  # the drop path is exercised
+
+
+def test_routing_study_trains_evaluates_and_tabulates_each_variant(tmp_path):
+    """scripts/routing_study.py end to end on a tiny model: one row per variant, plots written."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_train_args
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    tiny = [a for a in tiny_train_args(tmp_path, tmp_path / "unused", 2) if a.startswith("--config.")
+            and not a.startswith(("--config.train.steps", "--config.log_every", "--config.eval_every",
+                                  "--config.checkpoint"))]
+    out = tmp_path / "study"
+    done = subprocess.run([sys.executable, str(root / "scripts/routing_study.py"), "--routers", "dense,hash",
+                           "--steps", "2", "--out", str(out), *tiny], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["dense", "hash"]
+    assert all(r["eval_loss"] > 0 and r["bits_per_byte"] > 0 for r in rows)
+    assert rows[0]["load_imbalance"] is None and rows[1]["load_imbalance"] >= 1
+    assert "| hash |" in (out / "results.md").read_text()
+    assert (out / "loss.png").stat().st_size > 0 and (out / "eval.png").stat().st_size > 0

@@ -1,0 +1,170 @@
+"""The routing study: the same model, data, seed, steps and active FLOPs under every router.
+
+    python scripts/routing_study.py [--quick] [--out runs/routing_study] [--steps N] [--routers a,b,...]
+                                    [--config.KEY=VALUE ...]   # passed to every moe-train
+
+Trains ``configs/default.py`` (and its dense baseline) once per router with ``moe-train``, scores
+each final checkpoint with ``moe-eval`` on the validation split, and writes into OUT:
+``results.md`` (the table), ``results.json``, ``loss.png`` (training loss of every variant) and
+``eval.png`` (validation loss per variant). Each variant is its own process, so a failure is
+reported and the study goes on. ``--quick`` (fewer steps and bytes) takes about 10 minutes on
+2 cores. Top-2 routers (gshard) use experts half as wide, so every variant has the same active
+FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from train.plots import read_rows, read_series  # noqa: E402
+
+# name -> (config file, overrides); the published contrast each one stands for is in the README
+VARIANTS = {
+    "dense": ("configs/dense_baseline.py", []),
+    "topk": ("configs/default.py", ["--config.model.router=topk"]),
+    "balanced_hash": ("configs/default.py", ["--config.model.router=balanced_hash"]),
+    "hash": ("configs/default.py", ["--config.model.router=hash"]),
+    "bigram_hash": ("configs/default.py", ["--config.model.router=bigram_hash"]),
+    "random": ("configs/default.py", ["--config.model.router=random"]),
+    "frozen": ("configs/default.py", ["--config.model.router=frozen"]),
+    "gshard": ("configs/default.py", ["--config.model.router=gshard", "--config.model.experts_per_token=2",
+                                      "--config.model.expert_d_ff=256"]),
+    "loss_free": ("configs/default.py", ["--config.model.router=loss_free"]),
+}
+
+
+def run_variant(name: str, out: pathlib.Path, common: list[str], cpu_devices: int, log) -> dict:
+    config, overrides = VARIANTS[name]
+    workdir = out / name
+    python = sys.executable
+    train = [python, "-m", "train", f"--config={ROOT / config}", f"--workdir={workdir}",
+             f"--cpu_devices={cpu_devices}", *common, *overrides]
+    start = time.perf_counter()
+    done = subprocess.run(train, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        log(f"{name}: moe-train failed ({done.returncode}): {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        return {"name": name, "error": "train"}
+    score = subprocess.run([python, "-c", "import sys; from train.cli import eval_main; sys.exit(eval_main())",
+                            f"--workdir={workdir}", f"--cpu_devices={cpu_devices}"],
+                           cwd=ROOT, capture_output=True, text=True)
+    if score.returncode:
+        log(f"{name}: moe-eval failed: {(score.stderr.strip().splitlines() or ['?'])[-1]}")
+        return {"name": name, "error": "eval"}
+    result = json.loads(score.stdout.strip().splitlines()[-1])
+    summary = json.loads((workdir / "summary.json").read_text())
+    rows = read_rows(workdir / "metrics.jsonl")
+    train_rows = [rows["train"][s] for s in sorted(rows.get("train", {}))]
+    late = train_rows[len(train_rows) * 4 // 5:] or train_rows  # the last fifth of training
+    imbalance = [r["moe/load_imbalance"] for r in late if "moe/load_imbalance" in r]
+    dropped = [r["moe/dropped_fraction"] for r in late if "moe/dropped_fraction" in r]
+    row = {
+        "name": name,
+        "eval_loss": result["loss"],
+        "bits_per_byte": result["bits_per_byte"],
+        "load_imbalance": statistics.mean(imbalance) if imbalance and name != "dense" else None,
+        "dropped_fraction": statistics.mean(dropped) if dropped and name != "dense" else None,
+        "tokens_per_sec": summary.get("tokens_per_sec"),
+        "minutes": (time.perf_counter() - start) / 60,
+    }
+    log(f"{name}: eval loss {row['eval_loss']:.4f}, {row['bits_per_byte']:.3f} bits/byte ({row['minutes']:.1f} min)")
+    return row
+
+
+def _fmt(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def markdown(rows: list[dict], steps: int) -> str:
+    head = (f"{steps} steps of `configs/default.py` per variant (same data, seed and active FLOPs per token); "
+            "validation loss from `moe-eval` on the whole validation split; load imbalance (max/mean expert load) "
+            "and dropped fraction averaged over the last fifth of training\n\n"
+            "| variant | eval loss | bits/byte | load max/mean | dropped | tokens/s |\n|---|---:|---:|---:|---:|---:|\n")
+    body = ""
+    for r in rows:
+        if "error" in r:
+            body += f"| {r['name']} | failed ({r['error']}) | | | | |\n"
+            continue
+        body += (f"| {r['name']} | {r['eval_loss']:.4f} | {r['bits_per_byte']:.3f} | {_fmt(r['load_imbalance'], '{:.2f}')} "
+                 f"| {_fmt(r['dropped_fraction'], '{:.3f}')} | {_fmt(r['tokens_per_sec'], '{:,.0f}')} |\n")
+    return head + body
+
+
+def plots(rows: list[dict], out: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        series = read_series(out / r["name"] / "metrics.jsonl", "loss").get("train") if "error" not in r else None
+        if series:
+            steps, losses = series
+            smooth = [statistics.mean(losses[max(0, i - 4):i + 1]) for i in range(len(losses))]
+            ax.plot(steps, smooth, linewidth=1.0, label=r["name"], linestyle="--" if r["name"] == "dense" else "-")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (5-log moving mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+    ok = [r for r in rows if "error" not in r]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar([r["name"] for r in ok], [r["eval_loss"] for r in ok],
+           color=["grey" if r["name"] == "dense" else "tab:blue" for r in ok])
+    low = min(r["eval_loss"] for r in ok)
+    ax.set_ylim(low * 0.97, max(r["eval_loss"] for r in ok) * 1.01)
+    ax.set_ylabel("validation loss")
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "eval.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/routing_study", help="output folder")
+    p.add_argument("--quick", action="store_true", help="about 10 minutes on 2 cores")
+    p.add_argument("--steps", type=int, default=0, help="training steps per variant (default 600, quick 150)")
+    p.add_argument("--routers", default=",".join(VARIANTS), help="comma-separated variants to run")
+    p.add_argument("--cpu_devices", type=int, default=8)
+    args, extra = p.parse_known_args(argv)
+    bad = [a for a in extra if not a.startswith("--config.")]
+    if bad:
+        p.error(f"{bad[0]}: unrecognised argument")
+    names = [n for n in args.routers.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"--routers: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    steps = args.steps or (150 if args.quick else 600)
+    common = [f"--config.train.steps={steps}", "--config.eval_every_steps=0", "--config.checkpoint.every_steps=0",
+              "--config.log_every_steps=5", f"--config.optimizer.warmup_steps={max(1, steps // 20)}"]
+    if args.quick:
+        common.append("--config.data.max_bytes=2000000")
+    common += extra
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run_variant(name, out, common, args.cpu_devices, lambda m: print(m, flush=True)) for name in names]
+    table = markdown(rows, steps)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    if any("error" not in r for r in rows):
+        plots(rows, out)
+    print(table)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'loss.png'}, {out / 'eval.png'}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
