@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 
 CONFIG ?= configs/default.py
 WORKDIR ?= runs/default
+# pytest worker processes (pytest-xdist; whole files per worker, so module fixtures run once)
+TEST_WORKERS ?= 2
 
 .PHONY: test train bench clean
 
@@ -18,7 +20,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" $(BIN)/python -m pytest \
+		-n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Trains CONFIG into WORKDIR (re-running resumes from the latest checkpoint), then samples text.
 train: $(STAMP)

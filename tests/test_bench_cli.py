@@ -9,15 +9,15 @@ from train.cli import bench_main
 
 
 def test_bench_layer_sweeps_and_writes_json_and_a_plot(capsys, tmp_path):
-    argv = ["layer", "--experts", "8,16", "--tokens_per_device", "32", "--experts_per_token", "1,2",
+    argv = ["layer", "--experts", "8,16", "--tokens_per_device", "32", "--experts_per_token", "2",
             "--d_model", "16", "--d_ff", "32", "--seq_len", "16", "--repeats", "1", "--iters", "1", "--markdown",
             "--dropless", "--json", str(tmp_path / "layer.json"), "--plot", str(tmp_path / "layer.png")]
     assert bench_main(argv) == 0
     out = capsys.readouterr().out
-    assert "| 32 | 1 | 8 |" in out and "| 32 | 2 | 16 |" in out and "MoE / dense" in out
+    assert "| 32 | 2 | 8 |" in out and "| 32 | 2 | 16 |" in out and "MoE / dense" in out
     rows = json.loads((tmp_path / "layer.json").read_text())["rows"]
     assert {(r["tokens_per_device"], r["k"], r["experts"]) for r in rows} == {
-        (32, k, e) for k in (1, 2) for e in (8, 16)
+        (32, 2, e) for e in (8, 16)
     }
     for r in rows:  # every case timed and its compiled temp memory reported
         assert min(r["moe_ms"], r["dense_ms"], r["onehot_ms"], r["dropless_ms"]) > 0
@@ -90,12 +90,11 @@ def test_routing_study_trains_evaluates_and_tabulates_each_variant(tmp_path):
             and not a.startswith(("--config.train.steps", "--config.log_every", "--config.eval_every",
                                   "--config.checkpoint"))]
     out = tmp_path / "study"
-    done = subprocess.run([sys.executable, str(root / "scripts/routing_study.py"), "--routers", "dense,hash",
+    done = subprocess.run([sys.executable, str(root / "scripts/routing_study.py"), "--routers", "hash",
                            "--steps", "2", "--out", str(out), *tiny], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in rows] == ["dense", "hash"]
-    assert all(r["eval_loss"] > 0 and r["bits_per_byte"] > 0 for r in rows)
-    assert rows[0]["load_imbalance"] is None and rows[1]["load_imbalance"] >= 1
+    assert [r["name"] for r in rows] == ["hash"]
+    assert rows[0]["eval_loss"] > 0 and rows[0]["bits_per_byte"] > 0 and rows[0]["load_imbalance"] >= 1
     assert "| hash |" in (out / "results.md").read_text()
     assert (out / "loss.png").stat().st_size > 0 and (out / "eval.png").stat().st_size > 0

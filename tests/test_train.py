@@ -286,10 +286,6 @@ def test_profile_steps_traces_steps_after_warm_up(tmp_path, monkeypatch):
     lines = [line for line in logged if line.startswith("profile:")]
     assert len(lines) == 1 and "steps 2-3" in lines[0] and str(sessions[0]) in lines[0], lines
     assert json.loads((workdir / "summary.json").read_text())["profile"] == str(sessions[0])
-    # Resumed at step 4 with fewer steps left than profile_steps: step 5 compiles, step 6 is traced.
-    assert train_main([*tiny_train_args(tmp_path, workdir, steps=6), "--config.profile_steps=10"]) == 0
-    assert len(list((workdir / "profile" / "plugins" / "profile").iterdir())) == 2
-    assert [line for line in logged if line.startswith("profile:")][-1].startswith("profile: steps 6-6 traced to ")
 
 
 def test_profiler_stops_its_trace_when_the_loop_ends_early(tmp_path):
@@ -370,10 +366,10 @@ def test_dropless_training_equals_capacity_training_that_never_drops(tmp_path):
     drop most assignments it drops none, and trains exactly like capacity dispatch with room
     for every assignment."""
     roomy = tiny_config(tmp_path)  # capacity_factor 8: nothing dropped
-    losses_ref, params_ref, m_ref = run_steps(roomy, tmp_path / "capacity", 3)
+    losses_ref, params_ref, m_ref = run_steps(roomy, tmp_path / "capacity", 2)
     dropless = tiny_config(tmp_path)
     dropless.model.dispatch, dropless.model.capacity_factor = "dropless", 0.25
-    losses, params, m = run_steps(dropless, tmp_path / "dropless", 3)
+    losses, params, m = run_steps(dropless, tmp_path / "dropless", 2)
     assert float(m["moe/dropped_fraction"]) == 0.0 == float(m_ref["moe/dropped_fraction"])
     np.testing.assert_allclose(losses, losses_ref, rtol=1e-5)
     assert jax.tree.structure(params) == jax.tree.structure(params_ref)
