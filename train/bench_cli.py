@@ -9,10 +9,10 @@ import sys
 from train.cli import _common_args, _fail, _ints, _load_config, _split_overrides
 
 
-def _bench_outputs(p: argparse.ArgumentParser) -> None:
+def _bench_outputs(p: argparse.ArgumentParser, name: str) -> None:
     _common_args(p)
     p.add_argument("--markdown", action="store_true", help="also print Markdown tables")
-    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--json", default=f"runs/bench/{name}.json", help="write the results here ('' = nowhere)")
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -64,7 +64,7 @@ def bench_layer_main(argv) -> int:
     p.add_argument("--sweep", action="store_true",
                    help="the full sweep: E 8,64,128 x tokens/device 1024,4096 x k 1,2")
     p.add_argument("--plot", help="write a PNG plot of the results here")
-    _bench_outputs(p)
+    _bench_outputs(p, "layer")
     args = p.parse_args(argv)
     if args.sweep:
         args.experts, args.tokens_per_device, args.experts_per_token = (8, 64, 128), (1024, 4096), (1, 2)
@@ -114,7 +114,7 @@ def bench_train_main(argv) -> int:
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--peak_size", type=int, default=d.peak_size, help="matmul size for the timed peak")
-    _bench_outputs(p)
+    _bench_outputs(p, "train")
     args, rest = p.parse_known_args(argv)
     overrides = _split_overrides(rest, prog)  # --config.KEY=VALUE applies to both configs
     moe_cfg = _load_config(prog, args.config, overrides)
