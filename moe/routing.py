@@ -85,6 +85,11 @@ def load_balance_loss(probs_BSE: jax.Array, load_E: jax.Array) -> jax.Array:
     return num_experts * jnp.sum(jax.lax.stop_gradient(load_E) * mean_prob_E)
 
 
+def router_entropy(logits_BSE: jax.Array, probs_BSE: jax.Array) -> jax.Array:
+    """Mean entropy (nats) of the router distribution over the batch."""
+    return -jnp.mean(jnp.sum(probs_BSE * jax.nn.log_softmax(logits_BSE, axis=-1), axis=-1))
+
+
 def router_z_loss(logits_BSE: jax.Array) -> jax.Array:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
     return jnp.mean(jnp.square(jax.nn.logsumexp(logits_BSE, axis=-1)))
@@ -99,14 +104,13 @@ def topk_route(logits_BSE: jax.Array, k: int) -> Routing:
     if k > 1:
         gates_BSK = gates_BSK / jnp.sum(gates_BSK, axis=-1, keepdims=True)
     load_E = expert_load(ids_BSK, num_experts)
-    entropy = -jnp.mean(jnp.sum(probs_BSE * jax.nn.log_softmax(logits_BSE, axis=-1), axis=-1))
     return Routing(
         expert_ids=ids_BSK.astype(jnp.int32),
         gates=gates_BSK,
         aux_loss=load_balance_loss(probs_BSE, load_E),
         z_loss=router_z_loss(logits_BSE),
         expert_load=load_E,
-        router_entropy=entropy,
+        router_entropy=router_entropy(logits_BSE, probs_BSE),
     )
 
 
@@ -120,14 +124,13 @@ def loss_free_route(logits_BSE: jax.Array, bias_E: jax.Array, k: int) -> Routing
     gates_BSK = jnp.take_along_axis(probs_BSE, ids_BSK, axis=-1)
     if k > 1:
         gates_BSK = gates_BSK / jnp.sum(gates_BSK, axis=-1, keepdims=True)
-    entropy = -jnp.mean(jnp.sum(probs_BSE * jax.nn.log_softmax(logits_BSE, axis=-1), axis=-1))
     return Routing(
         expert_ids=ids_BSK,
         gates=gates_BSK,
         aux_loss=jnp.zeros((), jnp.float32),
         z_loss=router_z_loss(logits_BSE),
         expert_load=expert_load(ids_BSK, num_experts),
-        router_entropy=entropy,
+        router_entropy=router_entropy(logits_BSE, probs_BSE),
     )
 
 
@@ -265,12 +268,11 @@ def gshard_route(logits_BSE: jax.Array, key: jax.Array, positions_BS: jax.Array,
     ids_BS2 = jnp.stack([ids_BS2[..., 0], jnp.where(second_BS, ids_BS2[..., 1], e)], axis=-1)
     gates_BS2 = gates_BS2 * jnp.stack([jnp.ones_like(second_BS), second_BS], axis=-1).astype(jnp.float32)
     routed_E = jnp.sum(jax.nn.one_hot(ids_BS2, e, dtype=jnp.float32), axis=(0, 1, 2))  # E (none) is all zeros
-    entropy = -jnp.mean(jnp.sum(probs_BSE * jax.nn.log_softmax(logits_BSE, axis=-1), axis=-1))
     return Routing(
         expert_ids=ids_BS2,
         gates=gates_BS2,
         aux_loss=load_balance_loss(probs_BSE, expert_load(ids_BS2[..., :1], e)),
         z_loss=router_z_loss(logits_BSE),
         expert_load=routed_E / jnp.sum(routed_E),
-        router_entropy=entropy,
+        router_entropy=router_entropy(logits_BSE, probs_BSE),
     )
