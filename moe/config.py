@@ -5,8 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-ROUTERS = ("topk", "frozen", "gshard", "loss_free", "hash", "balanced_hash", "bigram_hash", "random")
-LEARNED_ROUTERS = ("topk", "frozen", "gshard", "loss_free")  # routers with a router_w [D, E]
+ROUTERS = (
+    "topk", "frozen", "gshard", "loss_free", "expert_choice", "hash", "balanced_hash", "bigram_hash", "random", "thor",
+)
+LEARNED_ROUTERS = ("topk", "frozen", "gshard", "loss_free", "expert_choice")  # routers with a router_w [D, E]
+# Routers whose choice for a token depends on other tokens of its group, later ones included:
+# a causal language model must not use them (``TransformerConfig.allow_non_causal_router``).
+NON_CAUSAL_ROUTERS = ("expert_choice",)
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
 DISPATCHES = ("capacity", "dropless")
@@ -28,12 +33,17 @@ class MoEConfig:
     # "gshard" (top-2, the second expert used with probability min(1, gate / gshard_threshold)),
     # "loss_free" (top-k on scores plus a per-expert bias nudged toward balance, no aux loss),
     # "hash" (Hash Layers), "balanced_hash" (a token -> expert table balanced on training-set
-    # frequencies), "bigram_hash" (hash of the previous and current token), "random"
+    # frequencies), "bigram_hash" (hash of the previous and current token), "random",
+    # "thor" (THOR: one random expert for the whole batch in training, a random expert per token
+    # with a fixed seed in eval), "expert_choice" (each expert takes its top-C tokens of a
+    # capacity group; non-causal: C = the capacity below)
     router: str = "topk"
     # "capacity": fixed slots per expert, overflow dropped (the static-shape classic);
     # "dropless": every assignment is computed (worst-case buffer or ragged_all_to_all, grouped matmul)
     dispatch: str = "capacity"
-    capacity_factor: float = 1.25  # slots per expert = ceil(cf * k * group_tokens / E)
+    # slots per expert = ceil(cf * k * group_tokens / E); for expert_choice, the number of
+    # tokens each expert takes from a group (k = the mean number of experts per token)
+    capacity_factor: float = 1.25
     # Capacity when the layer is in eval mode (``layer.eval()``); None = no token is ever dropped.
     eval_capacity_factor: float | None = None
     # Tokens that share one capacity budget. None = all tokens on one device (the usual
@@ -67,6 +77,8 @@ class MoEConfig:
             fail("dispatch", f"choose one of {', '.join(DISPATCHES)}")
         if self.router == "gshard" and self.experts_per_token != 2:
             fail("experts_per_token", "the gshard router is top-2: set it to 2")
+        if self.router == "thor" and self.experts_per_token != 1:
+            fail("experts_per_token", "the thor router sends each token to one expert: set it to 1")
         if not _positive_finite(self.loss_free_gamma):
             fail("loss_free_gamma", "must be a number > 0")
         if not _positive_finite(self.gshard_threshold):
@@ -100,6 +112,8 @@ class MoEConfig:
     def capacity(self, group_tokens: int, deterministic: bool = False) -> int:
         """Slots per expert for a group of ``group_tokens`` tokens (C in the shape names)."""
         cf = self.eval_capacity_factor if deterministic else self.capacity_factor
+        if cf is None and self.router == "expert_choice":  # capacity is how many tokens each expert takes
+            cf = self.capacity_factor
         if cf is None:  # no drops: an expert can receive each token of the group at most once
             return group_tokens
         slots = math.ceil(cf * self.experts_per_token * group_tokens / self.num_experts)
@@ -142,6 +156,12 @@ class TransformerConfig:
     hash_seed: int = 0
     gshard_threshold: float = 0.2
     loss_free_gamma: float = 1e-3
+    # thor: weight of THOR's consistency loss, the symmetric KL between the predictions of two
+    # forward passes through independently drawn experts (0 = one pass, no consistency loss)
+    thor_consistency: float = 0.0
+    # expert_choice lets a token's routing depend on later tokens: refused for this causal
+    # language model unless set (for routing studies; the losses are then not causal LM losses)
+    allow_non_causal_router: bool = False
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     dtype: str = "float32"  # activations; the router is always float32

@@ -4,7 +4,7 @@ Shape letters: B batch, S sequence, D model width, H expert hidden width, E expe
 K experts per token.
 
 Parameters (global arrays, created already sharded under the current mesh):
-  router_w [D,E]    (topk router only; replicated, kept in float32)
+  router_w [D,E]    (learned routers only; replicated, kept in float32)
   wi [E,D,H], wg [E,D,H] (gated only), wo [E,H,D]   (E over ``expert``, H over ``tensor``)
 The routed computation runs inside one ``jax.shard_map`` over the whole mesh; with no mesh
 set the very same function runs on one device.
@@ -117,7 +117,7 @@ class MoEFeedForward(nnx.Module):
         if cfg.router == "balanced_hash":  # replaced by the training-set table before training
             table = routing.hash_table(cfg.vocab_size, e, cfg.experts_per_token, cfg.hash_seed)
             self.hash_table = RouterState(jnp.asarray(table), logical_axes=(None, None))
-        stochastic = cfg.router in ("random", "gshard") or cfg.router_jitter > 0
+        stochastic = cfg.router in ("random", "gshard", "thor") or cfg.router_jitter > 0
         self.rngs = rngs["routing"].fork() if stochastic else nnx.data(None)
 
     # ------------------------------------------------------------------ routing
@@ -128,12 +128,14 @@ class MoEFeedForward(nnx.Module):
         key: jax.Array | None = None,
         positions_BS: jax.Array | None = None,
         prev_token_ids_BS: jax.Array | None = None,
+        group_tokens: int | None = None,
     ) -> routing.Routing:
         """Routing decisions for a batch (global arrays; layout-invariant).
 
-        ``positions_BS`` (default 0..S-1 per row) only matter to the random router;
+        ``positions_BS`` (default 0..S-1 per row) only matter to the random routers;
         ``prev_token_ids_BS`` (default: ``token_ids`` shifted right, as for rows that start a
-        sequence) only to ``bigram_hash``.
+        sequence) only to ``bigram_hash``; ``group_tokens`` (default: the capacity group of
+        this batch on the current mesh) only to ``expert_choice``.
         """
         cfg = self.cfg
         e, k = cfg.num_experts, cfg.experts_per_token
@@ -149,7 +151,7 @@ class MoEFeedForward(nnx.Module):
             if prev_token_ids_BS is None:
                 prev_token_ids_BS = routing.previous_tokens(token_ids_BS)
             return routing.bigram_hash_route(prev_token_ids_BS, token_ids_BS, e, k, cfg.hash_seed)
-        if cfg.router in ("random", "gshard"):
+        if cfg.router in ("random", "gshard", "thor"):
             draw_key = key
             if draw_key is None:
                 draw_key = jax.random.key(cfg.eval_seed) if self.deterministic else self.rngs()
@@ -160,8 +162,10 @@ class MoEFeedForward(nnx.Module):
                 positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
                 if mesh is not None:
                     positions_BS = jax.sharding.reshard(positions_BS, logical_to_spec(("batch", "seq"), mesh))
-            if cfg.router == "random":
+            if cfg.router == "random" or (cfg.router == "thor" and self.deterministic):
                 return routing.random_route(draw_key, positions_BS, e, k)
+            if cfg.router == "thor":  # one expert for the whole batch
+                return routing.single_expert_route(routing.thor_expert(draw_key, e), positions_BS, e)
         x32_BSD = x_BSD.astype(jnp.float32)
         if cfg.router_jitter > 0 and not self.deterministic:
             if key is None:
@@ -177,6 +181,10 @@ class MoEFeedForward(nnx.Module):
         logits_BSE = jnp.einsum("bsd,de->bse", x32_BSD, router_w)
         if cfg.router == "gshard":
             return routing.gshard_route(logits_BSE, draw_key, positions_BS, cfg.gshard_threshold)
+        if cfg.router == "expert_choice":
+            group = group_tokens or self.layout(x_BSD)[1]
+            specs = (None, None) if mesh is None else (logical_to_spec(("batch", None, None), mesh), logical_to_spec(ROUTE_AXES, mesh))
+            return routing.expert_choice_route(logits_BSE, group, cfg.capacity(group, self.deterministic), *specs)
         if cfg.router == "loss_free":
             bias_E = self.expert_bias[...]
             r = routing.loss_free_route(logits_BSE, bias_E, k)
@@ -200,16 +208,9 @@ class MoEFeedForward(nnx.Module):
             dispatch, x_BSD, token_ids_BS, key=key, positions_BS=positions_BS, prev_token_ids_BS=prev_token_ids_BS
         )
 
-    def forward_with(self, dispatch, x_BSD, token_ids_BS=None, *, key=None, positions_BS=None, prev_token_ids_BS=None):
-        """The layer with ``dispatch`` (signature of ``moe.dispatch.dispatch_combine``) in place of
-        the sort-based dispatch: how benchmarks run other formulations on the same parameters."""
-        cfg = self.cfg
-        if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
-            raise ValueError(f"MoEFeedForward: x must be [batch, seq, {cfg.d_model}], got shape {x_BSD.shape}")
-        x_BSD = x_BSD.astype(jnp.dtype(cfg.dtype))
-        r = self.route(x_BSD, token_ids_BS, key, positions_BS, prev_token_ids_BS)
-
-        mesh = current_mesh()
+    def layout(self, x_BSD: jax.Array) -> tuple[tuple[str, ...], int]:
+        """(mesh axes the batch is split over, tokens per capacity group) for this batch."""
+        cfg, mesh = self.cfg, current_mesh()
         b_spec = logical_to_spec(("batch",), mesh)[0]
         b_axes = () if b_spec is None else (b_spec,) if isinstance(b_spec, str) else tuple(b_spec)
         n_batch = 1
@@ -224,53 +225,91 @@ class MoEFeedForward(nnx.Module):
             raise ValueError(
                 f"MoEConfig.capacity_group_size={cfg.capacity_group_size}: must divide the {local_tokens} tokens per device"
             )
+        return b_axes, group
+
+    def forward_with(self, dispatch, x_BSD, token_ids_BS=None, *, key=None, positions_BS=None, prev_token_ids_BS=None):
+        """The layer with ``dispatch`` (signature of ``moe.dispatch.dispatch_combine``) in place of
+        the sort-based dispatch: how benchmarks run other formulations on the same parameters."""
+        cfg = self.cfg
+        if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoEFeedForward: x must be [batch, seq, {cfg.d_model}], got shape {x_BSD.shape}")
+        x_BSD = x_BSD.astype(jnp.dtype(cfg.dtype))
+        b_axes, group = self.layout(x_BSD)
+        r = self.route(x_BSD, token_ids_BS, key, positions_BS, prev_token_ids_BS, group)
+
+        mesh = current_mesh()
         ep_axis, tp_axis = mesh_axis_of("experts", mesh), mesh_axis_of("expert_mlp", mesh)
-        plan = DispatchPlan(
-            num_experts=cfg.num_experts,
-            capacity=cfg.capacity(group, self.deterministic),
-            group_tokens=group,
-            expert_axis=ep_axis,
-            expert_axis_size=axis_size(mesh, ep_axis),
-            stat_axes=b_axes,
-            ragged_exchange=ragged_exchange_supported(),
-        )
+        n_ep = axis_size(mesh, ep_axis)
         ffn_args = {"activation": cfg.activation, "tensor_axis": tp_axis}
         weights = (
             compute_value(self.wi, EXPERT_IN_AXES),
             compute_value(self.wo, EXPERT_OUT_AXES),
             compute_value(self.wg, EXPERT_IN_AXES) if cfg.gated else None,
         )
-
-        def local(x, ids, gates, wi, wo, wg):
-            def experts(buf, group_sizes=None):
-                if group_sizes is None:
-                    return expert_ffn(buf, wi, wo, wg, **ffn_args)
-                return grouped_expert_ffn(buf, group_sizes, wi, wo, wg, **ffn_args)
-
-            return dispatch(x, ids, gates, experts, plan)
-
-        if mesh is None:
-            y_BSD, dropped = local(x_BSD, r.expert_ids, r.gates, *weights)
-        else:
-            in_specs = (
-                logical_to_spec(ACT_AXES, mesh),
-                logical_to_spec(ROUTE_AXES, mesh),
-                logical_to_spec(ROUTE_AXES, mesh),
+        weight_specs = (
+            (None,) * 3
+            if mesh is None
+            else (
                 logical_to_spec(EXPERT_IN_AXES, mesh, compute=True),
                 logical_to_spec(EXPERT_OUT_AXES, mesh, compute=True),
                 None if weights[2] is None else logical_to_spec(EXPERT_IN_AXES, mesh, compute=True),
             )
-            args = (x_BSD, r.expert_ids, r.gates, *weights)
+        )
+        act_spec = None if mesh is None else logical_to_spec(ACT_AXES, mesh)
+
+        def sharded(fn, args, in_specs):
+            """fn over the whole mesh (returning y [B,S,D] and a replicated scalar), or plainly."""
+            if mesh is None:
+                return fn(*args)
             # Explicit-mode shard_map needs its inputs in exactly in_specs: reshard (a no-op
             # when they already are).
-            args = tuple(
-                a if spec is None else jax.sharding.reshard(a, spec) for a, spec in zip(args, in_specs, strict=True)
-            )
-            out_specs = (logical_to_spec(ACT_AXES, mesh), P())
-            y_BSD, dropped = jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(*args)
+            args = tuple(a if p is None else jax.sharding.reshard(a, p) for a, p in zip(args, in_specs, strict=True))
+            y_BSD, stat = jax.shard_map(fn, in_specs=in_specs, out_specs=(act_spec, P()))(*args)
             if jax.typeof(y_BSD).sharding.spec != jax.typeof(x_BSD).sharding.spec:
                 y_BSD = jax.sharding.reshard(y_BSD, jax.typeof(x_BSD).sharding.spec)
+            return y_BSD, stat
 
+        if cfg.router == "thor" and not self.deterministic:
+            # THOR in training: one expert for every token. Nothing moves between devices but
+            # that expert's weights (a psum over the expert axis); each device runs its own
+            # tokens through them.
+            def single(x, expert, wi, wo, wg):
+                el = wi.shape[0]
+                local = expert - (0 if n_ep == 1 else jax.lax.axis_index(ep_axis) * el)
+                mine, i = (local >= 0) & (local < el), jnp.clip(local, 0, el - 1)
+                picked = [None if w is None else jnp.where(mine, w[i], jnp.zeros((), w.dtype))[None] for w in (wi, wo, wg)]
+                if n_ep > 1:
+                    picked = [None if w is None else jax.lax.psum(w, ep_axis) for w in picked]
+                b_, s_, d_ = x.shape
+                y = expert_ffn(x.reshape(1, b_ * s_, d_), picked[0], picked[1], picked[2], **ffn_args)
+                return y.reshape(b_, s_, d_), jnp.zeros((), jnp.float32)
+
+            expert = jnp.max(r.expert_ids)  # all equal
+            y_BSD, dropped = sharded(single, (x_BSD, expert, *weights), (act_spec, P(), *weight_specs))
+        else:
+            plan = DispatchPlan(
+                num_experts=cfg.num_experts,
+                capacity=cfg.capacity(group, self.deterministic),
+                group_tokens=group,
+                expert_axis=ep_axis,
+                expert_axis_size=n_ep,
+                stat_axes=b_axes,
+                ragged_exchange=ragged_exchange_supported(),
+            )
+
+            def local(x, ids, gates, wi, wo, wg):
+                def experts(buf, group_sizes=None):
+                    if group_sizes is None:
+                        return expert_ffn(buf, wi, wo, wg, **ffn_args)
+                    return grouped_expert_ffn(buf, group_sizes, wi, wo, wg, **ffn_args)
+
+                return dispatch(x, ids, gates, experts, plan)
+
+            route_spec = None if mesh is None else logical_to_spec(ROUTE_AXES, mesh)
+            args = (x_BSD, r.expert_ids, r.gates, *weights)
+            y_BSD, dropped = sharded(local, args, (act_spec, route_spec, route_spec, *weight_specs))
+
+        b, s, _ = x_BSD.shape
         total = b * s * cfg.experts_per_token
         if cfg.router == "gshard":  # unused second choices (id E) are not assignments
             total = jnp.maximum(jnp.sum(r.expert_ids < cfg.num_experts), 1).astype(jnp.float32)
@@ -278,7 +317,8 @@ class MoEFeedForward(nnx.Module):
             "aux_loss": r.aux_loss,
             "z_loss": r.z_loss,
             "router_loss": cfg.aux_loss_coef * r.aux_loss + cfg.z_loss_coef * r.z_loss,
-            "dropped_fraction": dropped / total,
+            # expert_choice: experts never overflow; the tokens no expert took are its drops
+            "dropped_fraction": dropped / total if r.unrouted_fraction is None else r.unrouted_fraction,
             "expert_load": r.expert_load,
             "router_entropy": r.router_entropy,
         }

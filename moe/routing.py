@@ -7,7 +7,7 @@ statistics are the same on 1 device or 64: every mean below runs over the global
 random router draws from a counter-based key (threefry, partitionable) indexed by the token's
 global position, never by the device.
 
-All three routers share one interface and return a ``Routing``:
+Every router shares one interface and returns a ``Routing``:
   * ``topk``  learned softmax router in float32; k=1 is Switch (gate = router probability),
               k>1 renormalises the chosen probabilities (Mixtral).
   * ``frozen`` the same with router weights fixed at initialisation (the layer keeps them as
@@ -28,6 +28,14 @@ All three routers share one interface and return a ``Routing``:
               bias by +-gamma toward equal load after every training step.
   * ``random`` a fresh uniformly random choice of k distinct experts per token on every call;
               gate 1 (1/k each for k>1).
+  * ``thor``  THOR's stochastic experts: in training one random expert for every token of the
+              batch (``thor_expert``, ``single_expert_route``; the layer then runs that expert
+              on all tokens with no dispatch); in evaluation a random expert per token with a
+              fixed seed (``random_route``). Gate 1.
+  * ``expert_choice`` experts choose tokens: within each capacity group every expert takes the
+              C tokens with the highest router probability for it (``expert_choice_route``);
+              a token may get several experts or none. NON-CAUSAL: a token's experts depend
+              on the scores of later tokens in its group.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ class Routing(NamedTuple):
     z_loss: jax.Array  # scalar, mean over tokens of logsumexp(logits)^2 (unweighted)
     expert_load: jax.Array  # [E] share of the B*S*K assignments sent to each expert (sums to 1)
     router_entropy: jax.Array  # scalar, mean entropy (nats) of the router distribution; 0 without one
+    # expert_choice only: share of tokens that no expert took (they pass through the residual)
+    unrouted_fraction: jax.Array | None = None
 
 
 def top_k(scores_BSE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -275,4 +285,55 @@ def gshard_route(logits_BSE: jax.Array, key: jax.Array, positions_BS: jax.Array,
         z_loss=router_z_loss(logits_BSE),
         expert_load=routed_E / jnp.sum(routed_E),
         router_entropy=router_entropy(logits_BSE, probs_BSE),
+    )
+
+
+def thor_expert(key: jax.Array, num_experts: int) -> jax.Array:
+    """THOR's draw for one layer and batch: an int32 scalar, uniform over the experts."""
+    return jax.random.randint(key, (), 0, num_experts, dtype=jnp.int32)
+
+
+def single_expert_route(expert: jax.Array, like_BS: jax.Array, num_experts: int) -> Routing:
+    """Every token to ``expert`` with gate 1 (ids take ``like_BS``'s shape and sharding)."""
+    ids_BS1 = (jnp.zeros_like(like_BS, dtype=jnp.int32) + expert)[..., None]
+    zero = jnp.zeros((), jnp.float32)
+    load_E = jax.nn.one_hot(expert, num_experts, dtype=jnp.float32)
+    return Routing(ids_BS1, jnp.ones(ids_BS1.shape, jnp.float32), zero, zero, load_E, zero)
+
+
+def expert_choice_route(
+    logits_BSE: jax.Array, group_tokens: int, capacity: int, group_spec=None, out_spec=None
+) -> Routing:
+    """Expert choice (Zhou et al. 2022): in each group of ``group_tokens`` consecutive tokens (in
+    (batch, seq) order) every expert takes the ``capacity`` tokens with the highest router
+    probability for it (ties to the earlier token); a chosen token's gate is that probability.
+
+    Returned token-side with K = E slots: slot e holds expert e if it chose the token, else E
+    (none) with gate 0, so both dispatches run it unchanged. No load-balance loss (each expert
+    takes exactly C tokens). Under an explicit mesh ``group_spec`` is the [G, Tg, E] spec and
+    ``out_spec`` the [B, S, E] one.
+    """
+    logits_BSE = logits_BSE.astype(jnp.float32)
+    b, s, e = logits_BSE.shape
+    probs_BSE = jax.nn.softmax(logits_BSE, axis=-1)
+    probs_GTE = probs_BSE.reshape(b * s // group_tokens, group_tokens, e, out_sharding=group_spec)
+    scores_GET = jax.lax.stop_gradient(jnp.swapaxes(probs_GTE, 1, 2))
+    values_GEC, index_GEC = jax.lax.top_k(scores_GET, capacity)
+    # chosen = ranked within the top C; top_k puts equal scores in token order, so a token tied
+    # with the C-th is chosen iff it comes no later than the C-th
+    kth_GE1, kth_index_GE1 = values_GEC[..., -1:], index_GEC[..., -1:]
+    token_T = jnp.arange(group_tokens)
+    chosen_GET = (scores_GET > kth_GE1) | ((scores_GET == kth_GE1) & (token_T <= kth_index_GE1))
+    chosen_GTE = jnp.swapaxes(chosen_GET, 1, 2)
+    ids_BSE = jnp.where(chosen_GTE, jnp.arange(e, dtype=jnp.int32), e).reshape(b, s, e, out_sharding=out_spec)
+    gates_BSE = jnp.where(chosen_GTE, probs_GTE, 0.0).reshape(b, s, e, out_sharding=out_spec)
+    taken_E = jnp.sum(chosen_GTE, axis=(0, 1)).astype(jnp.float32)
+    return Routing(
+        expert_ids=ids_BSE,
+        gates=gates_BSE,
+        aux_loss=jnp.zeros((), jnp.float32),
+        z_loss=router_z_loss(logits_BSE),
+        expert_load=taken_E / jnp.sum(taken_E),
+        router_entropy=router_entropy(logits_BSE, probs_BSE),
+        unrouted_fraction=jnp.mean(~jnp.any(chosen_GTE, axis=-1)),
     )

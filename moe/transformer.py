@@ -16,13 +16,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.config import TransformerConfig
+from moe.config import NON_CAUSAL_ROUTERS, TransformerConfig
 from moe.experts import ACTIVATION_FNS
 from moe.layer import MoEFeedForward, compute_value, sharded_param
 from moe.routing import NO_PREVIOUS_TOKEN
 from sharding.mesh import current_mesh
 from sharding.rules import logical_to_spec
 
+NON_CAUSAL_MESSAGE = (
+    "TransformerConfig.router={router!r}: its routing of a token depends on later tokens of the group, so this causal "
+    "language model would see the future; set allow_non_causal_router=True to train it anyway for a routing study"
+)
 AUX_KEYS = ("aux_loss", "z_loss", "router_loss", "dropped_fraction", "router_entropy", "expert_load")
 
 
@@ -156,6 +160,8 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size < 1:
             raise ValueError(f"TransformerConfig.vocab_size={cfg.vocab_size}: must be set (>= 1) to build a model")
+        if cfg.moe_every and cfg.router in NON_CAUSAL_ROUTERS and not cfg.allow_non_causal_router:
+            raise ValueError(NON_CAUSAL_MESSAGE.format(router=cfg.router))
         self.cfg = cfg
         pdtype = jnp.dtype(cfg.param_dtype)
         self.embed = sharded_param(rngs.params(), (cfg.vocab_size, cfg.d_model), self.EMBED_AXES, 1.0, pdtype)

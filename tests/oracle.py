@@ -18,10 +18,23 @@ def _act(name):
     return {"gelu": lambda v: jax.nn.gelu(v, approximate=False), "silu": jax.nn.silu, "relu": jax.nn.relu}[name]
 
 
-def oracle_routing(cfg, params, x, token_ids, key=None):
-    """NumPy expert ids [T,K] for global tokens in (batch, seq) order."""
+def oracle_routing(cfg, params, x, token_ids, key=None, deterministic=False, num_groups=1):
+    """NumPy expert ids [T,K] for global tokens in (batch, seq) order (expert_choice: [T,E],
+    slot e = e if expert e took the token, else E)."""
     t = x.shape[0] * x.shape[1]
     k, e = cfg.experts_per_token, cfg.num_experts
+    if cfg.router == "thor" and not deterministic:  # the documented draw: one expert for all tokens
+        return np.full((t, 1), int(jax.random.randint(key, (), 0, e)), np.int64)
+    if cfg.router == "expert_choice":  # per group and expert, the C best tokens (ties: earlier token)
+        logits = jnp.einsum("bsd,de->bse", x.astype(jnp.float32), params["router_w"]).reshape(t, e)
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        tg = t // num_groups
+        c = cfg.capacity(tg, deterministic)
+        ids = np.full((t, e), e, np.int64)
+        for g in range(num_groups):
+            for j in range(e):
+                ids[g * tg + np.argsort(-probs[g * tg:(g + 1) * tg, j], kind="stable")[:c], j] = j
+        return ids
     if cfg.router in ("topk", "frozen", "gshard", "loss_free"):
         logits = np.asarray(jnp.einsum("bsd,de->bse", x.astype(jnp.float32), params["router_w"])).reshape(t, e)
         top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
@@ -91,7 +104,12 @@ def make_oracle(cfg, ids, num_groups, capacity, gate_ids=None):
         b, s, d = x.shape
         x_td = x.reshape(t, d)
         router_loss = jnp.zeros((), jnp.float32)
-        if cfg.router in ("topk", "frozen", "gshard", "loss_free"):
+        if cfg.router == "expert_choice":  # gate: the chosen expert's probability; no balance loss
+            logits = (x_td.astype(jnp.float32) @ params["router_w"]).astype(jnp.float32)
+            probs = jax.nn.softmax(logits, axis=-1)
+            gates = jnp.where(ids < cfg.num_experts, probs, 0.0)
+            router_loss = cfg.z_loss_coef * jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+        elif cfg.router in ("topk", "frozen", "gshard", "loss_free"):
             logits = (x_td.astype(jnp.float32) @ params["router_w"]).astype(jnp.float32)
             probs = jax.nn.softmax(logits, axis=-1)
             gates = probs[np.arange(t)[:, None], gate_ids]
@@ -122,6 +140,8 @@ def make_oracle(cfg, ids, num_groups, capacity, gate_ids=None):
             h = act(xe @ params["wg"][e]) * h if cfg.gated else act(h)
             out = h @ params["wo"][e]
             y = y.at[toks].add((live * gates[toks, choice])[:, None] * out)
+        if cfg.router == "expert_choice":  # its "drops": tokens that no expert took
+            return y.reshape(b, s, d), router_loss, float(np.mean(np.all(ids == cfg.num_experts, axis=1)))
         return y.reshape(b, s, d), router_loss, dropped / routed
 
     return f
