@@ -106,3 +106,93 @@ def test_stochastic_and_biased_routers_train_checkpoint_and_evaluate(tmp_path, r
     run = load_run(tmp_path / "w")
     result = evaluate_run(run, log=lambda *_: None)
     assert np.isfinite(result["loss"]) and result["step"] == 4
+
+
+def test_thor_draws_one_expert_per_batch_in_training_and_a_fixed_one_per_token_in_eval():
+    import jax.numpy as jnp
+
+    from moe import MoEConfig, MoEFeedForward
+
+    layer = MoEFeedForward(MoEConfig(d_model=16, d_ff=32, num_experts=8, router="thor"), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16))
+    drawn = []
+    for _ in range(40):
+        ids = np.asarray(layer.route(x, None).expert_ids)
+        assert np.all(ids == ids.flat[0])  # the whole batch on one expert
+        drawn.append(int(ids.flat[0]))
+    assert len(set(drawn)) == 8  # a fresh expert per call (P(some expert unseen in 40) < 0.04)
+    layer.eval()
+    first, again = (np.asarray(layer.route(x, None).expert_ids) for _ in range(2))
+    np.testing.assert_array_equal(first, again)  # fixed seed
+    assert len(np.unique(first)) == 8  # per token
+    y, aux = layer(x)
+    assert float(aux["dropped_fraction"]) == 0 and jnp.all(jnp.isfinite(y))
+
+
+def test_symmetric_kl():
+    from train.step import symmetric_kl
+
+    a, b = jax.random.normal(jax.random.key(0), (2, 2, 3, 11))
+    w = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    pa, pb = np.asarray(jax.nn.softmax(a)), np.asarray(jax.nn.softmax(b))
+    kl = lambda p, q: np.sum(p * np.log(p / q), axis=-1)  # noqa: E731
+    expected = float(np.sum(0.5 * (kl(pa, pb) + kl(pb, pa)) * w) / w.sum())
+    assert float(symmetric_kl(a, b, w)) == pytest.approx(expected, rel=1e-5)
+    assert float(symmetric_kl(b, a, w)) == pytest.approx(expected, rel=1e-5)
+    assert float(symmetric_kl(a, a, w)) == 0.0
+
+
+def test_thor_with_consistency_trains_checkpoints_and_evaluates_deterministically(tmp_path):
+    from train.evaluate import evaluate_run, load_run
+
+    cfg = tiny_config(tmp_path)
+    cfg.model.router, cfg.model.experts_per_token, cfg.model.thor_consistency = "thor", 1, 1.0
+    cfg.checkpoint.every_steps = 2
+    trainer = Trainer(cfg, tmp_path / "w")
+    summary = trainer.run()
+    trainer.close()
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert np.isfinite(summary["last_loss"]) and len(train_rows) == 4
+    assert max(r["thor/consistency"] for r in train_rows) > 0  # the two passes drew different experts
+    # one expert per layer per pass: the two passes' mean load has at most 2 experts per layer
+    assert all(r["moe/layer0/load_imbalance"] >= 4 for r in train_rows)
+    run = load_run(tmp_path / "w")
+    first, second = (evaluate_run(run, log=lambda *_: None) for _ in range(2))
+    assert first["loss"] == second["loss"] and np.isfinite(first["loss"]) and first["step"] == 4
+
+
+def test_expert_choice_is_non_causal_and_refused_for_the_causal_lm_unless_allowed(tmp_path, capsys):
+    import jax.numpy as jnp
+
+    from moe.routing import expert_choice_route
+    from train.cli import generate_main
+    from train.evaluate import evaluate_run, load_run
+
+    # expert 0 takes 2 of a group of 4: token 1 is chosen until a later token outbids it
+    logits = jnp.asarray([[[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 0.0]]])
+    before = np.asarray(expert_choice_route(logits, 4, 2).expert_ids)[0, :, 0]
+    after = np.asarray(expert_choice_route(logits.at[0, 3, 0].set(5.0), 4, 2).expert_ids)[0, :, 0]
+    assert before.tolist() == [0, 0, 2, 2] and after.tolist() == [0, 2, 2, 0]  # 2 = no expert
+    tied = np.asarray(expert_choice_route(jnp.zeros((1, 6, 2)), 6, 3).expert_ids)[0]
+    assert tied.tolist() == [[0, 1]] * 3 + [[2, 2]] * 3  # equal scores: earlier tokens first
+
+    cfg = tiny_config(tmp_path)
+    cfg.model.router, cfg.model.vocab_size, cfg.model.capacity_factor = "expert_choice", 64, 1.0
+    with pytest.raises(ValueError, match="would see the future"):
+        Transformer(cfg.model, rngs=nnx.Rngs(0))
+    cfg.model.allow_non_causal_router = True
+    cfg.model.vocab_size, cfg.checkpoint.every_steps = 0, 4
+    trainer = Trainer(cfg, tmp_path / "w")
+    summary = trainer.run()
+    trainer.close()
+    assert np.isfinite(summary["last_loss"])
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    row = [r for r in rows if r["split"] == "train"][-1]
+    assert row["moe/layer0/load_imbalance"] == pytest.approx(1.0)  # each expert takes its C tokens
+    assert 0 < row["moe/layer0/dropped_fraction"] < 1  # tokens no expert took
+    assert np.isfinite(evaluate_run(load_run(tmp_path / "w"), log=lambda *_: None)["loss"])
+    with pytest.raises(SystemExit) as exc:
+        generate_main([f"--workdir={tmp_path / 'w'}", "--prompt=def "])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "needs later tokens" in err and len(err.splitlines()) == 1

@@ -194,6 +194,10 @@ BAD_INPUTS = [
     (["--bogus=1"], "--bogus=1: unrecognised argument"),
     (["--cpu_devices=0"], "--cpu_devices=0: must be >= 1"),
     (["--config.profile_steps=-1"], "config.profile_steps=-1: must be an integer >= 0"),
+    (["--config.model.router=expert_choice"], "config.model.router='expert_choice': routes each token by later tokens"),
+    (["--config.model.thor_consistency=1.0"], "config.model.thor_consistency=1.0: is THOR's consistency loss"),
+    (["--config.model.router=thor", "--config.model.experts_per_token=2"],
+     "config.model.experts_per_token=2: the thor router sends each token to one expert"),
 ]
 
 

@@ -199,9 +199,14 @@ def eval_main(argv=None) -> int:
     def run() -> int:
         import json
 
+        from moe.config import NON_CAUSAL_ROUTERS
         from train.evaluate import evaluate_run, load_run
 
         loaded = load_run(args.workdir, args.step)
+        m = loaded.cfg.model
+        if m.moe_every and m.router in NON_CAUSAL_ROUTERS:
+            print(f"{prog}: note: model.router={m.router!r} routes by later tokens too; this loss is not a causal "
+                  "language-model loss", file=sys.stderr)
         result = evaluate_run(
             loaded, data_path=args.data_path, max_batches=args.max_batches, log=lambda m: print(m, file=sys.stderr)
         )
@@ -237,11 +242,17 @@ def generate_main(argv=None) -> int:
     def run() -> int:
         import jax
 
+        from moe.config import NON_CAUSAL_ROUTERS
+        from train.config import ConfigError
         from train.evaluate import load_run, require_tokens
         from train.generate import generate
         from train.tokenizer import build_tokenizer
 
         loaded = load_run(args.workdir, args.step, devices=jax.devices()[:1])  # one sequence: one device
+        m = loaded.cfg.model
+        if m.moe_every and m.router in NON_CAUSAL_ROUTERS:
+            raise ConfigError(f"model.router={m.router!r} (checkpoint {loaded.workdir}): its routing needs later "
+                              "tokens, which token-by-token generation does not have")
         tokenizer = build_tokenizer(loaded.cfg.data, loaded.workdir, lambda: iter(()))
         prompt = require_tokens(tokenizer, args.prompt)
         with loaded.context():

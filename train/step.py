@@ -45,6 +45,14 @@ def cross_entropy(logits_BSV, targets_BS, weights_BS):
     return jnp.sum(nll_BS * weights_BS), jnp.sum(weights_BS)
 
 
+def symmetric_kl(logits1_BSV, logits2_BSV, weights_BS):
+    """Weighted mean over tokens of (KL(p1 || p2) + KL(p2 || p1)) / 2, in float32."""
+    logp1 = jax.nn.log_softmax(logits1_BSV.astype(jnp.float32), axis=-1)
+    logp2 = jax.nn.log_softmax(logits2_BSV.astype(jnp.float32), axis=-1)
+    kl_BS = 0.5 * jnp.sum((jnp.exp(logp1) - jnp.exp(logp2)) * (logp1 - logp2), axis=-1)
+    return jnp.sum(kl_BS * weights_BS) / jnp.maximum(jnp.sum(weights_BS), 1.0)
+
+
 def _micro_step(graphdef, params, model_state, batch):
     """Loss and gradients of one micro-batch; returns the model's updated RNG state too.
 
@@ -53,14 +61,26 @@ def _micro_step(graphdef, params, model_state, batch):
     """
     model = nnx.merge(graphdef, params, model_state)
 
+    weights = batch.get("weights")
+    if weights is None:
+        weights = jnp.ones(batch["targets"].shape, jnp.float32)
+    consistency = model.cfg.thor_consistency
+
     def loss_fn(model):
         logits, aux = model(batch["inputs"])
-        weights = batch.get("weights")
-        if weights is None:
-            weights = jnp.ones(batch["targets"].shape, jnp.float32)
         nll_sum, count = cross_entropy(logits, batch["targets"], weights)
         ce = nll_sum / jnp.maximum(count, 1.0)
-        return ce + aux["router_loss"], (ce, aux)
+        if not consistency:
+            return ce + aux["router_loss"], (ce, aux)
+        # THOR: a second pass draws other experts; the loss is the mean of both passes' cross
+        # entropies plus the weighted symmetric KL between their predictions
+        logits2, aux2 = model(batch["inputs"])
+        nll_sum2, _ = cross_entropy(logits2, batch["targets"], weights)
+        ce = 0.5 * (ce + nll_sum2 / jnp.maximum(count, 1.0))
+        aux = jax.tree.map(lambda a, b: 0.5 * (a + b), aux, aux2)
+        kl = symmetric_kl(logits, logits2, weights)
+        aux["thor_consistency"] = kl
+        return ce + aux["router_loss"] + consistency * kl, (ce, aux)
 
     (total, (ce, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     return total, ce, aux, grads, nnx.state(model, nnx.Not(nnx.Param))
@@ -128,6 +148,8 @@ def make_train_step(
             "moe/router_entropy": aux["router_entropy"],
             "moe/load_imbalance": aux["load_imbalance"],
         }
+        if "thor_consistency" in aux:
+            metrics["thor/consistency"] = aux["thor_consistency"]
         for layer, stats in aux["per_layer"].items():
             metrics.update({f"moe/{layer}/{name}": value for name, value in stats.items()})
         return TrainState(state.step + 1, params, opt_state, model_state, window), metrics
