@@ -9,7 +9,8 @@ each final checkpoint with ``moe-eval`` on the validation split, and writes into
 ``eval.png`` (validation loss per variant). Each variant is its own process, so a failure is
 reported and the study goes on. ``--quick`` (fewer steps and bytes) takes about 10 minutes on
 2 cores. Top-2 routers (gshard) use experts half as wide, so every variant has the same active
-FLOPs per token.
+FLOPs per token. ``expert_choice`` is not in the study: it routes by later tokens, so its loss
+is not a causal language-model loss and would not compare.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ VARIANTS = {
     "gshard": ("configs/default.py", ["--config.model.router=gshard", "--config.model.experts_per_token=2",
                                       "--config.model.expert_d_ff=256"]),
     "loss_free": ("configs/default.py", ["--config.model.router=loss_free"]),
+    "thor": ("configs/default.py", ["--config.model.router=thor"]),
+    # THOR with its consistency loss: two forward passes per step (same active FLOPs per pass)
+    "thor_cr": ("configs/default.py", ["--config.model.router=thor", "--config.model.thor_consistency=1.0"]),
 }
 
 
@@ -105,12 +109,14 @@ def plots(rows: list[dict], out: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in rows:
+    palette = plt.get_cmap("tab20").colors  # dark shades first, then light ones: 20 distinct lines
+    for n, r in enumerate(rows):
         series = read_series(out / r["name"] / "metrics.jsonl", "loss").get("train") if "error" not in r else None
         if series:
             steps, losses = series
             smooth = [statistics.mean(losses[max(0, i - 4):i + 1]) for i in range(len(losses))]
-            ax.plot(steps, smooth, linewidth=1.0, label=r["name"], linestyle="--" if r["name"] == "dense" else "-")
+            ax.plot(steps, smooth, linewidth=1.0, label=r["name"], color=palette[(2 * n) % 20 + (2 * n) // 20 % 2],
+                    linestyle="--" if r["name"] == "dense" else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (5-log moving mean)")
     ax.grid(alpha=0.3)
