@@ -83,8 +83,8 @@ class MoEFeedForward(nnx.Module):
     ``aux`` holds float32 scalars ``aux_loss`` and ``z_loss`` (unweighted, 0 where the router
     has none), ``router_loss`` (their weighted sum, ready to add to the training loss),
     ``dropped_fraction`` and ``router_entropy``, and ``expert_load`` [E]; all over the global batch.
-    ``layer.eval()`` switches off router jitter, fixes the random router's seed and uses
-    ``eval_capacity_factor``; ``layer.train()`` switches back.
+    ``layer.eval()`` switches off router jitter, fixes the random routers' seed (THOR routes per
+    token then), and uses ``eval_capacity_factor``; ``layer.train()`` switches back.
     """
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
