@@ -191,5 +191,10 @@ class TransformerConfig:
             param_dtype=self.param_dtype,
         )
 
+    @property
+    def non_causal_routing(self) -> bool:
+        """Whether a token's routing depends on later tokens (an MoE model with such a router)."""
+        return bool(self.moe_every) and self.router in NON_CAUSAL_ROUTERS
+
     def is_moe_block(self, index: int) -> bool:
         return self.moe_every > 0 and (index + 1) % self.moe_every == 0

@@ -183,7 +183,9 @@ class MoEFeedForward(nnx.Module):
             return routing.gshard_route(logits_BSE, draw_key, positions_BS, cfg.gshard_threshold)
         if cfg.router == "expert_choice":
             group = group_tokens or self.layout(x_BSD)[1]
-            specs = (None, None) if mesh is None else (logical_to_spec(("batch", None, None), mesh), logical_to_spec(ROUTE_AXES, mesh))
+            specs = (None, None)
+            if mesh is not None:  # [G, Tg, E] groups and [B, S, E] slots, both split like the batch
+                specs = (logical_to_spec(("batch", None, None), mesh), logical_to_spec(ROUTE_AXES, mesh))
             return routing.expert_choice_route(logits_BSE, group, cfg.capacity(group, self.deterministic), *specs)
         if cfg.router == "loss_free":
             bias_E = self.expert_bias[...]
@@ -269,8 +271,8 @@ class MoEFeedForward(nnx.Module):
                 y_BSD = jax.sharding.reshard(y_BSD, jax.typeof(x_BSD).sharding.spec)
             return y_BSD, stat
 
-        if cfg.router == "thor" and not self.deterministic:
-            # THOR in training: one expert for every token. Nothing moves between devices but
+        if r.single_expert is not None:
+            # One expert for every token (THOR in training). Nothing moves between devices but
             # that expert's weights (a psum over the expert axis); each device runs its own
             # tokens through them.
             def single(x, expert, wi, wo, wg):
@@ -284,8 +286,7 @@ class MoEFeedForward(nnx.Module):
                 y = expert_ffn(x.reshape(1, b_ * s_, d_), picked[0], picked[1], picked[2], **ffn_args)
                 return y.reshape(b_, s_, d_), jnp.zeros((), jnp.float32)
 
-            expert = jnp.max(r.expert_ids)  # all equal
-            y_BSD, dropped = sharded(single, (x_BSD, expert, *weights), (act_spec, P(), *weight_specs))
+            y_BSD, dropped = sharded(single, (x_BSD, r.single_expert, *weights), (act_spec, P(), *weight_specs))
         else:
             plan = DispatchPlan(
                 num_experts=cfg.num_experts,
@@ -309,10 +310,8 @@ class MoEFeedForward(nnx.Module):
             args = (x_BSD, r.expert_ids, r.gates, *weights)
             y_BSD, dropped = sharded(local, args, (act_spec, route_spec, route_spec, *weight_specs))
 
-        b, s, _ = x_BSD.shape
-        total = b * s * cfg.experts_per_token
-        if cfg.router == "gshard":  # unused second choices (id E) are not assignments
-            total = jnp.maximum(jnp.sum(r.expert_ids < cfg.num_experts), 1).astype(jnp.float32)
+        # id E (gshard's unused second choice, expert_choice's untaken slot) is not an assignment
+        total = jnp.maximum(jnp.sum(r.expert_ids < cfg.num_experts), 1).astype(jnp.float32)
         aux = {
             "aux_loss": r.aux_loss,
             "z_loss": r.z_loss,

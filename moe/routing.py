@@ -56,6 +56,9 @@ class Routing(NamedTuple):
     router_entropy: jax.Array  # scalar, mean entropy (nats) of the router distribution; 0 without one
     # expert_choice only: share of tokens that no expert took (they pass through the residual)
     unrouted_fraction: jax.Array | None = None
+    # int32 scalar when every token goes to this one expert (THOR in training): the layer then
+    # runs that expert on all tokens with no dispatch
+    single_expert: jax.Array | None = None
 
 
 def top_k(scores_BSE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -171,13 +174,17 @@ def hash_scores(token_ids_BS: jax.Array, num_experts: int, seed: int) -> jax.Arr
     return (h_BSE >> 8).astype(jnp.float32)  # 24 bits: exact in float32, exact comparisons
 
 
-def _fixed_route(scores_BSE: jax.Array, k: int) -> Routing:
-    """Routing with no router distribution: the top-k scores choose; gates 1/k."""
-    _, ids_BSK = top_k(scores_BSE, k)
-    gates_BSK = jnp.full(ids_BSK.shape, 1.0 / k, jnp.float32)
+def _equal_gates(ids_BSK: jax.Array, load_E: jax.Array, **extra) -> Routing:
+    """Routing with no router distribution: gates 1/k, no router losses, entropy 0."""
+    k = ids_BSK.shape[-1]
     zero = jnp.zeros((), jnp.float32)
-    load_E = expert_load(ids_BSK, scores_BSE.shape[-1])
-    return Routing(ids_BSK, gates_BSK, zero, zero, load_E, zero)
+    return Routing(ids_BSK, jnp.full(ids_BSK.shape, 1.0 / k, jnp.float32), zero, zero, load_E, zero, **extra)
+
+
+def _fixed_route(scores_BSE: jax.Array, k: int) -> Routing:
+    """The top-k scores choose; gates 1/k."""
+    _, ids_BSK = top_k(scores_BSE, k)
+    return _equal_gates(ids_BSK, expert_load(ids_BSK, scores_BSE.shape[-1]))
 
 
 def hash_route(token_ids_BS: jax.Array, num_experts: int, k: int, seed: int) -> Routing:
@@ -214,10 +221,7 @@ def table_route(table_VK: jax.Array, token_ids_BS: jax.Array, num_experts: int, 
     """Routing by table lookup (``balanced_hash``); gates 1/k; ids past the table are clipped.
     ``out_sharding``: the [B,S,K] ids' spec under an explicit mesh (the batch's)."""
     ids_BSK = table_VK.at[token_ids_BS].get(mode="clip", out_sharding=out_sharding).astype(jnp.int32)
-    k = ids_BSK.shape[-1]
-    zero = jnp.zeros((), jnp.float32)
-    gates_BSK = jnp.full(ids_BSK.shape, 1.0 / k, jnp.float32)
-    return Routing(ids_BSK, gates_BSK, zero, zero, expert_load(ids_BSK, num_experts), zero)
+    return _equal_gates(ids_BSK, expert_load(ids_BSK, num_experts))
 
 
 NO_PREVIOUS_TOKEN = -1  # the previous id of a sequence's first token
@@ -296,9 +300,7 @@ def thor_expert(key: jax.Array, num_experts: int) -> jax.Array:
 def single_expert_route(expert: jax.Array, like_BS: jax.Array, num_experts: int) -> Routing:
     """Every token to ``expert`` with gate 1 (ids take ``like_BS``'s shape and sharding)."""
     ids_BS1 = (jnp.zeros_like(like_BS, dtype=jnp.int32) + expert)[..., None]
-    zero = jnp.zeros((), jnp.float32)
-    load_E = jax.nn.one_hot(expert, num_experts, dtype=jnp.float32)
-    return Routing(ids_BS1, jnp.ones(ids_BS1.shape, jnp.float32), zero, zero, load_E, zero)
+    return _equal_gates(ids_BS1, jax.nn.one_hot(expert, num_experts, dtype=jnp.float32), single_expert=expert)
 
 
 def expert_choice_route(

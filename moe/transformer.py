@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.config import NON_CAUSAL_ROUTERS, TransformerConfig
+from moe.config import TransformerConfig
 from moe.experts import ACTIVATION_FNS
 from moe.layer import MoEFeedForward, compute_value, sharded_param
 from moe.routing import NO_PREVIOUS_TOKEN
@@ -160,7 +160,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size < 1:
             raise ValueError(f"TransformerConfig.vocab_size={cfg.vocab_size}: must be set (>= 1) to build a model")
-        if cfg.moe_every and cfg.router in NON_CAUSAL_ROUTERS and not cfg.allow_non_causal_router:
+        if cfg.non_causal_routing and not cfg.allow_non_causal_router:
             raise ValueError(NON_CAUSAL_MESSAGE.format(router=cfg.router))
         self.cfg = cfg
         pdtype = jnp.dtype(cfg.param_dtype)

@@ -199,12 +199,11 @@ def eval_main(argv=None) -> int:
     def run() -> int:
         import json
 
-        from moe.config import NON_CAUSAL_ROUTERS
         from train.evaluate import evaluate_run, load_run
 
         loaded = load_run(args.workdir, args.step)
         m = loaded.cfg.model
-        if m.moe_every and m.router in NON_CAUSAL_ROUTERS:
+        if m.non_causal_routing:
             print(f"{prog}: note: model.router={m.router!r} routes by later tokens too; this loss is not a causal "
                   "language-model loss", file=sys.stderr)
         result = evaluate_run(
@@ -242,7 +241,6 @@ def generate_main(argv=None) -> int:
     def run() -> int:
         import jax
 
-        from moe.config import NON_CAUSAL_ROUTERS
         from train.config import ConfigError
         from train.evaluate import load_run, require_tokens
         from train.generate import generate
@@ -250,7 +248,7 @@ def generate_main(argv=None) -> int:
 
         loaded = load_run(args.workdir, args.step, devices=jax.devices()[:1])  # one sequence: one device
         m = loaded.cfg.model
-        if m.moe_every and m.router in NON_CAUSAL_ROUTERS:
+        if m.non_causal_routing:
             raise ConfigError(f"model.router={m.router!r} (checkpoint {loaded.workdir}): its routing needs later "
                               "tokens, which token-by-token generation does not have")
         tokenizer = build_tokenizer(loaded.cfg.data, loaded.workdir, lambda: iter(()))

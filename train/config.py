@@ -16,7 +16,7 @@ import math
 import pathlib
 import sys
 
-from moe.config import ACTIVATIONS, DTYPES, NON_CAUSAL_ROUTERS, ROUTERS
+from moe.config import ACTIVATIONS, DTYPES, ROUTERS
 from moe.config import TransformerConfig as ModelConfig
 
 
@@ -198,7 +198,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(m.thor_consistency >= 0 and math.isfinite(m.thor_consistency), "model.thor_consistency", "must be >= 0 (0 = off)")
     need(m.thor_consistency == 0 or (m.router == "thor" and m.moe_every), "model.thor_consistency",
          "is THOR's consistency loss: set model.router='thor' (with MoE blocks) or leave it 0")
-    need(m.router not in NON_CAUSAL_ROUTERS or m.allow_non_causal_router or not m.moe_every, "model.router",
+    need(not m.non_causal_routing or m.allow_non_causal_router, "model.router",
          "routes each token by later tokens of its group (non-causal): a causal LM would see the future; "
          "set model.allow_non_causal_router=True to train it anyway for a routing study")
     if m.moe_every:

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe.config import NON_CAUSAL_ROUTERS
 from moe.transformer import Transformer
 
 
@@ -42,7 +41,7 @@ def generate(
     stop_id: int | None = None,
 ) -> tuple[list[int], np.ndarray]:
     """New token ids after ``prompt_ids`` and their logits [n, V] (model in eval mode)."""
-    if model.cfg.moe_every and model.cfg.router in NON_CAUSAL_ROUTERS:
+    if model.cfg.non_causal_routing:
         raise ValueError(f"model.router={model.cfg.router!r}: its routing needs later tokens; cannot generate")
     prompt = np.asarray(prompt_ids, dtype=np.int32).reshape(1, -1)
     if prompt.shape[1] < 1:
