@@ -6,6 +6,8 @@
 #      (against a bf16 matmul peak timed in the same run and against the spec sheet)
 #
 #   scripts/gpu_bench.sh [OUT_DIR]          # default OUT_DIR: runs/gpu_bench
+#   QUICK=1 scripts/gpu_bench.sh [OUT_DIR]  # about 4 minutes on one H200: E 8,64 at 8192 tokens,
+#                                           # no expert-count sweep in the training benchmark
 #
 # Needs a Python with JAX for CUDA and this project's dependencies (PYTHON, default python3);
 # nothing is downloaded. The data is the running Python's standard library (byte tokenizer), so
@@ -25,16 +27,21 @@ if [[ $kind != gpu ]]; then
   exit 2
 fi
 ep=$(( ngpu >= 8 ? 8 : ngpu ))
+if [[ ${QUICK:-0} == 1 ]]; then
+  layer_experts=8,64 layer_tokens=8192 train_experts=8 repeats=3
+else
+  layer_experts=8,64,128 layer_tokens=8192,32768 train_experts=8,16,32 repeats=5
+fi
 echo "== $ngpu GPU(s); expert axis $ep; output in $out"
 "$py" -c 'import jax; print(jax.__version__, jax.devices())'
 
 echo "== layer: d=2048, expert d_ff=1408, bf16, top-1 and top-2, capacity and dropless"
 bench layer --data 1 --expert "$ep" --d_model 2048 --d_ff 1408 --dtype bfloat16 --seq_len 2048 \
-  --experts 8,64,128 --tokens_per_device 8192,32768 --experts_per_token 1,2 --dropless \
-  --repeats 5 --iters 5 --markdown --json "$out/layer.json" --plot "$out/layer.png"
+  --experts "$layer_experts" --tokens_per_device "$layer_tokens" --experts_per_token 1,2 --dropless \
+  --repeats "$repeats" --iters 5 --markdown --json "$out/layer.json" --plot "$out/layer.png"
 
 echo "== train: configs/gpu_1b.py vs all-dense, bf16"
-bench train --config configs/gpu_1b.py --dense_config auto --experts 8,16,32 --steps 5 --repeats 5 \
+bench train --config configs/gpu_1b.py --dense_config auto --experts "$train_experts" --steps 5 --repeats "$repeats" \
   --peak_size 8192 --json "$out/train.json" \
   --config.mesh.data=-1 --config.mesh.expert="$ep" --config.train.batch_size=$(( 8 * ngpu )) \
   --config.train.seq_len=2048 --config.data.tokenizer=byte --config.data.max_bytes=20000000
