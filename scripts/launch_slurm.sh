@@ -8,8 +8,9 @@
 #   sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 scripts/launch_slurm.sh ...
 #
 # srun starts the same command on every task; JAX reads SLURM's environment (job id, task
-# count, node list) to find the coordinator (--distributed=auto), and each process binds the GPUs
-# SLURM gave its task. WORKDIR must be on a filesystem every node sees (checkpoints are written
+# count, node list) to find the coordinator (--distributed=auto). With one task per node a process
+# uses every GPU of its node; with one per GPU, the GPU of its local rank (--local_device_ids
+# overrides both). WORKDIR must be on a filesystem every node sees (checkpoints are written
 # by all processes together). VENV (default .venv) is activated first when it exists.
 #SBATCH --job-name=switchyard
 #SBATCH --exclusive

@@ -29,6 +29,7 @@ class DistributedSettings:
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1
+    local_device_ids: list[int] | None = None  # accelerators this process uses (None: see node_local_devices)
     init_timeout: int = 300  # seconds to wait for every process to join
     shutdown_timeout: int = 60
     heartbeat_timeout: int = 100
@@ -41,6 +42,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
     g.add_argument("--num_processes", type=int, default=None)
     g.add_argument("--process_id", type=int, default=None)
+    g.add_argument("--local_device_ids", default=None,
+                   help="comma-separated accelerator ids this process uses (default: all of the node's with one "
+                        "process per node, else the one of its local rank)")
     g.add_argument("--init_timeout", type=int, default=300, help="seconds to wait for all processes to join")
     g.add_argument("--shutdown_timeout", type=int, default=60)
 
@@ -76,6 +80,12 @@ def settings_from(args, environ=os.environ) -> DistributedSettings:
             raise DistributedError(f"--process_id={s.process_id}: must be in [0, {s.num_processes})")
         if ":" not in s.coordinator_address:
             raise DistributedError(f"--coordinator_address={s.coordinator_address}: expected HOST:PORT")
+    ids = pick("local_device_ids", str)
+    if ids is not None:
+        try:
+            s.local_device_ids = [int(i) for i in ids.split(",")]
+        except ValueError:
+            raise DistributedError(f"--local_device_ids={ids}: expected comma-separated integers") from None
     if s.init_timeout < 1:
         raise DistributedError(f"--init_timeout={s.init_timeout}: must be >= 1 second")
     return s
@@ -92,6 +102,30 @@ def detected_cluster(environ=os.environ) -> str | None:
     if "JOBSET_NAME" in environ or "JOB_COMPLETION_INDEX" in environ and "KUBERNETES_SERVICE_HOST" in environ:
         return "kubernetes"
     return None
+
+
+def _tasks_on_this_node(cluster: str, environ) -> int | None:
+    if cluster == "openmpi":
+        return int(environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "0") or 0) or None
+    if cluster == "slurm":  # "8", "1(x2)" or "2,1": the first node's count when all nodes agree
+        raw = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or ""
+        counts = {part.split("(")[0] for part in raw.split(",") if part}
+        return int(counts.pop()) if len(counts) == 1 and next(iter(counts)).isdigit() else None
+    return None
+
+
+def node_local_devices(environ=os.environ) -> list[int] | None:
+    """With one process per node under SLURM or Open MPI, every GPU of the node.
+
+    ``jax.distributed.initialize()`` otherwise gives each process only the GPU of its local rank
+    (one per process), which would leave all but one GPU of every node idle. None: let JAX decide.
+    """
+    cluster = detected_cluster(environ)
+    if cluster is None or _tasks_on_this_node(cluster, environ) != 1:
+        return None
+    visible = environ.get("CUDA_VISIBLE_DEVICES", "")
+    n = len(visible.split(",")) if visible else int(environ.get("SLURM_GPUS_ON_NODE", "0") or 0)
+    return list(range(n)) if n else None
 
 
 _state = {"started": False, "index": 0, "count": 1}
@@ -142,11 +176,13 @@ def initialize(settings: DistributedSettings) -> tuple[int, int]:
                     flush=True,
                 )
                 jax.distributed.initialize(
-                    settings.coordinator_address, settings.num_processes, settings.process_id, **kwargs
+                    settings.coordinator_address, settings.num_processes, settings.process_id,
+                    local_device_ids=settings.local_device_ids, **kwargs
                 )
                 _state["started"] = True
         elif settings.mode == "auto" or detected_cluster():
-            jax.distributed.initialize(**kwargs)
+            ids = settings.local_device_ids if settings.local_device_ids is not None else node_local_devices()
+            jax.distributed.initialize(local_device_ids=ids, **kwargs)
             _state["started"] = True
     except DistributedError:
         raise

@@ -185,7 +185,7 @@ def test_consecutive_non_finite_steps_stop_the_run_without_a_checkpoint(tmp_path
 
     trainer.batches = Poisoned()
     try:
-        with pytest.raises(NonFiniteError, match=r"^train: step 4 is the 2th non-finite step in a row"):
+        with pytest.raises(NonFiniteError, match=r"^train: step 4 ends 2 non-finite steps in a row"):
             trainer.run()
     finally:
         trainer.close()
@@ -217,10 +217,11 @@ def test_loss_spike_skipping_is_off_by_default_and_works_when_on(tmp_path):
 
 # ---------------------------------------------------------------- stalled or dead peer
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["stalled", "dead"])
-def test_a_stalled_or_dead_peer_makes_process_0_exit(tmp_path, sig):
-    """Two processes started by hand (no launcher to clean up): process 1 is frozen or killed
-    after step 3; process 0 must end on its own, non-zero, instead of waiting forever."""
+@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL, signal.SIGTERM], ids=["stalled", "dead", "preempted"])
+def test_a_stalled_dead_or_preempted_peer_makes_process_0_stop(tmp_path, sig):
+    """Two processes started by hand (no launcher to clean up): process 1 is frozen, killed or
+    sent SIGTERM after step 3. Process 0 must end on its own instead of waiting forever: non-zero
+    for a frozen or dead peer; for a preempted one, both save the same step and exit 0."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -244,12 +245,21 @@ def test_a_stalled_or_dead_peer_makes_process_0_exit(tmp_path, sig):
         start = time.monotonic()
         err.append(main.communicate(timeout=150)[1])
         elapsed = time.monotonic() - start
+        if sig == signal.SIGTERM:
+            peer.wait(timeout=120)
     finally:
         for proc in (main, peer):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     text = "".join(err)
+    if sig == signal.SIGTERM:  # only process 1 was signalled; both stop after the same step
+        assert main.returncode == 0 and peer.returncode == 0, text[-3000:]
+        saved = re.search(r"preempted \(SIGTERM\): checkpoint (\d+) saved", text)
+        assert saved, text[-3000:]
+        steps = [int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir()]
+        assert steps == [int(saved.group(1))] and 3 <= steps[0] < 200, steps
+        return
     assert main.returncode != 0 and elapsed < 120, text[-3000:]
     if sig == signal.SIGSTOP:  # a frozen peer: only the watchdog can tell
         assert main.returncode == 4
@@ -260,6 +270,22 @@ def test_a_stalled_or_dead_peer_makes_process_0_exit(tmp_path, sig):
     else:  # the collective waited on the dead peer instead of failing: the watchdog ends it
         assert main.returncode == 4 and elapsed < 30, text[-3000:]
         assert re.search(r"\[process 0/2\] moe-train: no step finished for \d+ s after step \d+", text), text[-2000:]
+
+
+@pytest.mark.parametrize("error", [CheckpointError("checkpoint: no checkpoint can be restored from /w"),
+                                   NonFiniteError("train: step 4 ends 2 non-finite steps in a row")])
+def test_a_run_that_cannot_go_on_ends_in_one_line_with_exit_1(capsys, error):
+    from train.cli import _run_guarded
+
+    def fail():
+        raise error
+
+    with pytest.raises(SystemExit) as exc:
+        _run_guarded("moe-train", False, fail)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and err == f"moe-train: {error}"
+    with pytest.raises(type(error)):  # --verbose: the traceback
+        _run_guarded("moe-train", True, fail)
 
 
 def test_a_checkpoint_from_an_incompatible_config_is_refused_in_one_line(tmp_path, capsys):

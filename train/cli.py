@@ -80,18 +80,22 @@ def _load_config(prog: str, path: str, overrides: list[tuple[str, str]]):
 
 
 def _run_guarded(prog: str, verbose: bool, fn) -> int:
-    """Run ``fn``; user-caused errors become one line and exit code 2 (traceback with --verbose)."""
+    """Run ``fn``; user-caused errors become one line and exit code 2, a run that cannot go on
+    (no readable checkpoint, too many non-finite steps) one line and exit code 1; --verbose
+    shows the traceback."""
+    from train.checkpoint import CheckpointError
     from train.config import ConfigError
     from train.data import DataError
+    from train.loop import NonFiniteError
 
     from sharding.distributed import shutdown
 
     try:
         return fn()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         if verbose:
             raise
-        _fail(prog, str(e))
+        _fail(prog, str(e), 2 if isinstance(e, (ConfigError, DataError)) else 1)
     except KeyboardInterrupt:
         _fail(prog, "interrupted", 130)
     except Exception as e:

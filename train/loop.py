@@ -272,7 +272,8 @@ class Trainer:
         """Train to ``train.steps`` (or stop after step ``stop_at``, checkpointed, as an interruption would).
 
         SIGTERM (preemption) saves a checkpoint at the current step, waits for it and returns
-        with ``summary["preempted"]``. ``train.max_nonfinite_steps`` consecutive skipped
+        with ``summary["preempted"]``. With several processes, a SIGTERM to any of them stops all
+        of them after the same step: the flag travels with the batch and is reduced in the step. ``train.max_nonfinite_steps`` consecutive skipped
         (non-finite) updates raise ``NonFiniteError`` without writing another checkpoint.
         """
         cfg = self.cfg
@@ -300,6 +301,8 @@ class Trainer:
             if summary["first_loss"] is None:
                 summary["first_loss"] = loss
             summary["last_loss"] = loss
+            if host.pop("stop", 0):
+                stop_requested.append(step + 1)
             skipped = bool(host["skipped"])
             summary["skipped_steps"] += int(skipped)
             nonfinite_run = nonfinite_run + 1 if host["nonfinite"] else 0
@@ -321,18 +324,21 @@ class Trainer:
                 self.log(f"step {step + 1}: update skipped ({what}); parameters and optimizer state unchanged")
             if nonfinite_run >= t.max_nonfinite_steps:
                 raise NonFiniteError(
-                    f"train: step {step + 1} is the {nonfinite_run}th non-finite step in a row "
+                    f"train: step {step + 1} ends {nonfinite_run} non-finite steps in a row "
                     f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); stopped without saving a checkpoint. "
                     f"The last good checkpoint is in {self.checkpoints.directory}"
                 )
 
-        preempted = []
+        preempted = []  # this process got SIGTERM
+        stop_requested = []  # some process got SIGTERM (read back from a step's metrics)
         previous_handler = _install_sigterm(lambda: preempted.append(True))
         every = cfg.checkpoint.every_steps
         try:
             with self.context():  # the watchdog arms at the first finished step: compiling is not stalling
                 for step in range(start_step, end):
-                    batch = self.global_batch(next(self.batches))
+                    local = next(self.batches)
+                    local["stop"] = np.full((len(local["inputs"]), 1), len(preempted) > 0, np.int32)
+                    batch = self.global_batch(local)
                     profiler.maybe_start(step + 1, warm=step > start_step, previous=self.state)  # after the compiling step
                     with profiler.annotate(step + 1):
                         self.state, dev_metrics = self.train_step(self.state, batch)
@@ -340,7 +346,7 @@ class Trainer:
                     if pending is not None:
                         consume(*pending)
                     pending = (step, dev_metrics)
-                    if preempted:
+                    if stop_requested:  # every process sees it after the same step
                         consume(*pending)
                         pending = None
                         self.save_checkpoint(step + 1, force=True)

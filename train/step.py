@@ -94,6 +94,10 @@ def make_train_step(
     optimizer state stay as they were, and the metrics say so."""
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        # "stop": each process's rows carry its own preemption flag; the global max is what every
+        # process reads back, so all of them stop after the same step
+        batch = dict(batch)
+        stop = batch.pop("stop", None)
         if grad_accum_steps == 1:
             total, ce, aux, grads, model_state = _micro_step(graphdef, state.params, state.model_state, batch)
         else:
@@ -148,6 +152,8 @@ def make_train_step(
             "moe/router_entropy": aux["router_entropy"],
             "moe/load_imbalance": aux["load_imbalance"],
         }
+        if stop is not None:
+            metrics["stop"] = jnp.max(stop)
         if "thor_consistency" in aux:
             metrics["thor/consistency"] = aux["thor_consistency"]
         for layer, stats in aux["per_layer"].items():
