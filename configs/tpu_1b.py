@@ -5,7 +5,7 @@ over ``expert``. On a v5p-32 (16 chips) this is fsdp=2 x expert=8; ``fsdp=-1`` f
 whose chip count is a multiple of 8.
 
     # on every TPU VM worker of the slice (see scripts/ and the README, "Multi-host"):
-    moe-train --config=configs/tpu_1b.py --workdir=gs://BUCKET/tpu_1b \\
+    moe-train --config=configs/tpu_1b.py --workdir=/mnt/gcs/runs/tpu_1b \\
         --config.data.path='/data/corpus/*.jsonl'
 """
 

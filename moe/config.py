@@ -130,8 +130,23 @@ def _positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+class StrictFields:
+    """A mutable dataclass that refuses attributes it does not declare, so that a misspelt field
+    in a config file (``cfg.train.step = 5``) is an error instead of a silent no-op."""
+
+    def __setattr__(self, name, value):
+        names = [f.name for f in dataclasses.fields(self)]
+        if name not in names:
+            import difflib
+
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}{hint}")
+        object.__setattr__(self, name, value)
+
+
 @dataclasses.dataclass
-class TransformerConfig:
+class TransformerConfig(StrictFields):
     """A decoder-only language model; also the ``model`` section of the run config."""
 
     vocab_size: int = 0  # 0 = the tokenizer's vocabulary, rounded up to a multiple of 64

@@ -3,13 +3,13 @@
 #
 #   scripts/launch_tpu_pod.sh TPU_NAME ZONE [moe-train args...]
 #   scripts/launch_tpu_pod.sh my-v5p-32 us-east5-a \
-#       --config=configs/tpu_1b.py --workdir=gs://my-bucket/runs/tpu_1b \
+#       --config=configs/tpu_1b.py --workdir=/mnt/gcs/runs/tpu_1b \
 #       --config.data.path='/mnt/data/*.jsonl'
 #
 # Every worker must have the repository at REPO (default ~/switchyard) and a virtual environment
 # with `pip install -e '.[dev]' 'jax[tpu]'` (do it once with SETUP=1). JAX finds the other
 # workers from the TPU metadata (--distributed=auto); all workers must see the same WORKDIR
-# (a gs:// bucket or a shared disk). Ctrl-C stops the command on every worker.
+# (a bucket mounted with Cloud Storage FUSE at the same path, or a shared disk). Ctrl-C stops the command on every worker.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   echo "usage: $0 TPU_NAME ZONE [moe-train args...]" >&2

@@ -172,50 +172,6 @@ def test_moe_train_cli_end_to_end(tmp_path, capsys):
     assert "done: loss" in capsys.readouterr().out
 
 
-BAD_INPUTS = [
-    (["--config.model.num_expert=3"], "config.model.num_expert: unknown key"),
-    (["--config.trian.steps=3"], "config.trian.steps: unknown key"),
-    (["--config.train.steps=ten"], "config.train.steps='ten': expected int"),
-    (["--config.train.steps=0"], "config.train.steps=0: must be >= 1"),
-    (["--config.train.steps=-5"], "config.train.steps=-5: must be >= 1"),
-    (["--config.mesh.expert=3"], "config.mesh: data=2, fsdp=1, expert=3, tensor=1 needs 6 devices"),
-    (["--config.mesh.data=4"], "needs 16 devices, but 8 are present"),
-    (["--config.model.num_experts=6"], "config.model.num_experts=6: not divisible by mesh.expert=4"),
-    (["--config.model.experts_per_token=9"], "config.model.experts_per_token=9: cannot exceed num_experts=8"),
-    (["--config.model.capacity_factor=0"], "config.model.capacity_factor=0.0: must be a number > 0"),
-    (["--config.train.batch_size=12"], "config.train.batch_size=12: each micro-batch"),
-    (["--config.model.router=learned"], "config.model.router='learned'"),
-    (["--config.model.dispatch=ragged"], "config.model.dispatch='ragged': choose one of capacity, dropless"),
-    (["--config.data.path=/no/such/dir"], "data.path=/no/such/dir"),
-    (["--config.data.path=EMPTY_DIR"], "data.path=EMPTY_DIR"),
-    (["--config.data.tokenizer=bpe", "--config.data.tokenizer_path=BAD_TOKENIZER"], "data.tokenizer_path=BAD_TOKENIZER"),
-    (["--config.data.tokenizer_path=/no/such/tokenizer.json"], "config.data.tokenizer_path='/no/such/tokenizer.json': no such file"),
-    (["--bogus=1"], "--bogus=1: unrecognised argument"),
-    (["--cpu_devices=0"], "--cpu_devices=0: must be >= 1"),
-    (["--config.profile_steps=-1"], "config.profile_steps=-1: must be an integer >= 0"),
-    (["--config.model.router=expert_choice"], "config.model.router='expert_choice': routes each token by later tokens"),
-    (["--config.model.thor_consistency=1.0"], "config.model.thor_consistency=1.0: is THOR's consistency loss"),
-    (["--config.model.router=thor", "--config.model.experts_per_token=2"], "experts_per_token=2: the thor router sends"),
-]
-
-
-@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "tokenizer.json").write_text("{not json")
-    subst = {"EMPTY_DIR": str(tmp_path / "empty"), "BAD_TOKENIZER": str(tmp_path / "tokenizer.json")}
-    for k, v in subst.items():
-        argv = [a.replace(k, v) for a in argv]
-        message = message.replace(k, v)
-    with pytest.raises(SystemExit) as exc:
-        train_main(["--config", str(ROOT / "configs/default.py"), f"--workdir={tmp_path / 'w'}", *argv])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    assert not (tmp_path / "w" / "checkpoints").exists()  # nothing written
-
-
 def test_dry_run_prints_config_and_parameter_counts(tmp_path, capsys):
     assert train_main(["--config", str(ROOT / "configs/default.py"), f"--workdir={tmp_path}", "--dry_run"]) == 0
     out = capsys.readouterr().out

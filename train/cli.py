@@ -43,6 +43,13 @@ def _fail(prog: str, message: str, code: int = 2):
     raise SystemExit(code)
 
 
+def _check_workdir(prog: str, workdir: str) -> None:
+    """Run folders are paths; an object-store URL would silently become a local folder."""
+    if "://" in workdir:
+        _fail(prog, f"--workdir={workdir}: URLs are not supported; mount the bucket on every host "
+                    "(e.g. Cloud Storage FUSE at /mnt/gcs) and pass that path")
+
+
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu_devices", type=int, default=8, help="CPU devices to emulate when no accelerator is used")
     p.add_argument("--verbose", action="store_true", help="show tracebacks")
@@ -60,6 +67,7 @@ def train_main(argv=None) -> int:
 
     add_arguments(p)
     args, rest = p.parse_known_args(argv)
+    _check_workdir(prog, args.workdir)
     cfg = _load_config(prog, args.config, _split_overrides(rest, prog))
     _start_jax(prog, args, distributed=True)
     return _run_guarded(prog, args.verbose, lambda: _train(cfg, args))
@@ -198,6 +206,7 @@ def eval_main(argv=None) -> int:
 
     add_arguments(p)
     args = p.parse_args(argv)
+    _check_workdir(prog, args.workdir)
     _start_jax(prog, args, distributed=True)
 
     def run() -> int:
@@ -235,6 +244,7 @@ def generate_main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     _common_args(p)
     args = p.parse_args(argv)
+    _check_workdir(prog, args.workdir)
     for name in ("max_new_tokens", "top_k"):
         if getattr(args, name) < (1 if name == "max_new_tokens" else 0):
             _fail(prog, f"--{name}={getattr(args, name)}: out of range")

@@ -16,7 +16,7 @@ import math
 import pathlib
 import sys
 
-from moe.config import ACTIVATIONS, DTYPES, ROUTERS
+from moe.config import ACTIVATIONS, DTYPES, ROUTERS, StrictFields
 from moe.config import TransformerConfig as ModelConfig
 
 
@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass
-class MeshConfig:
+class MeshConfig(StrictFields):
     data: int = 2
     fsdp: int = 1
     expert: int = 4
@@ -34,7 +34,7 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(StrictFields):
     steps: int = 300
     batch_size: int = 16  # global sequences per step
     seq_len: int = 128
@@ -47,7 +47,7 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class OptimizerConfig:
+class OptimizerConfig(StrictFields):
     learning_rate: float = 3e-3  # peak
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio at train.steps
@@ -59,7 +59,7 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass
-class DataConfig:
+class DataConfig(StrictFields):
     path: str = ""  # "" = the running Python's standard library sources; else a file, folder or glob
     tokenizer: str = "byte"  # byte | bpe
     tokenizer_path: str = ""  # bpe: load this tokenizer.json instead of training one
@@ -69,13 +69,13 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class CheckpointConfig:
+class CheckpointConfig(StrictFields):
     every_steps: int = 100  # 0 = only at the end
     keep: int = 3
 
 
 @dataclasses.dataclass
-class Config:
+class Config(StrictFields):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -111,7 +111,10 @@ def load_config_file(path: str) -> Config:
         sys.path.remove(str(file.resolve().parent))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config={path}: defines no get_config()")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except Exception as e:  # e.g. a misspelt field (StrictFields)
+        raise ConfigError(f"--config={path}: get_config() failed: {type(e).__name__}: {e}") from e
     if not isinstance(cfg, Config):
         raise ConfigError(f"--config={path}: get_config() must return train.config.Config")
     return cfg
@@ -256,6 +259,13 @@ def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
     if m.moe_every and m.num_experts % sizes["expert"]:
         raise ConfigError(f"config.model.num_experts={m.num_experts}: not divisible by mesh.expert={sizes['expert']}")
     if sizes["tensor"] > 1:
+        from sharding.rules import PRESETS, TENSOR_AXIS
+
+        if TENSOR_AXIS not in PRESETS[cfg.mesh.rules].values():
+            raise ConfigError(
+                f"config.mesh.tensor={sizes['tensor']}: mesh.rules={cfg.mesh.rules} shards nothing over the tensor "
+                "axis, so its devices would all repeat the same work; use mesh.rules=ep+tp or mesh.tensor=1"
+            )
         for key in ("d_ff", "num_heads"):
             if getattr(m, key) % sizes["tensor"]:
                 raise ConfigError(f"config.model.{key}={getattr(m, key)}: not divisible by mesh.tensor={sizes['tensor']}")

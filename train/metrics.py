@@ -153,9 +153,13 @@ class MetricsWriter:
         return "  ".join(parts)
 
     def log(self, message: str) -> None:
-        """Print a line of text, above the progress bar when there is one."""
+        """Print a line of text, above the progress bar when there is one; in a multi-process job
+        it starts with ``[process i/n]``."""
         if not self.enabled or self._closed:
             return
+        from sharding.distributed import prefix
+
+        message = prefix() + message
         if self._bar is not None:
             self._bar.write(message, file=self.stream)
         else:
