@@ -227,6 +227,19 @@ def test_default_stdlib_corpus():
 
 
 # ---------------------------------------------------------------- tokenizers
+def test_fingerprint_sees_an_edit_that_keeps_the_size(tmp_path):
+    (tmp_path / "a.txt").write_text("x" * 300_000)
+    (tmp_path / "b.txt").write_text("hello world")
+    cfg = DataConfig(path=str(tmp_path))
+    before = data_fingerprint(cfg)
+    assert data_fingerprint(cfg) == before
+    (tmp_path / "b.txt").write_text("hello there")  # same size, other text
+    assert data_fingerprint(cfg) != before
+    after_b = data_fingerprint(cfg)
+    (tmp_path / "a.txt").write_text("x" * 299_999 + "y")  # the last byte of a large file
+    assert data_fingerprint(cfg) != after_b
+
+
 def test_byte_tokenizer_round_trip():
     tok = ByteTokenizer()
     text = "naïve café — 日本語 🚀\n\ttabs"

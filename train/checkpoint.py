@@ -21,12 +21,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 ARRAY_ITEMS = ("params", "opt_state", "train")
+JSON_ITEMS = ("data", "meta")
 SET_ASIDE = ".unreadable"
+# Orbax splits every replicated array into one slice per replica so that the replicas write in
+# parallel; each slice is an eager op dispatched while the training loop waits. Below this size
+# one replica writes the whole array: the save blocks the loop for about a third as long
+# (measured on the default config: ~360 -> ~100 ms, and 2.6 s -> 0.2 s for the first save).
+REPLICA_PARALLEL_MIN_BYTES = 4 << 20
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint (the message names the folder)."""
-JSON_ITEMS = ("data", "meta")
+
+
+def _register_array_handler() -> None:
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+_register_array_handler()
 
 
 # ---------------------------------------------------------------- pytree <-> nested dict

@@ -249,15 +249,28 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, split: str, chunk: int = 
     return Corpus(tokens=np.concatenate(pieces), num_bytes=num_bytes, files=[str(f) for f in files])
 
 
+FINGERPRINT_SAMPLE = 64 << 10  # bytes read from each end of every file
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    """Size plus a hash of the first and last 64 KiB: catches edits without reading a large corpus."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(FINGERPRINT_SAMPLE)
+        f.seek(max(size - FINGERPRINT_SAMPLE, len(head)))
+        tail = f.read(FINGERPRINT_SAMPLE)
+    return f"{size}:{hashlib.sha256(head + b'|' + tail).hexdigest()[:16]}"
+
+
 def data_fingerprint(cfg: DataConfig) -> str:
-    """Short stable hash of the files (relative paths + sizes) and the data settings."""
+    """Short stable hash of the files (relative paths, sizes, both ends' contents) and the data settings."""
     files = list_files(cfg.path)
     try:
-        sizes = [f.stat().st_size for f in files]
+        digests = [_file_digest(f) for f in files]
     except OSError as e:
         raise DataError(f"{describe_path(cfg.path)}: cannot read {e.filename} ({e.strerror or e})") from e
     settings = dataclasses.asdict(cfg)  # path, max_bytes, validation_fraction, tokenizer, ...
-    return fingerprint({**settings, "files": [[name, size] for name, size in zip(_relative_names(files), sizes, strict=True)]})
+    return fingerprint({**settings, "files": [[n, d] for n, d in zip(_relative_names(files), digests, strict=True)]})
 
 
 # ---------------------------------------------------------------- batches
