@@ -80,8 +80,9 @@ def ragged_exchange_supported() -> bool:
 class MoEFeedForward(nnx.Module):
     """Sparse MoE FFN. ``y, aux = layer(x_BSD, token_ids_BS)``.
 
-    ``aux`` holds float32 scalars ``aux_loss`` and ``z_loss`` (unweighted, 0 where the router
-    has none), ``router_loss`` (their weighted sum, ready to add to the training loss),
+    ``aux`` holds float32 scalars ``aux_loss`` (``aux_loss_coef * E * sum_i f_i P_i``) and
+    ``z_loss`` (``z_loss_coef * mean logsumexp^2``), 0 where the router has none, ``router_loss``
+    (their sum, ready to add to the training loss),
     ``dropped_fraction`` and ``router_entropy``, and ``expert_load`` [E]; all over the global batch.
     ``layer.eval()`` switches off router jitter, fixes the random routers' seed (THOR routes per
     token then), and uses ``eval_capacity_factor``; ``layer.train()`` switches back.
@@ -312,10 +313,11 @@ class MoEFeedForward(nnx.Module):
 
         # id E (gshard's unused second choice, expert_choice's untaken slot) is not an assignment
         total = jnp.maximum(jnp.sum(r.expert_ids < cfg.num_experts), 1).astype(jnp.float32)
+        aux_loss, z_loss = cfg.aux_loss_coef * r.aux_loss, cfg.z_loss_coef * r.z_loss  # with their coefficients
         aux = {
-            "aux_loss": r.aux_loss,
-            "z_loss": r.z_loss,
-            "router_loss": cfg.aux_loss_coef * r.aux_loss + cfg.z_loss_coef * r.z_loss,
+            "aux_loss": aux_loss,
+            "z_loss": z_loss,
+            "router_loss": aux_loss + z_loss,
             # expert_choice: experts never overflow; the tokens no expert took are its drops
             "dropped_fraction": dropped / total if r.unrouted_fraction is None else r.unrouted_fraction,
             "expert_load": r.expert_load,

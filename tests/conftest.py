@@ -16,6 +16,7 @@ MESHES = {
     "1dev": dict(data=1, expert=1),  # a 1-device mesh
     "d2e4": dict(data=2, expert=4),
     "d1e8": dict(data=1, expert=8),
+    "d8e1": dict(data=8, expert=1),  # several devices, an expert axis of size 1
     "e4t2": dict(expert=4, tensor=2),
 }
 

@@ -65,13 +65,14 @@ def test_routing_and_statistics_do_not_depend_on_the_mesh(router):
     cfg = _cfg(router=router, experts_per_token=2, capacity_factor=float(E))
     key = jax.random.key(5)
     ref = run_layer(cfg, "none", x, token_ids, ct, key=key)
-    for m in ("1dev", "d2e4", "d1e8"):
+    for m in ("1dev", "d2e4", "d1e8", "d8e1"):
         out = run_layer(cfg, m, x, token_ids, ct, key=key)
         for name in ("expert_load", "aux_loss", "z_loss", "router_entropy", "dropped_fraction"):
             np.testing.assert_allclose(out["aux"][name], ref["aux"][name], rtol=1e-6, atol=1e-7, err_msg=name)
         np.testing.assert_allclose(out["y"], ref["y"], rtol=1e-5, atol=1e-6)
     if router == "random":
         assert np.isclose(ref["aux"]["expert_load"].sum(), 1.0)
+        assert ref["aux"]["aux_loss"] == ref["aux"]["z_loss"] == ref["aux"]["router_loss"] == 0.0  # no router
 
 
 def test_expert_gradients_are_not_averaged_over_the_expert_axis():
@@ -171,13 +172,18 @@ def test_load_balance_and_z_loss_match_hand_computed_values():
     np.testing.assert_allclose(np.asarray(r2.expert_load), [0.5, 0.5])
 
 
-def test_layer_reports_router_loss_with_coefficients():
+def test_layer_reports_router_losses_with_their_coefficients():
+    """aux_loss = alpha * E * sum_i f_i P_i, z_loss = beta * mean lse^2, router_loss = their sum."""
     x, token_ids, ct = make_inputs()
-    out = run_layer(_cfg(aux_loss_coef=0.5, z_loss_coef=0.25), "d2e4", x, token_ids, ct)
-    a = out["aux"]
-    assert float(a["router_loss"]) == pytest.approx(0.5 * float(a["aux_loss"]) + 0.25 * float(a["z_loss"]), rel=1e-6)
-    assert float(a["aux_loss"]) > 0.0 and float(a["z_loss"]) > 0.0
+    unit = run_layer(_cfg(aux_loss_coef=1.0, z_loss_coef=1.0), "d2e4", x, token_ids, ct)["aux"]
+    a = run_layer(_cfg(aux_loss_coef=0.5, z_loss_coef=0.25), "d2e4", x, token_ids, ct)["aux"]
+    assert float(a["aux_loss"]) == pytest.approx(0.5 * float(unit["aux_loss"]), rel=1e-6)
+    assert float(a["z_loss"]) == pytest.approx(0.25 * float(unit["z_loss"]), rel=1e-6)
+    assert float(a["router_loss"]) == pytest.approx(float(a["aux_loss"]) + float(a["z_loss"]), rel=1e-6)
+    assert float(unit["aux_loss"]) > 0.0 and float(unit["z_loss"]) > 0.0
     assert a["expert_load"].shape == (E,)
+    hashed = run_layer(_cfg(router="hash"), "d2e4", x, token_ids, ct)["aux"]
+    assert hashed["aux_loss"] == hashed["z_loss"] == hashed["router_loss"] == 0.0  # no router, no losses
 
 
 # ---------------------------------------------------------------- bad configs

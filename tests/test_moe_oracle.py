@@ -33,7 +33,7 @@ def oracle(cfg, out, x, token_ids, ct, num_groups, key=None, deterministic=False
     return np.asarray(y), grads, dropped
 
 
-GROUPS = {"none": 1, "1dev": 1, "d2e4": 8, "d1e8": 8, "e4t2": 4}
+GROUPS = {"none": 1, "1dev": 1, "d2e4": 8, "d1e8": 8, "d8e1": 8, "e4t2": 4}
 
 
 def check_against_oracle(cfg, mesh_name, seed=0, deterministic=False):
@@ -65,9 +65,12 @@ def test_layer_matches_oracle(router, k, mesh_name, drops):
     assert (dropped > 0) == drops
 
 
-@pytest.mark.parametrize("mesh_name", ["none", "e4t2"])
-def test_layer_matches_oracle_without_mesh_and_with_tensor_axis(mesh_name):
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, router="topk", capacity_factor=1.0)
+@pytest.mark.parametrize("mesh_name, activation, gated", [
+    ("none", "silu", True), ("e4t2", "silu", True), ("d8e1", "gelu", True), ("d2e4", "silu", False),
+])
+def test_layer_matches_oracle_without_mesh_with_tensor_axis_and_other_ffns(mesh_name, activation, gated):
+    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, router="topk", capacity_factor=1.0,
+                    activation=activation, gated=gated)
     check_against_oracle(cfg, mesh_name)
 
 
