@@ -152,10 +152,11 @@ def test_moe_train_cli_end_to_end(tmp_path, capsys):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
-    for key in ("loss", "learning_rate", "grad_norm", "moe/aux_loss", "moe/z_loss", "moe/dropped_fraction",
-                "moe/expert_load", "moe/router_entropy"):
-        assert key in train_rows[-1], key
-    assert "tokens_per_sec" in train_rows[-1] and "mfu" in train_rows[-1]
+    for row in train_rows:  # every row has every field; the compiling first step has no rate yet
+        for key in ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu", "moe/aux_loss", "moe/z_loss",
+                    "moe/dropped_fraction", "moe/expert_load", "moe/router_entropy"):
+            assert key in row, (row["step"], key)
+    assert train_rows[0]["tokens_per_sec"] is None and train_rows[-1]["tokens_per_sec"] > 0 and train_rows[-1]["mfu"] > 0
     assert len(train_rows[-1]["moe/expert_load"]) == 8
     # per-layer telemetry: default config, 2 layers, MoE in every second block -> block 1 only
     last = train_rows[-1]
@@ -177,6 +178,12 @@ def test_dry_run_prints_config_and_parameter_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3,845,248 total, 1,092,736 active per token" in out
     assert not (tmp_path / "metrics.jsonl").exists()
+    assert train_main(["--config", str(ROOT / "configs/dense_baseline.py"), f"--workdir={tmp_path}", "--dry_run"]) == 0
+    # equal active parameters but for the MoE model's routers (2 MoE blocks x d_model 128 x 8 experts)
+    assert f"{1_092_736 - 2 * 128 * 8:,} total, {1_092_736 - 2 * 128 * 8:,} active per token" in capsys.readouterr().out
+    assert train_main(["--config", str(ROOT / "configs/default.py"), f"--workdir={tmp_path}", "--dry_run",
+                       "--config.data.tokenizer=bpe"]) == 0
+    assert "active per token (vocabulary 2048 from data.bpe_vocab_size" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))

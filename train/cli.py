@@ -139,11 +139,12 @@ def _train(cfg, args) -> int:
         print(resolved.to_json())
         mesh = " x ".join(f"{k}={v}" for k, v in sizes.items())
         print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {mesh}; rules {cfg.mesh.rules}")
-        if resolved.model.vocab_size:
-            counts = param_counts(resolved.model)
-            print(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token")
-        else:
-            print("parameters: the vocabulary comes from the BPE tokenizer trained at start; counts follow from it")
+        note = ""
+        if not resolved.model.vocab_size:  # a BPE trained at start: at most data.bpe_vocab_size tokens
+            resolved = resolve_model(cfg, cfg.data.bpe_vocab_size)
+            note = f" (vocabulary {resolved.model.vocab_size} from data.bpe_vocab_size; the trained BPE may be smaller)"
+        counts = param_counts(resolved.model)
+        print(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token{note}")
         return 0
     trainer = Trainer(cfg, args.workdir)
     try:

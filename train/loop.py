@@ -312,6 +312,7 @@ class Trainer:
                 window_tokens += tokens_per_step
             if (step + 1) % cfg.log_every_steps == 0 or step + 1 == end or skipped:
                 row = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in host.items()}
+                row["tokens_per_sec"] = row["mfu"] = None  # null until a timed window exists (the first step compiles)
                 if window_tokens and not skipped:
                     rate = window_tokens / (now - window_start)
                     rates.append(rate)

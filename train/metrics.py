@@ -148,7 +148,7 @@ class MetricsWriter:
         parts = [head]
         for label, keys, fmt in _CONSOLE_FIELDS:
             key = next((k for k in keys if k in values), None)
-            if key is not None and not isinstance(values[key], list):
+            if key is not None and values[key] is not None and not isinstance(values[key], list):
                 parts.append(f"{label} {_fmt(values[key], fmt)}")
         return "  ".join(parts)
 
