@@ -6,8 +6,9 @@
 #
 # Every process gets --coordinator_address=127.0.0.1:<free port> --num_processes --process_id and
 # --cpu_devices. Output lines are prefixed with the process index. Ctrl-C (or SIGTERM) is
-# forwarded to every process. If any process fails, the others are stopped and the launcher
-# exits with that process's status. MOE_CMD overrides the command (default: moe-train; e.g.
+# forwarded to every process; those still running LAUNCH_GRACE_S seconds later (default 60:
+# time for a preemption checkpoint) are killed. If any process fails, the others are stopped and
+# the launcher exits with that process's status. MOE_CMD overrides the command (default: moe-train; e.g.
 # MOE_CMD=moe-eval, or MOE_CMD="python -m train").
 set -uo pipefail
 
@@ -26,8 +27,21 @@ pgids=()
 stop_all() {  # $1: signal
   for pg in "${pgids[@]}"; do kill "-$1" -- "-$pg" 2>/dev/null; done
 }
-trap 'stop_all INT; wait; exit 130' INT
-trap 'stop_all TERM; wait; exit 143' TERM
+shutdown() {  # $1: signal to forward, $2: exit status; kill what outlives the grace period
+  stop_all "$1"
+  local deadline=$((SECONDS + ${LAUNCH_GRACE_S:-60})) pg alive
+  while ((SECONDS < deadline)); do
+    alive=0
+    for pg in "${pgids[@]}"; do kill -0 -- "-$pg" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.2
+  done
+  stop_all KILL
+  wait 2>/dev/null
+  exit "$2"
+}
+trap 'shutdown INT 130' INT
+trap 'shutdown TERM 143' TERM
 
 for ((i = 0; i < nproc; i++)); do
   # each process in its own process group (setsid), so that stopping it stops its pipeline too

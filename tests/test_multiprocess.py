@@ -6,6 +6,7 @@ Every subprocess has a hard timeout and a free port, so a broken runtime fails i
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -105,6 +106,40 @@ def test_launcher_stops_everything_when_one_process_fails_at_start_up(tmp_path):
     elapsed = time.monotonic() - start
     assert proc.returncode == 7, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "[1] boom" in proc.stdout and elapsed < 60  # well inside the 60 s start-up timeout
+
+
+def test_ctrl_c_reaches_every_process_and_the_stubborn_are_killed_after_the_grace_period(tmp_path):
+    """Process 0 ends on SIGINT; process 1 ignores it and is killed LAUNCH_GRACE_S later."""
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import signal, sys, time\n"
+        "if '--process_id=1' in sys.argv: signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = dict(_env(f"{sys.executable} {child}"), LAUNCH_GRACE_S="2")
+    proc = subprocess.Popen(["bash", str(LAUNCH), "2", "1"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        ready = [proc.stdout.readline(), proc.stdout.readline()]
+        assert sorted(line[:3] for line in ready) == ["[0]", "[1]"], ready
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert proc.wait(timeout=30) == 130
+        assert time.monotonic() - start < 15
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    left = [p.name for p in pathlib.Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, str(child))]
+    assert left == [], left  # nobody outlives the launcher
+
+
+def _cmdline_has(proc_dir, text):
+    try:
+        return text in (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
 
 
 def _lonely(tmp_path, process_id):
