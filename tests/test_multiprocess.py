@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_args
+from test_checkpoint import host
 from train.checkpoint import Checkpoints
+from train.config import from_dict
 from train.evaluate import evaluate_run, load_run
+from train.loop import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "launch_local.sh"
@@ -64,20 +67,30 @@ def test_two_processes_match_one_process(runs):
     np.testing.assert_allclose(a, b, rtol=1e-5)
     # only process 0 writes logs; every line of the launcher's output names its process
     assert "[0] done: loss" in two.stdout and "[1] done" not in two.stdout
-    # the same checkpoint: params at step 4 agree
-    params = []
     for run in ("2x4", "1x8"):
         ckpt = Checkpoints(tmp / run / "checkpoints", read_only=True)
         assert ckpt.all_steps() == [2, 4]
         meta, data = ckpt.read_meta(4)
         assert data["next_batch"] == 4
-        params.append(load_run(tmp / run).params)
         ckpt.close()
-    for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
+
+
+def test_two_process_checkpoint_resumes_in_one_process_with_the_state_of_the_1x8_run(runs):
+    """The whole training state (params, optimizer state, RNG streams, step, data position) that
+    2 processes saved restores in this one process and equals what 1 process x 8 saved."""
+    tmp, _, _ = runs
+    states = []
+    for run in ("2x4", "1x8"):
+        cfg = from_dict(json.loads((tmp / run / "config.json").read_text()))
+        trainer = Trainer(cfg, tmp / run, log=lambda m: None)
+        try:
+            assert int(trainer.state.step) == 4 and trainer.batches.get_state()["next_batch"] == 4
+            states.append(host(trainer.state))
+        finally:
+            trainer.close()
+    for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
-
-
-def test_two_process_checkpoint_restores_in_one_process(runs):
+    # and for evaluation on one device
     tmp, _, _ = runs
     one_dev = evaluate_run(load_run(tmp / "2x4", devices=jax.devices()[:1]), log=lambda m: None)
     eight = evaluate_run(load_run(tmp / "2x4"), log=lambda m: None)
