@@ -26,8 +26,8 @@ test: $(STAMP)
 # Trains CONFIG into WORKDIR (re-running resumes from the latest checkpoint), then samples text.
 train: $(STAMP)
 	$(BIN)/moe-train --config=$(CONFIG) --workdir=$(WORKDIR) $(TRAIN_ARGS)
-	@echo "--- a greedy sample from the trained model:"
-	@$(BIN)/moe-generate --workdir=$(WORKDIR) --prompt='def ' --max_new_tokens=160
+	@echo "--- a sample from the trained model (temperature 0.8, top-k 20, seed 0):"
+	@$(BIN)/moe-generate --workdir=$(WORKDIR) --prompt='def ' --max_new_tokens=160 --temperature=0.8 --top_k=20 --seed=0
 	@echo "---"
 	@echo "evaluate:    $(BIN)/moe-eval --workdir=$(WORKDIR)"
 	@echo "plot:        $(BIN)/moe-plot --workdir=$(WORKDIR)"
