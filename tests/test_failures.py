@@ -142,8 +142,13 @@ def _nan_weights(trainer, local):
     return trainer.global_batch(local)
 
 
+def _router_state(state):
+    return [x for x in jax.tree.leaves(host(state.model_state)) if x.dtype == np.float32]  # loss_free's bias
+
+
 def test_a_non_finite_update_is_skipped_and_counted(tmp_path):
     cfg = tiny_config(tmp_path)
+    cfg.model.router = "loss_free"  # its bias is state the step moves: a skipped step must not
     trainer = Trainer(cfg, tmp_path / "w")
     try:
         with trainer.context():
@@ -152,12 +157,15 @@ def test_a_non_finite_update_is_skipped_and_counted(tmp_path):
             trainer.state, m = trainer.train_step(trainer.state, ones(next(trainer.batches)))
             assert int(m["skipped"]) == 0
             before = host((trainer.state.params, trainer.state.opt_state))
+            bias = _router_state(trainer.state)
             trainer.state, m = trainer.train_step(trainer.state, _nan_weights(trainer, next(trainer.batches)))
             assert int(m["skipped"]) == 1 and int(m["nonfinite"]) == 1 and not np.isfinite(float(m["loss"]))
             assert_trees_equal(host((trainer.state.params, trainer.state.opt_state)), before)  # nothing applied
+            assert bias and all(np.array_equal(a, b) for a, b in zip(_router_state(trainer.state), bias, strict=True))
             assert int(trainer.state.step) == 2
             trainer.state, m = trainer.train_step(trainer.state, ones(next(trainer.batches)))
             assert int(m["skipped"]) == 0
+            assert any(not np.array_equal(a, b) for a, b in zip(_router_state(trainer.state), bias, strict=True))
             after = host(trainer.state.params)
         assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before[0]), strict=True))
     finally:

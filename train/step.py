@@ -98,6 +98,9 @@ def make_train_step(
         # process reads back, so all of them stop after the same step
         batch = dict(batch)
         stop = batch.pop("stop", None)
+        # a copy: the model built from state.model_state writes its updates (loss_free's bias)
+        # into those same Variables, and a skipped step must be able to go back to them
+        old_model_state = jax.tree.map(lambda x: x, state.model_state)
         if grad_accum_steps == 1:
             total, ce, aux, grads, model_state = _micro_step(graphdef, state.params, state.model_state, batch)
         else:
@@ -136,6 +139,11 @@ def make_train_step(
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731 - skip = keep the old state
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        # router state the step moved (loss_free's bias) is kept too; RNG keys move on regardless
+        model_state = jax.tree.map(
+            lambda new, old: new if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) else keep(new, old),
+            model_state, old_model_state,
+        )
         window = jnp.where(ok, window.at[state.step % window.shape[0]].set(ce), window)
         metrics = {
             "loss": ce,
