@@ -80,6 +80,9 @@ def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_losses(uninterru
     work = tmp / f"killed-{point}"
     cmd = cli_args(tmp, work)
     assert run_until(cmd, KILL_POINTS[point], signal.SIGKILL)[0] == -signal.SIGKILL
+    planted = work / "checkpoints" / "7.orbax-checkpoint-tmp-1700000000000000"  # a half-written later step
+    (planted / "params").mkdir(parents=True)
+    (planted / "params" / "junk").write_bytes(b"\0" * 100)
     run_to_end(cmd)
     assert train_losses(work) == expected  # bit for bit, every step
     leftovers = [p.name for p in (work / "checkpoints").iterdir() if not p.name.isdigit()]
