@@ -64,6 +64,8 @@ PRESETS: dict[str, Rules] = {
         "act_vocab": TENSOR_AXIS,
     },
 }
+# both: the model dimension of every weight over fsdp (gathered per layer), hidden/heads/vocab over tensor
+PRESETS["fsdp+tp"] = {**PRESETS["ep+tp"], "embed": FSDP_AXIS, "expert_embed": FSDP_AXIS}
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("switchyard_rules", default="ep")
 

@@ -76,7 +76,8 @@ def test_train_step_is_layout_invariant_across_meshes_and_rules(tmp_path):
     ref_cfg.model.capacity_factor = 1.0
     ref_losses, ref_params, _ = run_steps(ref_cfg, tmp_path / "ref", 2, devices=jax.devices()[:1])
     for mesh in (dict(data=2, expert=4), dict(data=2, fsdp=2, expert=2, rules="fsdp"),
-                 dict(data=1, expert=4, tensor=2, rules="ep+tp"), dict(data=2, expert=4, rules="dp")):
+                 dict(data=1, expert=4, tensor=2, rules="ep+tp"), dict(data=2, expert=4, rules="dp"),
+                 dict(data=1, fsdp=2, expert=2, tensor=2, rules="fsdp+tp")):
         cfg = tiny_config(tmp_path, **mesh)
         cfg.model.capacity_group_size, cfg.model.capacity_factor = 16, 1.0
         losses, params, _ = run_steps(cfg, tmp_path / "run", 2)
@@ -135,6 +136,8 @@ def test_sharding_presets_place_weights_as_documented():
     tp = sharding_table(cfg.model, make_mesh(data=1, expert=4, tensor=2), "ep+tp")
     assert tp["blocks/1/ffn/wi"] == ("expert", None, "tensor") and tp["blocks/0/attn/wq"] == (None, "tensor", None)
     assert tp["embed"] == ("tensor", None)
+    both = sharding_table(cfg.model, make_mesh(data=1, fsdp=2, expert=2, tensor=2), "fsdp+tp")
+    assert both["blocks/1/ffn/wi"] == ("expert", "fsdp", "tensor") and both["blocks/0/ffn/wi"] == ("fsdp", "tensor")
     dp = sharding_table(cfg.model, make_mesh(data=2, expert=4), "dp")
     assert dp["blocks/1/ffn/wi"] == (None, None, None)
 

@@ -30,7 +30,7 @@ class MeshConfig(StrictFields):
     fsdp: int = 1
     expert: int = 4
     tensor: int = 1
-    rules: str = "ep"  # sharding preset: dp, fsdp, ep, ep+tp (see sharding/rules.py)
+    rules: str = "ep"  # sharding preset: dp, fsdp, ep, ep+tp, fsdp+tp (see sharding/rules.py); tensor > 1 needs a +tp one
 
 
 @dataclasses.dataclass
