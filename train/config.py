@@ -264,7 +264,7 @@ def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
         if TENSOR_AXIS not in PRESETS[cfg.mesh.rules].values():
             raise ConfigError(
                 f"config.mesh.tensor={sizes['tensor']}: mesh.rules={cfg.mesh.rules} shards nothing over the tensor "
-                "axis, so its devices would all repeat the same work; use mesh.rules=ep+tp or mesh.tensor=1"
+                "axis, so its devices would all repeat the same work; use mesh.rules=ep+tp or fsdp+tp, or mesh.tensor=1"
             )
         for key in ("d_ff", "num_heads"):
             if getattr(m, key) % sizes["tensor"]:
