@@ -157,7 +157,9 @@ def test_eval_gives_the_same_loss_on_1_and_8_devices(resumed_runs):
 def test_moe_eval_and_moe_generate_cli(resumed_runs, capsys):
     work = str(resumed_runs["tmp"] / "straight")
     assert eval_main([f"--workdir={work}", "--step=4"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    assert "scored 37/37 batches" in captured.err  # progress, then the JSON line on stdout
+    out = json.loads(captured.out.strip().splitlines()[-1])
     assert out["step"] == 4 and set(out) >= {"loss", "perplexity", "bits_per_byte", "tokens"}
     one_file = resumed_runs["tmp"] / "corpus" / "f0.py"
     assert eval_main([f"--workdir={work}", f"--data_path={one_file}"]) == 0

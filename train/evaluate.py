@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -119,8 +120,23 @@ def evaluate_run(run: LoadedRun, *, data_path: str | None = None, max_batches: i
             return {k: jax.make_array_from_process_local_data(sharding, v, (batch, *v.shape[1:])) for k, v in local.items()}
 
         log(f"scoring {len(batches)} batches of {batch} x {cfg.train.seq_len} tokens on {shards} device(s)")
-        result = score(step, run.params, run.model_state, batches, to_global, corpus)
+        result = score(step, run.params, run.model_state, _with_progress(batches, log), to_global, corpus)
     return {"step": run.step, **result}
+
+
+def _with_progress(batches, log):
+    """The batches, with a progress bar on an interactive terminal, else a line every tenth."""
+    n = len(batches)
+    if sys.stderr.isatty() and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        yield from tqdm(batches, desc="scoring", unit="batch", file=sys.stderr, leave=False)
+        return
+    every = max(1, n // 10)
+    for i, batch in enumerate(batches, 1):
+        yield batch  # the caller scores it before asking for the next
+        if i % every == 0 or i == n:
+            log(f"scored {i}/{n} batches")
 
 
 def require_tokens(tokenizer, text: str) -> np.ndarray:
