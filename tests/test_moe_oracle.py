@@ -26,11 +26,11 @@ def oracle(cfg, out, x, token_ids, ct, num_groups, key=None, deterministic=False
         y, router_loss, _ = f(params, x)
         return jnp.sum(y * ct) + router_loss
 
-    y, _, dropped = f(params, x)
+    y, router_loss, dropped = f(params, x)
     grads, g_x = jax.grad(loss, argnums=(0, 1))(params, x)
     grads = {n: np.asarray(v) for n, v in grads.items() if not (n == "router_w" and cfg.router == "frozen")}
     grads["x"] = np.asarray(g_x)
-    return np.asarray(y), grads, dropped
+    return np.asarray(y), grads, dropped, ids, float(router_loss)
 
 
 GROUPS = {"none": 1, "1dev": 1, "d2e4": 8, "d1e8": 8, "d8e1": 8, "e4t2": 4}
@@ -41,9 +41,13 @@ def check_against_oracle(cfg, mesh_name, seed=0, deterministic=False):
     key = jax.random.key(7) if cfg.router in ("random", "gshard", "thor") else None
     out = run_layer(cfg, mesh_name, x, token_ids, ct, key=key, deterministic=deterministic)
     num_groups = x.shape[0] * x.shape[1] // cfg.capacity_group_size if cfg.capacity_group_size else GROUPS[mesh_name]
-    y_ref, g_ref, dropped_ref = oracle(cfg, out, x, token_ids, ct, num_groups, key, deterministic)
+    y_ref, g_ref, dropped_ref, ids, router_loss_ref = oracle(cfg, out, x, token_ids, ct, num_groups, key, deterministic)
     np.testing.assert_allclose(out["y"], y_ref, rtol=1e-5, atol=1e-5)
     assert out["aux"]["dropped_fraction"] == pytest.approx(dropped_ref, abs=1e-7)
+    routed = ids[ids < cfg.num_experts]  # id E: no assignment (gshard's unused second choice, EC's untaken slot)
+    np.testing.assert_allclose(out["aux"]["expert_load"], np.bincount(routed, minlength=cfg.num_experts) / len(routed),
+                               atol=1e-6, err_msg="expert_load")
+    assert float(out["aux"]["router_loss"]) == pytest.approx(router_loss_ref, rel=1e-5, abs=1e-7)
     assert set(out["grads"]) == set(g_ref)
     for name in g_ref:
         np.testing.assert_allclose(out["grads"][name], g_ref[name], rtol=1e-4, atol=1e-5, err_msg=name)
