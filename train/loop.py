@@ -271,11 +271,10 @@ class Trainer:
     def run(self, stop_at: int | None = None) -> dict:
         """Train to ``train.steps`` (or stop after step ``stop_at``, checkpointed, as an interruption would).
 
-        SIGTERM (preemption) saves a checkpoint at the current step, waits for it and returns
-        with ``summary["preempted"]``. With several processes, a SIGTERM to any of them stops all
-        of them after the same step: the flag travels with the batch and is reduced in the step. ``train.max_nonfinite_steps`` consecutive skipped
-        (non-finite) updates raise ``NonFiniteError`` without writing another checkpoint.
-        """
+        SIGTERM (preemption) saves a checkpoint at the current step, waits for it and returns with
+        ``summary["preempted"]``; a SIGTERM to any process stops all of them after the same step (the
+        flag travels with the batch and is reduced in the step). ``train.max_nonfinite_steps``
+        consecutive skipped (non-finite) updates raise ``NonFiniteError`` without a new checkpoint."""
         cfg = self.cfg
         t = cfg.train
         tokens_per_step = t.batch_size * t.seq_len
@@ -301,7 +300,7 @@ class Trainer:
             if summary["first_loss"] is None:
                 summary["first_loss"] = loss
             summary["last_loss"] = loss
-            if host.pop("stop", 0):
+            if host.pop("stop", 0):  # some process got SIGTERM
                 stop_requested.append(step + 1)
             skipped = bool(host["skipped"])
             summary["skipped_steps"] += int(skipped)
@@ -330,16 +329,14 @@ class Trainer:
                     f"The last good checkpoint is in {self.checkpoints.directory}"
                 )
 
-        preempted = []  # this process got SIGTERM
-        stop_requested = []  # some process got SIGTERM (read back from a step's metrics)
+        preempted, stop_requested = [], []  # this process got SIGTERM; some process did (read back)
         previous_handler = _install_sigterm(lambda: preempted.append(True))
         every = cfg.checkpoint.every_steps
         try:
             with self.context():  # the watchdog arms at the first finished step: compiling is not stalling
                 for step in range(start_step, end):
                     local = next(self.batches)
-                    local["stop"] = np.full((len(local["inputs"]), 1), len(preempted) > 0, np.int32)
-                    batch = self.global_batch(local)
+                    batch = self.global_batch({**local, "stop": np.full((len(local["inputs"]), 1), len(preempted) > 0, np.int32)})
                     profiler.maybe_start(step + 1, warm=step > start_step, previous=self.state)  # after the compiling step
                     with profiler.annotate(step + 1):
                         self.state, dev_metrics = self.train_step(self.state, batch)
