@@ -272,5 +272,3 @@ def data_fingerprint(cfg: DataConfig) -> str:
     settings = dataclasses.asdict(cfg)  # path, max_bytes, validation_fraction, tokenizer, ...
     return fingerprint({**settings, "files": [[n, d] for n, d in zip(_relative_names(files), digests, strict=True)]})
 
-
-# ---------------------------------------------------------------- batches
