@@ -271,4 +271,3 @@ def data_fingerprint(cfg: DataConfig) -> str:
         raise DataError(f"{describe_path(cfg.path)}: cannot read {e.filename} ({e.strerror or e})") from e
     settings = dataclasses.asdict(cfg)  # path, max_bytes, validation_fraction, tokenizer, ...
     return fingerprint({**settings, "files": [[n, d] for n, d in zip(_relative_names(files), digests, strict=True)]})
-
