@@ -321,7 +321,7 @@ class Trainer:
                 self.writer.write(step + 1, row)
             if skipped:
                 what = "non-finite loss or gradient" if host["nonfinite"] else "loss spike"
-                self.log(f"step {step + 1}: update skipped ({what}); parameters and optimizer state unchanged")
+                self.log(f"step {step + 1}: update skipped ({what}); parameters, optimizer and model state unchanged")
             if nonfinite_run >= t.max_nonfinite_steps:
                 raise NonFiniteError(
                     f"train: step {step + 1} ends {nonfinite_run} non-finite steps in a row "

@@ -139,7 +139,8 @@ def make_train_step(
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731 - skip = keep the old state
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-        # router state the step moved (loss_free's bias) is kept too; RNG keys move on regardless
+        # and so does the model state the step moved: loss_free's bias, the RNG streams' counts.
+        # RNG key arrays never change (a stream advances by its count) and jnp.where takes none.
         model_state = jax.tree.map(
             lambda new, old: new if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key) else keep(new, old),
             model_state, old_model_state,
