@@ -39,6 +39,9 @@ VARIANTS = {
     "frozen": ("configs/default.py", ["--config.model.router=frozen"]),
     "gshard": ("configs/default.py", ["--config.model.router=gshard", "--config.model.experts_per_token=2",
                                       "--config.model.expert_d_ff=256"]),
+    # learned top-2 (Mixtral-style) with experts half as wide: the same active FLOPs as top-1
+    "topk2": ("configs/default.py", ["--config.model.router=topk", "--config.model.experts_per_token=2",
+                                     "--config.model.expert_d_ff=256"]),
     "loss_free": ("configs/default.py", ["--config.model.router=loss_free"]),
     "thor": ("configs/default.py", ["--config.model.router=thor"]),
     # THOR with its consistency loss: two forward passes per step (same active FLOPs per pass)
