@@ -10,11 +10,17 @@ ROUTERS = (
 )
 LEARNED_ROUTERS = ("topk", "frozen", "gshard", "loss_free", "expert_choice")  # routers with a router_w [D, E]
 # Routers whose choice for a token depends on other tokens of its group, later ones included:
-# a causal language model must not use them (``TransformerConfig.allow_non_causal_router``).
+# a causal language model must not use them (``TransformerConfig.allow_non_causal_router``;
+# ``non_causal_reason`` also covers capacity_priority="choice").
 NON_CAUSAL_ROUTERS = ("expert_choice",)
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
 DISPATCHES = ("capacity", "dropless")
+# Which assignments of a capacity group get an expert's slots first. "token": token by token in
+# (batch, sequence) order, a token's first choice before its second; an earlier token's slots
+# never depend on later tokens (causal). "choice": GShard's order, every first choice before
+# any second choice; a later token's first choice can evict an earlier token's second (non-causal).
+CAPACITY_PRIORITIES = ("token", "choice")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +50,8 @@ class MoEConfig:
     # slots per expert = ceil(cf * k * group_tokens / E); for expert_choice, the number of
     # tokens each expert takes from a group (k = the mean number of experts per token)
     capacity_factor: float = 1.25
+    # order in which a group's assignments take slots (see CAPACITY_PRIORITIES)
+    capacity_priority: str = "token"
     # Capacity when the layer is in eval mode (``layer.eval()``); None = no token is ever dropped.
     eval_capacity_factor: float | None = None
     # Tokens that share one capacity budget. None = all tokens on one device (the usual
@@ -59,7 +67,9 @@ class MoEConfig:
     gshard_threshold: float = 0.2  # gshard: the second expert is used with probability min(1, g2 / this)
     loss_free_gamma: float = 1e-3  # loss_free: bias step per training step toward equal load
     vocab_size: int = 0  # token ids the balanced_hash table covers (required for that router)
-    eval_seed: int = 0  # seeds the random router in eval mode (deterministic evaluation)
+    # seeds the fixed draws of random, gshard and thor in eval mode (the transformer gives every
+    # layer its own: the block index)
+    eval_seed: int = 0
     dtype: str = "float32"  # activation / expert compute dtype; the router is always float32
     param_dtype: str = "float32"
 
@@ -75,6 +85,8 @@ class MoEConfig:
             fail("router", f"unknown router; choose one of {', '.join(ROUTERS)}")
         if self.dispatch not in DISPATCHES:
             fail("dispatch", f"choose one of {', '.join(DISPATCHES)}")
+        if self.capacity_priority not in CAPACITY_PRIORITIES:
+            fail("capacity_priority", f"choose one of {', '.join(CAPACITY_PRIORITIES)}")
         if self.router == "gshard" and self.experts_per_token != 2:
             fail("experts_per_token", "the gshard router is top-2: set it to 2")
         if self.router == "thor" and self.experts_per_token != 1:
@@ -109,6 +121,17 @@ class MoEConfig:
             if getattr(self, name) not in DTYPES:
                 fail(name, f"choose one of {', '.join(DTYPES)}")
 
+    def non_causal_reason(self) -> tuple[str, str] | None:
+        """``(field, why)`` when a token's output may depend on later tokens of its sequence, else None."""
+        return non_causal_reason(self.router, self.dispatch, self.experts_per_token, self.capacity_priority)
+
+    def uses_capacity_groups(self, deterministic: bool) -> bool:
+        """Whether the capacity group size changes anything: an assignment can overflow (training,
+        or eval with ``eval_capacity_factor``), or the router ranks a group's tokens (expert choice)."""
+        if self.dispatch == "dropless" and self.router != "expert_choice":
+            return False
+        return not deterministic or self.eval_capacity_factor is not None or self.router == "expert_choice"
+
     def capacity(self, group_tokens: int, deterministic: bool = False) -> int:
         """Slots per expert for a group of ``group_tokens`` tokens (C in the shape names)."""
         cf = self.eval_capacity_factor if deterministic else self.capacity_factor
@@ -124,6 +147,21 @@ class MoEConfig:
         """Forward FLOPs of the expert FFNs one token uses (k experts), router excluded."""
         mats = 3 if self.gated else 2
         return 2 * mats * self.d_model * self.d_ff * self.experts_per_token
+
+
+def non_causal_reason(router: str, dispatch: str, k: int, capacity_priority: str) -> tuple[str, str] | None:
+    """``(field, why)`` when these routing settings let a later token change an earlier token's
+    output (through routing or through who gets a capacity slot); None when they never do.
+
+    ``expert_choice`` ranks a group's tokens against each other; ``capacity_priority="choice"``
+    (with capacity dispatch and k > 1) lets a later token's first choice take the last slot an
+    earlier token's second choice would have had.
+    """
+    if router in NON_CAUSAL_ROUTERS:
+        return "router", "routes each token by later tokens of its group"
+    if capacity_priority == "choice" and dispatch == "capacity" and k > 1:
+        return "capacity_priority", "gives every first choice a slot before any second choice, so a later token can take an earlier token's slot"
+    return None
 
 
 def _positive_finite(value) -> bool:
@@ -165,8 +203,8 @@ class TransformerConfig(StrictFields):
     capacity_group_size: int = 0  # 0 = all tokens on one device share the capacity
     activation: str = "silu"
     gated: bool = True
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 1e-3
+    aux_loss_coef: float = 0.01  # per MoE layer; the layers' router losses are summed (Switch, GShard)
+    z_loss_coef: float = 1e-3  # per MoE layer, summed likewise
     router_jitter: float = 0.0
     hash_seed: int = 0
     gshard_threshold: float = 0.2
@@ -174,15 +212,21 @@ class TransformerConfig(StrictFields):
     # thor: weight of THOR's consistency loss, the symmetric KL between the predictions of two
     # forward passes through independently drawn experts (0 = one pass, no consistency loss)
     thor_consistency: float = 0.0
-    # expert_choice lets a token's routing depend on later tokens: refused for this causal
-    # language model unless set (for routing studies; the losses are then not causal LM losses)
+    # capacity slots go token by token ("token", causal) or first choices first ("choice",
+    # GShard's order: a later token can evict an earlier one, so refused unless allowed below)
+    capacity_priority: str = "token"
+    # expert_choice or capacity_priority="choice" let a token's output depend on later tokens:
+    # refused for this causal language model unless set (for routing studies; the losses are then
+    # not causal LM losses)
     allow_non_causal_router: bool = False
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     dtype: str = "float32"  # activations; the router is always float32
     param_dtype: str = "float32"
 
-    def moe_config(self) -> MoEConfig:
+    def moe_config(self, layer: int = 0) -> MoEConfig:
+        """The MoE layer of block ``layer``: its fixed evaluation draws (random, gshard, thor) are
+        seeded by the block index, so that every layer draws independently."""
         return MoEConfig(
             d_model=self.d_model,
             d_ff=self.expert_d_ff or self.d_ff,
@@ -191,6 +235,7 @@ class TransformerConfig(StrictFields):
             router=self.router,
             dispatch=self.dispatch,
             capacity_factor=self.capacity_factor,
+            capacity_priority=self.capacity_priority,
             eval_capacity_factor=self.eval_capacity_factor or None,
             capacity_group_size=self.capacity_group_size or None,
             activation=self.activation,
@@ -202,14 +247,29 @@ class TransformerConfig(StrictFields):
             gshard_threshold=self.gshard_threshold,
             loss_free_gamma=self.loss_free_gamma,
             vocab_size=self.vocab_size,
+            eval_seed=layer,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
 
+    def non_causal_reason(self) -> tuple[str, str] | None:
+        """``(field, why)`` when an MoE block's output for a token may depend on later tokens, else None."""
+        if not self.moe_every:
+            return None
+        return non_causal_reason(self.router, self.dispatch, self.experts_per_token, self.capacity_priority)
+
     @property
     def non_causal_routing(self) -> bool:
-        """Whether a token's routing depends on later tokens (an MoE model with such a router)."""
-        return bool(self.moe_every) and self.router in NON_CAUSAL_ROUTERS
+        """Whether a token's output may depend on later tokens of its sequence (see ``non_causal_reason``)."""
+        return self.non_causal_reason() is not None
+
+    def non_causal_message(self) -> str:
+        """One line naming the field that makes this model non-causal (empty when it is causal)."""
+        reason = self.non_causal_reason()
+        if reason is None:
+            return ""
+        field, why = reason
+        return f"model.{field}={getattr(self, field)!r}: {why} (non-causal)"
 
     def is_moe_block(self, index: int) -> bool:
         return self.moe_every > 0 and (index + 1) % self.moe_every == 0

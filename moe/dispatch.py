@@ -5,9 +5,11 @@ T tokens (B*S), K experts per token, E experts (global), El experts on this devi
 G capacity groups on this device, Tg tokens per group, A assignments per group (K*Tg),
 C slots per expert per group, N devices along the ``expert`` axis.
 
-Per group, assignments are ordered choice-major (every token's first choice, then every
-second choice), stably sorted by expert, and the first C of each expert get a slot; the rest
-are dropped, contribute exactly zero, and are counted. Slots fill a static buffer [E, G*C, D];
+Per group, assignments are ordered token by token (a token's first choice, then its second;
+``priority="token"``, the default) or choice-major (every first choice, then every second:
+GShard's ``priority="choice"``), stably sorted by expert, and the first C of each expert get a
+slot; the rest are dropped, contribute exactly zero, and are counted. With token order an
+earlier token's slots depend only on earlier tokens: the causal language model needs that. Slots fill a static buffer [E, G*C, D];
 one all_to_all over ``expert`` gives each device its El experts' slots from all N devices,
 [El, N*G*C, D]; one batched FFN; the reverse all_to_all; a gather un-permutes and the gates
 combine. The largest intermediate is the slot buffer: no [tokens, experts, capacity] tensor.
@@ -32,6 +34,9 @@ class DispatchPlan:
     expert_axis: str | None  # mesh axis for all_to_all; None when experts are not split
     expert_axis_size: int  # N
     stat_axes: tuple[str, ...]  # axes the batch is split over (for psum of counts)
+    # order of a group's assignments for the slots: "token" (token by token, a token's choices in
+    # order: causal) or "choice" (every first choice, then every second: GShard's)
+    priority: str = "token"
     # dropless only: exchange with ragged_all_to_all (valid rows only; not on XLA:CPU) instead
     # of a dense all_to_all of the worst-case buffer
     ragged_exchange: bool = False
@@ -119,8 +124,22 @@ def dispatch_combine(
     t = b * s
     g = t // tg
     a = k * tg
-    # assignment index within a group: a = choice * Tg + token (first choices first)
-    ids_GA = ids_BSK.reshape(g, tg, k).transpose(0, 2, 1).reshape(g, a)
+    if plan.priority == "token":  # assignment a = token * K + choice: earlier tokens first
+        ids_GA = ids_BSK.reshape(g, a)
+
+        def token_major(v_GA):
+            return v_GA.reshape(t, k)
+
+        def token_choice(a_GX):  # (token in the group, choice) of assignment a
+            return a_GX // k, a_GX % k
+    else:  # a = choice * Tg + token: every first choice before any second choice
+        ids_GA = ids_BSK.reshape(g, tg, k).transpose(0, 2, 1).reshape(g, a)
+
+        def token_major(v_GA):
+            return v_GA.reshape(g, k, tg).transpose(0, 2, 1).reshape(t, k)
+
+        def token_choice(a_GX):
+            return a_GX % tg, a_GX // tg
     order_GA, counts_GE, starts_GE, rank_GA = _ranks(ids_GA, e)
     routed_GA = ids_GA < e  # id E: no expert (gshard's unused second choice); takes no slot
     keep_GA = (rank_GA < c) & routed_GA
@@ -130,14 +149,14 @@ def dispatch_combine(
     valid_GEC = slot_C < counts_GE[:, :, None]
     pos_GX = jnp.clip(starts_GE[:, :, None] + slot_C, 0, a - 1).reshape(g, e * c)
     src_GX = jnp.take_along_axis(order_GA, pos_GX, axis=-1)  # assignment in the group
+    src_token_GX, src_choice_GX = token_choice(src_GX)
     rows_G1 = jnp.arange(g)[:, None]
-    src_token_X = (rows_G1 * tg + src_GX % tg).reshape(g, e, c).transpose(1, 0, 2).reshape(-1, 1)
-    src_choice_X = (src_GX // tg).reshape(g, e, c).transpose(1, 0, 2).reshape(-1, 1)
+    src_token_X = (rows_G1 * tg + src_token_GX).reshape(g, e, c).transpose(1, 0, 2).reshape(-1, 1)
+    src_choice_X = src_choice_GX.reshape(g, e, c).transpose(1, 0, 2).reshape(-1, 1)
     valid_X = valid_GEC.transpose(1, 0, 2).reshape(-1, 1)
     # ... and each assignment's slot in that buffer, as [T, K] (token-major)
     slot_GA = jnp.clip(ids_GA, 0, e - 1) * (g * c) + rows_G1 * c + jnp.clip(rank_GA, 0, c - 1)
-    slot_TK = slot_GA.reshape(g, k, tg).transpose(0, 2, 1).reshape(t, k)
-    keep_TK = keep_GA.reshape(g, k, tg).transpose(0, 2, 1).reshape(t, k)
+    slot_TK, keep_TK = token_major(slot_GA), token_major(keep_GA)
 
     x_TD = x_BSD.reshape(t, d)
     buf_XD = move_rows(x_TD, src_token_X, valid_X, slot_TK, keep_TK)

@@ -189,12 +189,17 @@ class MoEFeedForward(nnx.Module):
                 specs = (logical_to_spec(("batch", None, None), mesh), logical_to_spec(ROUTE_AXES, mesh))
             return routing.expert_choice_route(logits_BSE, group, cfg.capacity(group, self.deterministic), *specs)
         if cfg.router == "loss_free":
-            bias_E = self.expert_bias[...]
-            r = routing.loss_free_route(logits_BSE, bias_E, k)
-            if not self.deterministic:  # this step's global load moves the bias for the next one
-                self.expert_bias[...] = routing.loss_free_bias_update(bias_E, r.expert_load, cfg.loss_free_gamma)
-            return r
+            return routing.loss_free_route(logits_BSE, self.expert_bias[...], k)
         return routing.topk_route(logits_BSE, k)
+
+    def update_router_state(self, expert_load_E: jax.Array) -> None:
+        """Once per training step, after the gradients: router state that learns from the step's
+        global load (``loss_free``: the bias moves by +-gamma toward equal load). With gradient
+        accumulation ``expert_load_E`` is the whole step's load (the mean over its micro-batches),
+        so the state moves once per step whatever the number of micro-batches."""
+        if self.cfg.router == "loss_free":
+            bias_E = self.expert_bias[...]
+            self.expert_bias[...] = routing.loss_free_bias_update(bias_E, expert_load_E, self.cfg.loss_free_gamma)
 
     # ------------------------------------------------------------------ forward
     def __call__(
@@ -205,14 +210,22 @@ class MoEFeedForward(nnx.Module):
         key: jax.Array | None = None,
         positions_BS: jax.Array | None = None,
         prev_token_ids_BS: jax.Array | None = None,
+        no_drops: bool = False,
     ):
+        """``no_drops``: every assignment gets a slot whatever the capacity factor (cached decoding,
+        where a step holds one token per sequence and a capacity budget would mean nothing)."""
         dispatch = dropless_dispatch_combine if self.cfg.dispatch == "dropless" else dispatch_combine
         return self.forward_with(
-            dispatch, x_BSD, token_ids_BS, key=key, positions_BS=positions_BS, prev_token_ids_BS=prev_token_ids_BS
+            dispatch, x_BSD, token_ids_BS, key=key, positions_BS=positions_BS, prev_token_ids_BS=prev_token_ids_BS,
+            no_drops=no_drops,
         )
 
-    def layout(self, x_BSD: jax.Array) -> tuple[tuple[str, ...], int]:
-        """(mesh axes the batch is split over, tokens per capacity group) for this batch."""
+    def layout(self, x_BSD: jax.Array, no_drops: bool = False) -> tuple[tuple[str, ...], int]:
+        """(mesh axes the batch is split over, tokens per capacity group) for this batch.
+
+        When nothing can be dropped (eval without ``eval_capacity_factor``, dropless dispatch,
+        ``no_drops``) the group size changes nothing and the group is all local tokens, so any
+        ``capacity_group_size`` evaluates and generates."""
         cfg, mesh = self.cfg, current_mesh()
         b_spec = logical_to_spec(("batch",), mesh)[0]
         b_axes = () if b_spec is None else (b_spec,) if isinstance(b_spec, str) else tuple(b_spec)
@@ -223,6 +236,8 @@ class MoEFeedForward(nnx.Module):
         if b % n_batch:
             raise ValueError(f"MoEFeedForward: batch size {b} is not divisible by the {n_batch} batch shards {b_axes}")
         local_tokens = (b // n_batch) * s
+        if no_drops or not cfg.uses_capacity_groups(self.deterministic):
+            return b_axes, local_tokens
         group = cfg.capacity_group_size or local_tokens
         if local_tokens % group:
             raise ValueError(
@@ -230,14 +245,16 @@ class MoEFeedForward(nnx.Module):
             )
         return b_axes, group
 
-    def forward_with(self, dispatch, x_BSD, token_ids_BS=None, *, key=None, positions_BS=None, prev_token_ids_BS=None):
+    def forward_with(
+        self, dispatch, x_BSD, token_ids_BS=None, *, key=None, positions_BS=None, prev_token_ids_BS=None, no_drops=False
+    ):
         """The layer with ``dispatch`` (signature of ``moe.dispatch.dispatch_combine``) in place of
         the sort-based dispatch: how benchmarks run other formulations on the same parameters."""
         cfg = self.cfg
         if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
             raise ValueError(f"MoEFeedForward: x must be [batch, seq, {cfg.d_model}], got shape {x_BSD.shape}")
         x_BSD = x_BSD.astype(jnp.dtype(cfg.dtype))
-        b_axes, group = self.layout(x_BSD)
+        b_axes, group = self.layout(x_BSD, no_drops)
         r = self.route(x_BSD, token_ids_BS, key, positions_BS, prev_token_ids_BS, group)
 
         mesh = current_mesh()
@@ -291,8 +308,9 @@ class MoEFeedForward(nnx.Module):
         else:
             plan = DispatchPlan(
                 num_experts=cfg.num_experts,
-                capacity=cfg.capacity(group, self.deterministic),
+                capacity=group if no_drops else cfg.capacity(group, self.deterministic),
                 group_tokens=group,
+                priority=cfg.capacity_priority,
                 expert_axis=ep_axis,
                 expert_axis_size=n_ep,
                 stat_axes=b_axes,

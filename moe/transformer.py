@@ -23,11 +23,13 @@ from moe.routing import NO_PREVIOUS_TOKEN
 from sharding.mesh import current_mesh
 from sharding.rules import logical_to_spec
 
-NON_CAUSAL_MESSAGE = (
-    "TransformerConfig.router={router!r}: its routing of a token depends on later tokens of the group, so this causal "
-    "language model would see the future; set allow_non_causal_router=True to train it anyway for a routing study"
+NON_CAUSAL_HINT = (
+    "this causal language model would see the future; set allow_non_causal_router=True to train it anyway "
+    "for a routing study"
 )
-AUX_KEYS = ("aux_loss", "z_loss", "router_loss", "dropped_fraction", "router_entropy", "expert_load")
+LOSS_KEYS = ("aux_loss", "z_loss", "router_loss")  # summed over MoE layers: each layer's coefficient applies in full
+STAT_KEYS = ("dropped_fraction", "router_entropy", "expert_load")  # averaged over MoE layers
+AUX_KEYS = LOSS_KEYS + STAT_KEYS
 
 
 def einsum(eq: str, a: jax.Array, b: jax.Array, out_axes, preferred_element_type=None) -> jax.Array:
@@ -139,21 +141,25 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model)
         self.is_moe = cfg.is_moe_block(index)
-        self.ffn = MoEFeedForward(cfg.moe_config(), rngs=rngs) if self.is_moe else DenseFFN(cfg, rngs=rngs)
+        self.ffn = MoEFeedForward(cfg.moe_config(layer=index), rngs=rngs) if self.is_moe else DenseFFN(cfg, rngs=rngs)
 
     def __call__(self, x_BSD, positions_BS, token_ids_BS, cache=None, prev_token_ids_BS=None):
-        attn_BSD, cache = self.attn(self.attn_norm(x_BSD), positions_BS, cache)
+        attn_BSD, new_cache = self.attn(self.attn_norm(x_BSD), positions_BS, cache)
         x_BSD = x_BSD + attn_BSD
         h_BSD = self.ffn_norm(x_BSD)
-        if self.is_moe:
-            y_BSD, aux = self.ffn(h_BSD, token_ids_BS, positions_BS=positions_BS, prev_token_ids_BS=prev_token_ids_BS)
+        if self.is_moe:  # cached decoding never drops: its steps hold one token per sequence
+            y_BSD, aux = self.ffn(
+                h_BSD, token_ids_BS, positions_BS=positions_BS, prev_token_ids_BS=prev_token_ids_BS,
+                no_drops=cache is not None,
+            )
         else:
             y_BSD, aux = self.ffn(h_BSD), None
-        return x_BSD + y_BSD, aux, cache
+        return x_BSD + y_BSD, aux, new_cache
 
 
 class Transformer(nnx.Module):
-    """``logits_BSV, aux = model(tokens_BS)``; ``aux`` averages the MoE layers' statistics."""
+    """``logits_BSV, aux = model(tokens_BS)``; ``aux`` sums the MoE layers' router losses and
+    averages their statistics (``combine_aux``)."""
 
     EMBED_AXES = ("vocab", "embed")
 
@@ -161,7 +167,7 @@ class Transformer(nnx.Module):
         if cfg.vocab_size < 1:
             raise ValueError(f"TransformerConfig.vocab_size={cfg.vocab_size}: must be set (>= 1) to build a model")
         if cfg.non_causal_routing and not cfg.allow_non_causal_router:
-            raise ValueError(NON_CAUSAL_MESSAGE.format(router=cfg.router))
+            raise ValueError(f"TransformerConfig{cfg.non_causal_message()[len('model'):]}; {NON_CAUSAL_HINT}")
         self.cfg = cfg
         pdtype = jnp.dtype(cfg.param_dtype)
         self.embed = sharded_param(rngs.params(), (cfg.vocab_size, cfg.d_model), self.EMBED_AXES, 1.0, pdtype)
@@ -199,10 +205,19 @@ class Transformer(nnx.Module):
         logits_BSV, aux, _ = self.forward(tokens_BS, positions_BS)
         return logits_BSV, aux
 
+    def update_router_state(self, aux: dict) -> None:
+        """Once per training step: each MoE layer's router state learns from that layer's load
+        over the whole step (``aux["per_layer"]``; see ``MoEFeedForward.update_router_state``)."""
+        for i, block in enumerate(self.blocks):
+            if block.is_moe:
+                block.ffn.update_router_state(aux["per_layer"][f"layer{i}"]["expert_load"])
+
     def decode(self, tokens_BS, positions_BS, cache):
         """Incremental decoding with a KV cache (see ``init_cache``): ``logits_BSV, new_cache``.
 
-        Each call costs the new positions only; the prompt can go in one call (prefill).
+        Each call costs the new positions only; the prompt can go in one call (prefill). The MoE
+        layers never drop while decoding, so decoding equals the full forward pass without drops
+        (it differs from ``moe-eval`` only where ``eval_capacity_factor`` makes that drop).
         """
         logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, cache)
         return logits_BSV, cache
@@ -238,7 +253,7 @@ class Transformer(nnx.Module):
                 new_cache["blocks"].append(block_cache)
             if aux is not None:
                 auxes[i] = aux
-        return self.logits(x_BSD), average_aux(auxes, self.cfg.num_experts), new_cache
+        return self.logits(x_BSD), combine_aux(auxes, self.cfg.num_experts), new_cache
 
 
 def load_imbalance(load_E: jax.Array) -> jax.Array:
@@ -246,19 +261,26 @@ def load_imbalance(load_E: jax.Array) -> jax.Array:
     return jnp.max(load_E) * load_E.shape[-1] / jnp.maximum(jnp.sum(load_E), 1e-9)
 
 
-def average_aux(auxes: dict[int, dict], num_experts: int) -> dict:
-    """Mean of each MoE statistic over the MoE layers (zeros for a dense model), plus
-    ``load_imbalance`` (its mean over layers) and ``per_layer``: for the MoE block with index i,
-    ``per_layer[f"layer{i}"]`` holds that layer's expert_load, dropped_fraction, router_entropy and
-    load_imbalance."""
+def combine_aux(auxes: dict[int, dict], num_experts: int) -> dict:
+    """The model's MoE statistics from each MoE layer's (zeros for a dense model).
+
+    Router losses (``aux_loss``, ``z_loss``, ``router_loss``) are summed over the layers, as in
+    Switch Transformer and GShard: each layer adds its own ``aux_loss_coef * E * sum f_i P_i``,
+    so a coefficient means the same at any depth. The statistics (``dropped_fraction``,
+    ``router_entropy``, ``expert_load``) are averaged; ``load_imbalance`` is the mean over layers
+    of each layer's; ``per_layer[f"layer{i}"]`` holds, for the MoE block with index i, that
+    layer's aux_loss, z_loss, expert_load, dropped_fraction, router_entropy and load_imbalance."""
     zero = jnp.zeros((), jnp.float32)
     if not auxes:
         out = {k: (jnp.zeros((num_experts,), jnp.float32) if k == "expert_load" else zero) for k in AUX_KEYS}
         return {**out, "load_imbalance": zero, "per_layer": {}}
     layers = list(auxes.values())
-    out = {k: sum(a[k] for a in layers) / len(layers) for k in AUX_KEYS}
+    out = {k: sum(a[k] for a in layers) for k in LOSS_KEYS}
+    out.update({k: sum(a[k] for a in layers) / len(layers) for k in STAT_KEYS})
     per_layer = {
         f"layer{i}": {
+            "aux_loss": a["aux_loss"],
+            "z_loss": a["z_loss"],
             "expert_load": a["expert_load"],
             "dropped_fraction": a["dropped_fraction"],
             "router_entropy": a["router_entropy"],

@@ -11,6 +11,7 @@ Presets:
   ep      experts over ``expert``; dense parameters replicated            (default)
   fsdp    ep + dense and expert weights' model dimension over ``fsdp``
   ep+tp   ep + hidden, head and vocabulary dimensions over ``tensor``
+  fsdp+tp fsdp + ep+tp: model dimension over ``fsdp``, hidden/heads/vocabulary over ``tensor``
 """
 
 from __future__ import annotations

@@ -68,24 +68,30 @@ def oracle_routing(cfg, params, x, token_ids, key=None, deterministic=False, num
     return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
 
 
-def kept_assignments(ids, num_groups, capacity, num_experts):
-    """Per expert, the list of kept (token, choice) pairs; the number dropped."""
+def kept_assignments(ids, num_groups, capacity, num_experts, priority="token"):
+    """Per expert, the list of kept (token, choice) pairs; the number dropped. Each group's
+    assignments claim slots token by token (``priority="token"``: a token's first choice, then
+    its second) or every first choice before any second (``"choice"``, GShard's order)."""
     t, k = ids.shape
     tg = t // num_groups
     kept = {e: [] for e in range(num_experts)}
     dropped = 0
     for g in range(num_groups):
         used = [0] * num_experts
-        for j in range(k):
-            for tok in range(g * tg, (g + 1) * tg):
-                e = int(ids[tok, j])
-                if e == num_experts:  # no expert: not an assignment
-                    continue
-                if used[e] < capacity:
-                    kept[e].append((tok, j))
-                    used[e] += 1
-                else:
-                    dropped += 1
+        tokens = range(g * tg, (g + 1) * tg)
+        if priority == "token":
+            order = [(tok, j) for tok in tokens for j in range(k)]
+        else:
+            order = [(tok, j) for j in range(k) for tok in tokens]
+        for tok, j in order:
+            e = int(ids[tok, j])
+            if e == num_experts:  # no expert: not an assignment
+                continue
+            if used[e] < capacity:
+                kept[e].append((tok, j))
+                used[e] += 1
+            else:
+                dropped += 1
     return kept, dropped
 
 
@@ -94,7 +100,7 @@ def make_oracle(cfg, ids, num_groups, capacity, gate_ids=None):
 
     ``gate_ids``: the top-k experts whose probabilities make the gates (gshard: the top two,
     including an unused second choice, whose gate is then zeroed)."""
-    kept, dropped = kept_assignments(ids, num_groups, capacity, cfg.num_experts)
+    kept, dropped = kept_assignments(ids, num_groups, capacity, cfg.num_experts, cfg.capacity_priority)
     gate_ids = ids if gate_ids is None else gate_ids
     routed = int(np.sum(ids < cfg.num_experts))
     t, k = ids.shape

@@ -179,6 +179,16 @@ def test_gshard_router_matches_oracle(mesh_name, cf):
     assert (dropped > 0) == (cf < 1)
 
 
+@pytest.mark.parametrize("mesh_name, router", [("1dev", "topk"), ("d2e4", "gshard")])
+def test_choice_major_capacity_priority_matches_oracle(mesh_name, router):
+    """GShard's order (every first choice before any second) is a layer option: the oracle walks
+    its groups in that order."""
+    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, router=router, capacity_factor=0.5,
+                    capacity_priority="choice")
+    _, dropped = check_against_oracle(cfg, mesh_name)
+    assert dropped > 0
+
+
 def test_gshard_uses_the_second_expert_at_the_rate_of_its_gate():
     from moe.routing import gshard_route, top_k
 
@@ -223,12 +233,15 @@ def test_loss_free_bias_moves_toward_balance_outside_the_gradient():
     @nnx.jit
     def step(layer, x):
         (_, aux), grads = nnx.value_and_grad(lambda m: (lambda y, a: (jnp.sum(y), a))(*m(x)), has_aux=True)(layer)
-        return aux, grads
+        unchanged = layer.expert_bias[...]  # the forward pass itself never moves the bias
+        layer.update_router_state(aux["expert_load"])  # once per training step
+        return aux, grads, unchanged
 
     loads = []
     for _ in range(30):
         before = np.asarray(layer.expert_bias[...])
-        aux, grads = step(layer, x)
+        aux, grads, during = step(layer, x)
+        np.testing.assert_array_equal(during, before)
         load = np.asarray(aux["expert_load"])
         loads.append(load.max() * E)
         np.testing.assert_allclose(layer.expert_bias[...], before + 0.02 * np.sign(load.mean() - load), atol=1e-7)

@@ -196,3 +196,90 @@ def test_expert_choice_is_non_causal_and_refused_for_the_causal_lm_unless_allowe
         generate_main([f"--workdir={tmp_path / 'w'}", "--prompt=def "])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "needs later tokens" in err and len(err.splitlines()) == 1
+
+
+def test_capacity_groups_do_not_stop_evaluation_or_generation(tmp_path, capsys):
+    """A capacity group of 16 tokens cannot divide a 7-token prompt; nothing is dropped there, so
+    the group size does not matter and generation (and evaluation on any mesh) goes on."""
+    from train.cli import eval_main, generate_main
+
+    cfg = tiny_config(tmp_path)
+    cfg.model.capacity_group_size, cfg.model.capacity_factor, cfg.checkpoint.every_steps = 16, 1.0, 4
+    trainer = Trainer(cfg, tmp_path / "w")
+    trainer.run()
+    trainer.close()
+    capsys.readouterr()
+    assert eval_main([f"--workdir={tmp_path / 'w'}", "--max_batches=2"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
+    assert generate_main([f"--workdir={tmp_path / 'w'}", "--prompt=def add", "--max_new_tokens=4"]) == 0
+    assert capsys.readouterr().out.startswith("def add")
+
+
+def test_loss_free_bias_moves_once_per_step_whatever_the_accumulation(tmp_path):
+    """grad_accum 1 and 4 over the same global batch: the bias moves by gamma per step, from the
+    whole step's load, and ends the same."""
+    from test_train import run_steps
+
+    def biases(accum):
+        cfg = tiny_config(tmp_path, data=1, expert=4)
+        cfg.model.router, cfg.model.loss_free_gamma, cfg.model.capacity_factor = "loss_free", 0.01, 8.0  # no drops
+        cfg.train.batch_size, cfg.train.grad_accum_steps = 16, accum
+        trainer = Trainer(cfg, tmp_path / f"accum{accum}", devices=jax.devices()[:4])
+        with trainer.context():
+            for _ in range(3):
+                trainer.state, _ = trainer.train_step(trainer.state, trainer.global_batch(next(trainer.batches)))
+        out = [np.asarray(v) for p, v in jax.tree.leaves_with_path(trainer.state.model_state)
+               if "expert_bias" in jax.tree_util.keystr(p)]
+        trainer.close()
+        return out
+
+    one, four = biases(1), biases(4)
+    assert len(one) == 2
+    for a, b in zip(one, four, strict=True):
+        assert np.abs(b).max() <= 3 * 0.01 + 1e-6  # at most gamma per step, never M x gamma
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    assert max(np.abs(a).max() for a in one) > 0
+
+
+def test_fixed_evaluation_draws_differ_between_layers_and_match_cached_decoding(tmp_path):
+    """random, gshard and thor draw with a fixed seed in eval mode, a different one in every layer;
+    cached decoding draws as the full sequence does."""
+    from train.generate import generate, generate_without_cache
+
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    for router in ("random", "gshard", "thor"):
+        cfg = tiny_config(tmp_path)
+        cfg.model.router, cfg.model.vocab_size = router, 64
+        cfg.model.experts_per_token = 2 if router == "gshard" else 1
+        model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+        model.eval()
+        ids = [np.asarray(block.ffn.route(x, tokens).expert_ids) for block in model.blocks]
+        assert len(ids) == 2 and not np.array_equal(ids[0], ids[1]), router
+        np.testing.assert_array_equal(np.asarray(model.blocks[0].ffn.route(x, tokens).expert_ids), ids[0])
+        if router == "random":  # routing ignores the token: any change of draw shows in the logits
+            cached, cached_logits = generate(model, [3, 9, 27], 3)
+            full, full_logits = generate_without_cache(model, [3, 9, 27], 3)
+            assert cached == full
+            np.testing.assert_allclose(cached_logits, full_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_decoding_never_drops_even_with_an_eval_capacity(tmp_path):
+    """With eval_capacity_factor the full forward pass drops; decoding equals the no-drop model."""
+    import dataclasses
+
+    from train.generate import generate, generate_without_cache
+
+    cfg = tiny_config(tmp_path)
+    cfg.model.router, cfg.model.vocab_size, cfg.model.experts_per_token = "topk", 64, 1
+    dropping = dataclasses.replace(cfg.model, eval_capacity_factor=0.25)
+    model, reference = (Transformer(c, rngs=nnx.Rngs(0)) for c in (dropping, cfg.model))
+    for m in (model, reference):
+        m.eval()
+    prompt = [3, 9, 27, 5, 11, 40, 2, 8]
+    _, aux = model(jax.numpy.asarray([prompt]))
+    assert float(aux["dropped_fraction"]) > 0  # the full forward pass does drop
+    cached, cached_logits = generate(model, prompt, 3)
+    full, full_logits = generate_without_cache(reference, prompt, 3)
+    assert cached == full
+    np.testing.assert_allclose(cached_logits, full_logits, rtol=1e-4, atol=1e-4)

@@ -345,7 +345,7 @@ def test_dropless_training_equals_capacity_training_that_never_drops(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def test_per_layer_router_telemetry_averages_to_the_global_statistics(tmp_path):
+def test_per_layer_router_telemetry_sums_to_the_router_loss_and_averages_to_the_statistics(tmp_path):
     cfg = tiny_config(tmp_path)  # 2 layers, MoE in both, top-2 learned router
     cfg.model.vocab_size, cfg.model.capacity_factor = 64, 0.5
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))
@@ -360,6 +360,11 @@ def test_per_layer_router_telemetry_averages_to_the_global_statistics(tmp_path):
     for key in ("dropped_fraction", "router_entropy", "load_imbalance"):
         mean = np.mean([float(v[key]) for v in layers.values()])
         assert float(aux[key]) == pytest.approx(mean, rel=1e-6), key
+    # router losses add up over the layers (Switch, GShard): each layer's coefficient applies in full
+    for key in ("aux_loss", "z_loss"):
+        assert float(aux[key]) == pytest.approx(sum(float(v[key]) for v in layers.values()), rel=1e-6), key
+        assert all(float(v[key]) > 0 for v in layers.values())
+    assert float(aux["router_loss"]) == pytest.approx(float(aux["aux_loss"]) + float(aux["z_loss"]), rel=1e-6)
     # the two layers' routers are different parameters: their loads are not the same numbers
     assert not np.allclose(layers["layer0"]["expert_load"], layers["layer1"]["expert_load"])
     assert float(aux["dropped_fraction"]) > 0  # capacity 0.5 drops: the statistic is exercised

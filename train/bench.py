@@ -60,26 +60,31 @@ def onehot_dispatch_combine(x_BSD, ids_BSK, gates_BSK, experts, plan: DispatchPl
     """The GShard / Switch formulation of the same routing and capacity rule, as the papers write it.
 
     Shape letters as in moe/dispatch.py; one capacity group per device (plan.group_tokens = T).
-    A one-hot [T, E, C] combine tensor is built from cumulative counts (first choices before
-    second choices) and the tokens move with two einsums against it. Same inputs, same result
-    as ``moe.dispatch.dispatch_combine``; here only to be measured against.
+    A one-hot [T, E, C] combine tensor is built from cumulative counts (in ``plan.priority``
+    order: token by token, or every first choice before any second choice) and the tokens move
+    with two einsums against it. Same inputs, same result as ``moe.dispatch.dispatch_combine``;
+    here only to be measured against.
     """
     b, s, d = x_BSD.shape
     k = ids_BSK.shape[-1]
     e, c = plan.num_experts, plan.capacity
     t = b * s
     x_TD = x_BSD.reshape(t, d)
-    mask_KTE = jax.nn.one_hot(ids_BSK.reshape(t, k).T, e, dtype=jnp.int32)
-    position_KTE = (jnp.cumsum(mask_KTE.reshape(k * t, e), axis=0) - 1).reshape(k, t, e) * mask_KTE
-    keep_KTE = mask_KTE * (position_KTE < c)
-    gates_KT = gates_BSK.reshape(t, k).T.astype(jnp.float32)
-    slot_KTEC = jax.nn.one_hot(position_KTE, c, dtype=jnp.float32) * keep_KTE[..., None]
-    combine_TEC = jnp.einsum("kt,ktec->tec", gates_KT, slot_KTEC)
-    dispatch_TEC = jnp.sum(slot_KTEC, axis=0).astype(x_BSD.dtype)
+    mask_TKE = jax.nn.one_hot(ids_BSK.reshape(t, k), e, dtype=jnp.int32)
+    if plan.priority == "token":  # slot = how many earlier assignments in (token, choice) order chose e
+        position_TKE = (jnp.cumsum(mask_TKE.reshape(t * k, e), axis=0) - 1).reshape(t, k, e) * mask_TKE
+    else:  # (choice, token) order
+        mask_KTE = mask_TKE.transpose(1, 0, 2)
+        position_KTE = (jnp.cumsum(mask_KTE.reshape(k * t, e), axis=0) - 1).reshape(k, t, e) * mask_KTE
+        position_TKE = position_KTE.transpose(1, 0, 2)
+    keep_TKE = mask_TKE * (position_TKE < c)
+    slot_TKEC = jax.nn.one_hot(position_TKE, c, dtype=jnp.float32) * keep_TKE[..., None]
+    combine_TEC = jnp.einsum("tk,tkec->tec", gates_BSK.reshape(t, k).astype(jnp.float32), slot_TKEC)
+    dispatch_TEC = jnp.sum(slot_TKEC, axis=1).astype(x_BSD.dtype)
     buf_ECD = jnp.einsum("tec,td->ecd", dispatch_TEC, x_TD)
     out_ECD = exchange(experts(exchange(buf_ECD, plan, forward=True)), plan, forward=False)
     y_TD = jnp.einsum("tec,ecd->td", combine_TEC, out_ECD.astype(jnp.float32)).astype(x_BSD.dtype)
-    dropped = jnp.sum(mask_KTE - keep_KTE).astype(jnp.float32)
+    dropped = jnp.sum(mask_TKE - keep_TKE).astype(jnp.float32)
     if plan.stat_axes:
         dropped = jax.lax.psum(dropped, plan.stat_axes)
     return y_TD.reshape(b, s, d), dropped

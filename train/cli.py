@@ -218,8 +218,8 @@ def eval_main(argv=None) -> int:
         loaded = load_run(args.workdir, args.step)
         m = loaded.cfg.model
         if m.non_causal_routing:
-            print(f"{prog}: note: model.router={m.router!r} routes by later tokens too; this loss is not a causal "
-                  "language-model loss", file=sys.stderr)
+            print(f"{prog}: note: {m.non_causal_message()}; this loss is not a causal language-model loss",
+                  file=sys.stderr)
         result = evaluate_run(
             loaded, data_path=args.data_path, max_batches=args.max_batches, log=lambda m: print(m, file=sys.stderr)
         )
@@ -264,8 +264,11 @@ def generate_main(argv=None) -> int:
         loaded = load_run(args.workdir, args.step, devices=jax.devices()[:1])  # one sequence: one device
         m = loaded.cfg.model
         if m.non_causal_routing:
-            raise ConfigError(f"model.router={m.router!r} (checkpoint {loaded.workdir}): its routing needs later "
-                              "tokens, which token-by-token generation does not have")
+            raise ConfigError(f"{m.non_causal_message()} (checkpoint {loaded.workdir}): it needs later tokens, which "
+                              "token-by-token generation does not have")
+        if m.eval_capacity_factor and m.moe_every:
+            print(f"{prog}: note: model.eval_capacity_factor={m.eval_capacity_factor} applies to scoring; generation "
+                  "never drops tokens", file=sys.stderr)
         tokenizer = build_tokenizer(loaded.cfg.data, loaded.workdir, lambda: iter(()))
         prompt = require_tokens(tokenizer, args.prompt)
         with loaded.context():
@@ -307,6 +310,3 @@ def bench_main(argv=None) -> int:
         return bench_train_main(argv[1:])
     return bench_layer_main(argv[1:] if argv[:1] == ["layer"] else argv)
 
-
-if __name__ == "__main__":
-    sys.exit(bench_main())

@@ -201,9 +201,9 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(m.thor_consistency >= 0 and math.isfinite(m.thor_consistency), "model.thor_consistency", "must be >= 0 (0 = off)")
     need(m.thor_consistency == 0 or (m.router == "thor" and m.moe_every), "model.thor_consistency",
          "is THOR's consistency loss: set model.router='thor' (with MoE blocks) or leave it 0")
-    need(not m.non_causal_routing or m.allow_non_causal_router, "model.router",
-         "routes each token by later tokens of its group (non-causal): a causal LM would see the future; "
-         "set model.allow_non_causal_router=True to train it anyway for a routing study")
+    if m.non_causal_routing and not m.allow_non_causal_router:
+        raise ConfigError(f"config.{m.non_causal_message()}: a causal LM would see the future; "
+                          "set model.allow_non_causal_router=True to train it anyway for a routing study")
     if m.moe_every:
         try:  # vocab_size 0 = the tokenizer's, known later: any size validates the rest
             dataclasses.replace(m, vocab_size=m.vocab_size or 1).moe_config()
@@ -275,6 +275,12 @@ def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
         raise ConfigError(
             f"config.train.batch_size={t.batch_size}: each micro-batch ({micro} sequences) must split evenly "
             f"over data x fsdp x expert = {shards} devices"
+        )
+    local_tokens = micro // shards * t.seq_len
+    if m.moe_every and m.capacity_group_size and local_tokens % m.capacity_group_size:
+        raise ConfigError(
+            f"config.model.capacity_group_size={m.capacity_group_size}: must divide the {local_tokens} tokens each "
+            f"device holds per micro-batch ({micro // shards} sequences of {t.seq_len})"
         )
     return sizes
 

@@ -42,7 +42,7 @@ def generate(
 ) -> tuple[list[int], np.ndarray]:
     """New token ids after ``prompt_ids`` and their logits [n, V] (model in eval mode)."""
     if model.cfg.non_causal_routing:
-        raise ValueError(f"model.router={model.cfg.router!r}: its routing needs later tokens; cannot generate")
+        raise ValueError(f"{model.cfg.non_causal_message()}: it needs later tokens; cannot generate")
     prompt = np.asarray(prompt_ids, dtype=np.int32).reshape(1, -1)
     if prompt.shape[1] < 1:
         raise ValueError("prompt: must contain at least one token")

@@ -124,6 +124,11 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
             total, ce = jnp.mean(totals), jnp.mean(ces)
             aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)
+        # router state that learns from the load (loss_free's bias) moves once per step, from the
+        # whole step's load: with accumulation, the mean over the micro-batches
+        model = nnx.merge(graphdef, state.params, model_state)
+        model.update_router_state(aux)
+        model_state = nnx.state(model, nnx.Not(nnx.Param))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         window = state.recent_losses
