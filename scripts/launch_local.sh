@@ -51,18 +51,32 @@ for ((i = 0; i < nproc; i++)); do
   pgids+=($!)
 done
 
+# Poll rather than block in `wait -n`: bash runs a trap only between commands, and a signal that
+# lands while `wait -n` is being entered can wait for a child to exit (it could take minutes).
+# A short foreground sleep bounds how late Ctrl-C or SIGTERM is acted on.
+running=("${pgids[@]}")
 status=0
-for ((done = 0; done < nproc; done++)); do
-  wait -n
-  rc=$?
-  if [[ $rc -ne 0 ]]; then
-    echo "launch_local: a process exited with status $rc; stopping the others" >&2
-    status=$rc
-    stop_all TERM
-    sleep 2
-    stop_all KILL
-    break
-  fi
+while ((${#running[@]})); do
+  still=()
+  for pid in "${running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      still+=("$pid")
+      continue
+    fi
+    wait "$pid"
+    rc=$?
+    if [[ $rc -ne 0 ]]; then
+      echo "launch_local: a process exited with status $rc; stopping the others" >&2
+      status=$rc
+      stop_all TERM
+      sleep 2
+      stop_all KILL
+      wait 2>/dev/null
+      exit "$status"
+    fi
+  done
+  running=("${still[@]}")
+  ((${#running[@]})) && sleep 0.2
 done
 wait 2>/dev/null
 exit "$status"

@@ -48,6 +48,10 @@ BAD_INPUTS = [
     (["--config.model.router=thor", "--config.model.experts_per_token=2"], "experts_per_token=2: the thor router sends"),
     (["--config.mesh.data=1", "--config.mesh.tensor=2"], "config.mesh.tensor=2: mesh.rules=ep shards nothing over the tensor axis"),
     (["--workdir=gs://bucket/run"], "--workdir=gs://bucket/run: URLs are not supported"),
+    (["--workdir=A_FILE"], "--workdir=A_FILE: is a file, not a folder"),
+    (["--workdir=A_FILE/run"], "--workdir=A_FILE/run: cannot create or write it (Not a directory)"),
+    (["--workdir=/sys/kernel"], "--workdir=/sys/kernel: cannot create or write it"),  # a folder nobody may write
+    (["--config.train.batch_size=100000"], "config.train.batch_size=100000: a training step needs about"),
     (["--config=TYPO_CONFIG"], "get_config() failed: AttributeError: TrainConfig has no field 'step' (did you mean 'steps'?)"),
 ]
 
@@ -57,8 +61,9 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "tokenizer.json").write_text("{not json")
     (tmp_path / "typo.py").write_text(TYPO_CONFIG)
+    (tmp_path / "a_file").write_text("not a folder")
     subst = {"EMPTY_DIR": str(tmp_path / "empty"), "BAD_TOKENIZER": str(tmp_path / "tokenizer.json"),
-             "TYPO_CONFIG": str(tmp_path / "typo.py")}
+             "TYPO_CONFIG": str(tmp_path / "typo.py"), "A_FILE": str(tmp_path / "a_file")}
     for k, v in subst.items():
         argv = [a.replace(k, v) for a in argv]
         message = message.replace(k, v)
@@ -68,4 +73,5 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert "Traceback" not in err
-    assert not (tmp_path / "w" / "checkpoints").exists()  # nothing written
+    assert not (tmp_path / "w").exists()  # nothing written: a failed start leaves no trace
+    assert (tmp_path / "a_file").read_text() == "not a folder"

@@ -175,6 +175,30 @@ def test_moe_eval_and_moe_generate_cli(resumed_runs, capsys):
     assert "--step=5: not among the checkpoints" in capsys.readouterr().err
 
 
+def test_eval_and_generate_read_a_workdir_a_run_holds_and_bad_generation_flags_get_one_line(resumed_runs, capsys):
+    from train.workdir import RunFolder
+
+    work = str(resumed_runs["tmp"] / "straight")
+    held = RunFolder(work).open()  # as a training run on it would: readers are still welcome
+    try:
+        assert eval_main([f"--workdir={work}", "--max_batches=1"]) == 0
+        assert generate_main([f"--workdir={work}", "--prompt=def add", "--max_new_tokens=2"]) == 0
+        capsys.readouterr()
+        for flag, message in [("--top_k=1000", "--top_k=1000: more than the 259 tokens of the vocabulary"),
+                              ("--temperature=nan", "--temperature=nan: must be a finite number >= 0"),
+                              ("--temperature=inf", "--temperature=inf: must be a finite number >= 0")]:
+            with pytest.raises(SystemExit) as exc:
+                generate_main([f"--workdir={work}", "--prompt=def add", flag])
+            err = capsys.readouterr().err.strip()
+            assert exc.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+        assert generate_main([f"--workdir={work}", "--prompt=def add", "--max_new_tokens=20"]) == 0
+        err = capsys.readouterr().err  # trained on 16 positions: the 27 asked for go past them
+        assert "reach position 27, past the 16 positions the model was trained on (train.seq_len)" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        held.release()
+
+
 def test_kv_cache_generation_equals_recomputing_the_prefix(resumed_runs):
     run = load_run(resumed_runs["tmp"] / "straight", devices=jax.devices()[:1])
     with run.context():

@@ -300,3 +300,49 @@ def test_missing_or_corrupt_tokenizer_file(tmp_path):
         build_tokenizer(DataConfig(tokenizer="bpe", tokenizer_path=str(corrupt)), None, lambda: [])
     with pytest.raises(DataError, match=rf"^data.tokenizer_path={corrupt}: "):  # a corrupt cached file too
         build_tokenizer(DataConfig(tokenizer="bpe"), tmp_path, lambda: [])
+
+
+def test_file_names_that_are_not_utf8_split_load_and_fingerprint(tmp_path):
+    """A latin-1 name (caf\\xe9.py, as a latin-1 archive unpacks) is a valid file name on Linux."""
+    import os
+
+    names = [b"caf\xe9.py", b"plain.py", b"na\xefve.py", b"z.py"]
+    for i, name in enumerate(names):
+        with open(os.path.join(os.fsencode(tmp_path), name), "w") as f:
+            f.write(f"def f{i}():\n    return {i}\n" * 20)
+    files = list_files(str(tmp_path))
+    assert len(files) == 4
+    train, val = split_files(files, 0.25)
+    assert len(val) == 1 and sorted(train + val) == sorted(files)
+    cfg = cfg_for(tmp_path, validation_fraction=0.25)
+    tok = ByteTokenizer()
+    assert load_corpus(cfg, tok, "train").num_bytes + load_corpus(cfg, tok, "validation").num_bytes == sum(
+        f.stat().st_size for f in files)
+    assert data_fingerprint(cfg) == data_fingerprint(cfg)
+
+
+def test_empty_files_are_skipped_before_splitting(tmp_path):
+    """0-byte files hold no text: they are never held out (nor counted) and the split has text."""
+    for name in ("a.py", "b.py", "c.py"):
+        (tmp_path / name).write_text(f"x = '{name}'\n" * 30)
+    for i in range(6):
+        (tmp_path / f"empty{i}.py").write_text("")
+    files = list_files(str(tmp_path))
+    assert [f.name for f in files] == ["a.py", "b.py", "c.py"]
+    validation = load_corpus(cfg_for(tmp_path, validation_fraction=0.3), ByteTokenizer(), "validation")
+    assert validation.num_bytes > 0
+
+
+def test_a_validation_split_without_text_names_its_files_and_the_fix(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "some text " * 50}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": ""}) + "\n")  # a file of empty documents
+    cfg = cfg_for(tmp_path, validation_fraction=0.5)
+    _, held = split_files(list_files(str(tmp_path)), 0.5)
+    if held[0].name == "a.jsonl":  # the hash decides which is held out: make it the empty one
+        (tmp_path / "a.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+        (tmp_path / "b.jsonl").write_text(json.dumps({"text": "some text " * 50}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_corpus(cfg, ByteTokenizer(), "validation")
+    message = str(err.value)
+    assert message.startswith(f"data.path={tmp_path}: the validation split has no text")
+    assert str(held[0]) in message and "data.validation_fraction" in message

@@ -249,3 +249,34 @@ def test_moe_plot_of_a_dense_run_draws_only_the_curves(tmp_path, capsys):
         w.write(1, {"loss": 2.0})
     assert plot_main([f"--workdir={tmp_path}", f"--out_dir={tmp_path / 'p'}"]) == 0
     assert capsys.readouterr().out.split() == [str(tmp_path / "p" / "metrics.png")]
+
+
+def test_moe_plot_reads_a_metrics_file_torn_by_bytes_that_are_not_utf8(tmp_path, capsys):
+    from train.cli import plot_main
+    from train.plots import read_rows
+
+    with MetricsWriter(tmp_path, total_steps=3, tensorboard=False, progress=False, stream=io.StringIO()) as w:
+        w.write(1, {"loss": 3.0})
+        w.write(2, {"loss": 2.0})
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "split": "train", "loss": 1.\xff\xfe5}\n\x80\x81 torn\n')  # a torn write
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert sorted(rows["train"]) == [1, 2]  # the bad rows are skipped
+    assert plot_main([f"--workdir={tmp_path}"]) == 0
+    assert capsys.readouterr().out.split()[0].endswith("metrics.png")
+
+
+def test_tensorboard_leaves_out_values_not_measured_yet(tmp_path, caplog):
+    """The first rows have no tokens/s yet (None): nothing is written for them, and nothing warns."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        with MetricsWriter(tmp_path, total_steps=2, progress=False, stream=io.StringIO()) as w:
+            w.write(1, {"loss": 3.0, "tokens_per_sec": None, "mfu": None})
+            w.write(2, {"loss": 2.0, "tokens_per_sec": 100.0, "mfu": 0.1})
+    assert not [r for r in caplog.records if "NaN or Inf" in r.getMessage()]
+    scalars = {}
+    for event in _read_events(next((tmp_path / "tensorboard").glob("events.*"))):
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    assert scalars["train/tokens_per_sec"] == {2: 100.0} and set(scalars["train/loss"]) == {1, 2}

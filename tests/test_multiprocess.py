@@ -179,3 +179,18 @@ def test_a_coordinator_whose_peers_never_come_exits_after_the_timeout(tmp_path):
     assert proc.returncode != 0 and elapsed < 90  # JAX aborts the process: no hang
     assert "[process 0] joining 2 processes at 127.0.0.1:" in proc.stderr
     assert "waiting up to 5 s" in proc.stderr
+
+
+def test_a_multi_process_job_on_a_held_workdir_is_refused_by_every_process(tmp_path):
+    from test_workdir import hold_lock
+
+    work = tmp_path / "w"
+    holder = hold_lock(work)
+    try:
+        proc = launch(2, 4, _args(tmp_path, work))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"[0] [process 0/2] moe-train: --workdir={work}: in use by another run (host" in proc.stdout
+    assert sorted(p.name for p in work.iterdir()) == [".lock"]  # nothing else touched

@@ -142,7 +142,7 @@ def test_sharding_presets_place_weights_as_documented():
     assert dp["blocks/1/ffn/wi"] == (None, None, None)
 
 
-def test_moe_train_cli_end_to_end(tmp_path, capsys):
+def test_moe_train_cli_end_to_end(tmp_path, capsys, caplog):
     cfg = tiny_config(tmp_path)
     workdir = tmp_path / "cli"
     argv = ["--config", str(ROOT / "configs/default.py"), f"--workdir={workdir}",
@@ -174,6 +174,7 @@ def test_moe_train_cli_end_to_end(tmp_path, capsys):
     assert saved["train"]["steps"] == 3 and saved["model"]["vocab_size"] == 320
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert "done: loss" in capsys.readouterr().out
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= 30]  # a normal run warns about nothing
 
 
 def test_dry_run_prints_config_and_parameter_counts(tmp_path, capsys):

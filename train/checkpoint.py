@@ -14,11 +14,15 @@ a temporary folder and renames it when complete, so a partial step is never take
 
 from __future__ import annotations
 
+import errno
 import pathlib
+import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from train.memory import human_bytes
 
 ARRAY_ITEMS = ("params", "opt_state", "train")
 JSON_ITEMS = ("data", "meta")
@@ -31,7 +35,38 @@ REPLICA_PARALLEL_MIN_BYTES = 4 << 20
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint (the message names the folder)."""
+    """No usable checkpoint, or one that cannot be written (the message names the folder)."""
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded")
+# A save needs the state's bytes plus this share again (metadata, and the previous step is kept
+# until the new one is complete).
+SPACE_MARGIN = 1.1
+
+
+def is_no_space(error: BaseException) -> bool:
+    """Whether ``error`` (or an exception it was raised from) says the disk or quota is full."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
+            return True
+        if any(text in str(error).lower() for text in NO_SPACE_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def state_bytes(state) -> int:
+    """Bytes of every array in ``state`` (global sizes): what one checkpoint writes in all."""
+    total = 0
+    for leaf in jax.tree.leaves(state):
+        if _is_prng_key(leaf):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            total += int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
 
 
 def _register_array_handler() -> None:
@@ -110,6 +145,8 @@ class Checkpoints:
             enable_async_checkpointing=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ARRAY_ITEMS + JSON_ITEMS)
+        self._in_flight: int | None = None  # the step an asynchronous save is writing
+        self._failed = False  # a save failed: close() must not raise it a second time
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -118,7 +155,13 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-        """Start an asynchronous save of ``state`` (a TrainState); returns whether one started."""
+        """Start an asynchronous save of ``state`` (a TrainState); returns whether one started.
+
+        A save that cannot be written (no space left, found before it starts where the free space is
+        known, or reported by the save in flight) raises ``CheckpointError`` naming the step, the
+        folder, why, and the last complete checkpoint, which is intact."""
+        self.wait()  # the previous save's errors belong to its own step
+        self._check_space(step, state)
         items = {
             "params": ocp.args.StandardSave(to_nested(state.params)),
             "opt_state": ocp.args.StandardSave(
@@ -128,7 +171,37 @@ class Checkpoints:
             "data": ocp.args.JsonSave(data_state),
             "meta": ocp.args.JsonSave(meta),
         }
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+        if started:
+            self._in_flight = step
+        return started
+
+    def _check_space(self, step: int, state) -> None:
+        need = state_bytes(state) * SPACE_MARGIN
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return  # not knowable here: the save itself reports a full disk
+        if free < need:
+            raise self._save_failed(
+                step, None, f"it needs about {human_bytes(need)} and {human_bytes(free)} are free on that disk"
+            )
+
+    def _save_failed(self, step: int, error: BaseException | None, why: str = "") -> CheckpointError:
+        """The one-line report of a save that failed (``error``), or was not started (``why``)."""
+        self._failed = True
+        if not why:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            why = "no space left on the device (or over the disk quota)" if is_no_space(error) else first
+        complete = [s for s in self.all_steps() if s != step]
+        intact = f"checkpoint {complete[-1]} is intact" if complete else "no earlier checkpoint exists"
+        return CheckpointError(
+            f"checkpoint {step}: saving to {self.directory / str(step)} failed: {why}; {intact}. "
+            "Free space (or fix the folder), then run the same command to resume"
+        )
 
     def read_meta(self, step: int) -> tuple[dict, dict]:
         """(meta, data state) of a saved step; no arrays are read."""
@@ -200,8 +273,22 @@ class Checkpoints:
         return sorted(p.name for p in self.directory.glob(f"*{SET_ASIDE}*"))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the save in flight is complete; ``CheckpointError`` if it failed."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(step if step is not None else -1, e) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for a save in flight (raising its failure once) and release the manager."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - after a failed save the manager may fail again on close
+                if not self._failed:
+                    raise
+

@@ -6,6 +6,8 @@ JAX is imported only after the device count is set, since XLA reads it when its 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 
@@ -62,6 +64,8 @@ def train_main(argv=None) -> int:
     p.add_argument("--config", required=True, help="a configs/*.py file defining get_config()")
     p.add_argument("--workdir", required=True, help="run folder: config, logs, checkpoints")
     p.add_argument("--dry_run", action="store_true", help="validate and print the config and parameter counts")
+    p.add_argument("--skip_memory_check", action="store_true",
+                   help="start even when a step's estimated memory exceeds what the devices have")
     _common_args(p)
     from sharding.distributed import add_arguments
 
@@ -95,17 +99,22 @@ def _run_guarded(prog: str, verbose: bool, fn) -> int:
     from train.config import ConfigError
     from train.data import DataError
     from train.loop import NonFiniteError
+    from train.workdir import WorkdirError
 
     from sharding.distributed import shutdown
 
     try:
         return fn()
-    except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
+    except (ConfigError, DataError, WorkdirError, CheckpointError, NonFiniteError) as e:
         if verbose:
             raise
-        _fail(prog, str(e), 2 if isinstance(e, (ConfigError, DataError)) else 1)
-    except KeyboardInterrupt:
-        _fail(prog, "interrupted", 130)
+        _fail(prog, str(e), 2 if isinstance(e, (ConfigError, DataError, WorkdirError)) else 1)
+    except KeyboardInterrupt:  # end now: an orderly exit could wait on threads a cut-short save left behind
+        from sharding.distributed import prefix
+
+        sys.stdout.flush()
+        print(f"{prefix()}{prog}: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
     except Exception as e:
         from sharding.distributed import prefix
 
@@ -113,7 +122,6 @@ def _run_guarded(prog: str, verbose: bool, fn) -> int:
             raise
         # Several processes: a failed collective usually means a peer died. A graceful
         # jax.distributed shutdown would wait for that peer at a barrier, so report and leave now.
-        import os
         import traceback
 
         traceback.print_exc()
@@ -146,18 +154,27 @@ def _train(cfg, args) -> int:
         counts = param_counts(resolved.model)
         print(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token{note}")
         return 0
-    trainer = Trainer(cfg, args.workdir)
+    from sharding.distributed import prefix
+    from train.signals import StopSignals
+
+    signals = StopSignals(lambda m: print(f"{prefix()}{m}", file=sys.stderr, flush=True),
+                          exit_now=lambda: f"{prefix()}moe-train: interrupted")
     try:
-        counts = param_counts(trainer.cfg.model)
-        trainer.log(
-            f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
-            f"{jax.device_count()} devices; workdir {args.workdir}"
-        )
-        summary = trainer.run()
+        trainer = Trainer(cfg, args.workdir, memory_check=not args.skip_memory_check)
+        summary = None
+        try:
+            counts = param_counts(trainer.cfg.model)
+            trainer.log(
+                f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
+                f"{jax.device_count()} devices; workdir {args.workdir}"
+            )
+            summary = trainer.run(signals=signals)
+        finally:  # a run that stopped before its first step leaves the workdir as it found it
+            trainer.close(abandon=trainer.steps_done == 0 and (summary is None or "preempted" in summary))
     finally:
-        trainer.close()
-    if summary.get("preempted"):
-        return 0
+        signals.restore()
+    if "preempted" in summary:
+        return 130 if summary["stopped_by"] == "Ctrl-C" else 0
     if jax.process_index() == 0:
         w = args.workdir
         trained = (
@@ -178,7 +195,9 @@ def _start_jax(prog: str, args, distributed: bool = False) -> None:
     """Set the CPU device count, then (multi-process jobs) start jax.distributed: in that order."""
     import logging
 
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational warnings
+    # Orbax logs informational warnings, and every failure of a background save as tracebacks from
+    # several threads; the run reports such a failure itself, in one line (--verbose shows them)
+    logging.getLogger("absl").setLevel(logging.ERROR if args.verbose else logging.CRITICAL)
     if args.cpu_devices < 1:
         _fail(prog, f"--cpu_devices={args.cpu_devices}: must be >= 1")
     from sharding.mesh import emulate_cpu_devices
@@ -249,8 +268,8 @@ def generate_main(argv=None) -> int:
     for name in ("max_new_tokens", "top_k"):
         if getattr(args, name) < (1 if name == "max_new_tokens" else 0):
             _fail(prog, f"--{name}={getattr(args, name)}: out of range")
-    if args.temperature < 0:
-        _fail(prog, f"--temperature={args.temperature}: must be >= 0")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        _fail(prog, f"--temperature={args.temperature}: must be a finite number >= 0 (0 = greedy)")
     _start_jax(prog, args)
 
     def run() -> int:
@@ -270,7 +289,14 @@ def generate_main(argv=None) -> int:
             print(f"{prog}: note: model.eval_capacity_factor={m.eval_capacity_factor} applies to scoring; generation "
                   "never drops tokens", file=sys.stderr)
         tokenizer = build_tokenizer(loaded.cfg.data, loaded.workdir, lambda: iter(()))
+        if args.top_k > tokenizer.vocab_size:
+            raise ConfigError(f"--top_k={args.top_k}: more than the {tokenizer.vocab_size} tokens of the vocabulary")
         prompt = require_tokens(tokenizer, args.prompt)
+        positions, trained = len(prompt) + args.max_new_tokens, loaded.cfg.train.seq_len
+        if positions > trained:
+            print(f"{prog}: note: the prompt and --max_new_tokens={args.max_new_tokens} reach position {positions}, "
+                  f"past the {trained} positions the model was trained on (train.seq_len); what it writes there "
+                  "was never trained", file=sys.stderr)
         with loaded.context():
             ids, _ = generate(
                 loaded.model(), prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -57,10 +57,18 @@ def _walk(root: pathlib.Path, where: str, suffix: str = "", skip: frozenset[str]
         dirs[:] = [d for d in dirs if not d.startswith(".") and d not in skip]
         for name in names:
             file = pathlib.Path(folder, name)
-            if name.startswith(".") or not name.endswith(suffix) or not file.is_file():
+            if name.startswith(".") or not name.endswith(suffix) or not _has_bytes(file):
                 continue
             found.append((file.relative_to(root).as_posix(), file))
     return [file for _, file in sorted(found)]
+
+
+def _has_bytes(file: pathlib.Path) -> bool:
+    """A regular file with at least one byte (empty files hold no text and are skipped)."""
+    try:
+        return file.is_file() and file.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def list_files(path: str) -> list[pathlib.Path]:
@@ -79,15 +87,15 @@ def list_files(path: str) -> list[pathlib.Path]:
         if target.is_dir():
             files = _walk(target, where)
             if not files:
-                raise DataError(f"{where}: the folder has no (non-hidden) files")
+                raise DataError(f"{where}: the folder has no (non-hidden, non-empty) files")
             return files
     except OSError as e:
         raise DataError(f"{where}: cannot read ({e.strerror or e})") from e
     if not any(c in path for c in "*?["):
         raise DataError(f"{where}: no such file or folder")
-    matches = sorted(m for m in glob.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(m))
+    matches = sorted(m for m in glob.glob(os.path.expanduser(path), recursive=True) if _has_bytes(pathlib.Path(m)))
     if not matches:
-        raise DataError(f"{where}: no file matches this glob pattern")
+        raise DataError(f"{where}: no non-empty file matches this glob pattern")
     return [pathlib.Path(m) for m in matches]
 
 
@@ -146,14 +154,15 @@ def split_files(
     """(train, validation) files, each in input order; deterministic on every machine.
 
     The round(n * fraction) files (at least 1, at most n-1) with the smallest SHA-256 of their
-    relative path are held out. One file is returned for both; ``load_corpus`` splits its text.
+    relative path (its bytes as the OS holds them: any file name works, UTF-8 or not) are held
+    out. One file is returned for both; ``load_corpus`` splits its text.
     """
     files = list(files)
     if len(files) <= 1:
         return files, files
     names = _relative_names(files)
     k = min(len(files) - 1, max(1, int(len(files) * validation_fraction + 0.5)))
-    ranked = sorted(range(len(files)), key=lambda i: (hashlib.sha256(names[i].encode()).hexdigest(), names[i]))
+    ranked = sorted(range(len(files)), key=lambda i: (hashlib.sha256(os.fsencode(names[i])).hexdigest(), names[i]))
     held = set(ranked[:k])
     return [f for i, f in enumerate(files) if i not in held], [f for i, f in enumerate(files) if i in held]
 
@@ -244,9 +253,21 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, split: str, chunk: int = 
         for ids in tokenizer.encode_batch(docs[start : start + chunk]):
             pieces += [ids.astype(np.int32, copy=False), eos]
     if not pieces:
-        raise DataError(f"{describe_path(cfg.path)}: the {split} split has no text")
+        where = describe_path(cfg.path)
+        if split == "validation" and len(list_files(cfg.path)) > 1:  # split by files: these were held out
+            shown = ", ".join(_printable(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+            raise DataError(
+                f"{where}: the validation split has no text: its held-out file(s) {shown} hold no documents; "
+                f"raise data.validation_fraction (now {cfg.validation_fraction}) to hold out more files"
+            )
+        raise DataError(f"{where}: the {split} split has no text")
     num_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
     return Corpus(tokens=np.concatenate(pieces), num_bytes=num_bytes, files=[str(f) for f in files])
+
+
+def _printable(path) -> str:
+    """A path for a message, whatever bytes its name holds."""
+    return os.fsencode(str(path)).decode("utf-8", errors="backslashreplace")
 
 
 FINGERPRINT_SAMPLE = 64 << 10  # bytes read from each end of every file

@@ -11,8 +11,6 @@ import json
 import math
 import os
 import pathlib
-import signal
-import threading
 import time
 from typing import Callable
 
@@ -32,8 +30,11 @@ from train.config import Config, ConfigError, check_compatible, validate, valida
 from train.batches import TrainBatches, eval_batches
 from train.data import corpus_texts, data_fingerprint, load_corpus
 from train.evaluate import score
+from train.memory import check_fits, step_memory
 from train.optimizer import make_optimizer
 from train.profiler import StepProfiler
+from train.signals import StopSignals
+from train.workdir import RunFolder, WorkdirError
 from train.step import TrainState, make_eval_step, make_train_step, shardings_of, split_model
 from train.tokenizer import build_tokenizer
 
@@ -83,36 +84,69 @@ class NonFiniteError(RuntimeError):
     """Training stopped after too many consecutive non-finite steps (the message names the step)."""
 
 
-def _install_sigterm(callback):
-    """Call ``callback`` on SIGTERM (main thread only); returns the previous handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, lambda signum, frame: callback())
+def _take_run_folder(workdir: pathlib.Path, proc: int, nproc: int) -> RunFolder | None:
+    """Process 0 creates and locks the workdir; every process learns whether it could."""
+    folder, error = None, None
+    if proc == 0:
+        try:
+            folder = RunFolder(workdir).open()
+        except WorkdirError as e:
+            error = e
+    if nproc > 1:
+        from jax.experimental import multihost_utils
 
-
-def _restore_sigterm(previous) -> None:
-    if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, previous)
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not ok and error is None:
+            error = WorkdirError(f"--workdir={workdir}: process 0 could not take it (see its message)")
+    if error is not None:
+        raise error
+    return folder
 
 
 class Trainer:
     """Everything one run needs, built in order; ``run()`` trains."""
 
     def __init__(
-        self, cfg: Config, workdir: str | pathlib.Path, *, devices=None, log: Callable[[str], None] | None = None
+        self,
+        cfg: Config,
+        workdir: str | pathlib.Path,
+        *,
+        devices=None,
+        log: Callable[[str], None] | None = None,
+        memory_check: bool = True,
     ):
+        """``memory_check``: refuse a step that cannot fit the devices (``train.memory``) before
+        allocating the state."""
         validate(cfg)
+        self.memory_check = memory_check
         self.workdir = pathlib.Path(workdir)
         self.proc, self.nproc = jax.process_index(), jax.process_count()
         self.devices = list(jax.devices() if devices is None else devices)
-        sizes = validate_mesh(cfg, len(self.devices))
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.sizes = sizes = validate_mesh(cfg, len(self.devices))
+        self.steps_done = 0  # training steps this Trainer has finished
+        self.folder = self.writer = self.checkpoints = None
+        self.folder = _take_run_folder(self.workdir, self.proc, self.nproc)
+        try:
+            self._build(cfg, sizes, log)
+        except BaseException:
+            self._abandon()  # the workdir as it was found
+            raise
+
+    def _abandon(self) -> None:
+        for part in (self.checkpoints, self.writer):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:  # noqa: BLE001 - already failing; the first error is the report
+                    pass
+        if self.folder is not None:
+            self.folder.abandon()
+
+    def _build(self, cfg: Config, sizes: dict[str, int], log) -> None:
         self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=cfg.train.steps, enabled=self.proc == 0)
         self.log = log or self.writer.log
         self.tokenizer = build_tokenizer(cfg.data, self.workdir, lambda: corpus_texts(cfg.data, "train"))
         self.cfg = cfg = resolve_model(cfg, self.tokenizer.vocab_size)
-        if self.proc == 0:
-            write_json_atomic(self.workdir / "config.json", cfg.to_json())
         self.train_corpus = load_corpus(cfg.data, self.tokenizer, "train")
         self.val_corpus = load_corpus(cfg.data, self.tokenizer, "validation")
         t = cfg.train
@@ -129,6 +163,8 @@ class Trainer:
             self._compile()
             self._check_process_rows()
             self._maybe_resume()
+        if self.proc == 0:  # only once the checkpoints (if any) are known to match it
+            write_json_atomic(self.workdir / "config.json", cfg.to_json())
 
     def context(self):
         """The mesh and sharding rules every traced function runs under."""
@@ -152,7 +188,12 @@ class Trainer:
             window = jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32)
             return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), rest, window)
 
-        abstract_shardings = shardings_of(jax.eval_shape(init))
+        abstract = jax.eval_shape(init)
+        shards = self.sizes["data"] * self.sizes["fsdp"] * self.sizes["expert"]
+        self.step_memory = step_memory(cfg, abstract, shards, self.sizes["tensor"])
+        if self.memory_check:  # before anything is allocated
+            check_fits(cfg, self.step_memory, self.devices)
+        abstract_shardings = shardings_of(abstract)
         self.state = jax.jit(init, out_shardings=abstract_shardings)()  # parameters born sharded
         self.state_shardings = shardings_of(self.state)
 
@@ -268,13 +309,15 @@ class Trainer:
             return score(self.eval_step, self.state.params, self.state.model_state, batches, self.global_batch, self.val_corpus)
 
     # ---------------------------------------------------------------- training
-    def run(self, stop_at: int | None = None) -> dict:
+    def run(self, stop_at: int | None = None, signals: StopSignals | None = None) -> dict:
         """Train to ``train.steps`` (or stop after step ``stop_at``, checkpointed, as an interruption would).
 
-        SIGTERM (preemption) saves a checkpoint at the current step, waits for it and returns with
-        ``summary["preempted"]``; a SIGTERM to any process stops all of them after the same step (the
-        flag travels with the batch and is reduced in the step). ``train.max_nonfinite_steps``
-        consecutive skipped (non-finite) updates raise ``NonFiniteError`` without a new checkpoint."""
+        SIGTERM (preemption) or Ctrl-C (``signals``, installed here unless given) stops at the next
+        step boundary: a checkpoint of the current step is saved (unless no step was taken since the
+        last one), waited for, and the summary says ``preempted`` (the step) and ``stopped_by``. A
+        signal to any process stops all of them after the same step (the flag travels with the
+        batch and is reduced in the step). ``train.max_nonfinite_steps`` consecutive skipped
+        (non-finite) updates raise ``NonFiniteError`` without a new checkpoint."""
         cfg = self.cfg
         t = cfg.train
         tokens_per_step = t.batch_size * t.seq_len
@@ -295,6 +338,7 @@ class Trainer:
             nonlocal window_start, window_tokens, nonfinite_run
             host = jax.device_get(dev_metrics)  # waits for that step only
             watchdog.beat(step)
+            self.steps_done += 1
             now = time.perf_counter()
             loss = float(host["loss"])
             if summary["first_loss"] is None:
@@ -329,14 +373,20 @@ class Trainer:
                     f"The last good checkpoint is in {self.checkpoints.directory}"
                 )
 
-        preempted, stop_requested = [], []  # this process got SIGTERM; some process did (read back)
-        previous_handler = _install_sigterm(lambda: preempted.append(True))
+        stop_requested = []  # some process was signalled (read back from a step's metrics)
+        own_signals = signals is None
+        signals = StopSignals(self.log) if own_signals else signals
         every = cfg.checkpoint.every_steps
         try:
             with self.context():  # the watchdog arms at the first finished step: compiling is not stalling
                 for step in range(start_step, end):
+                    if self.nproc == 1 and signals.requested:  # alone: stop at this boundary, no step more
+                        if pending is not None:
+                            consume(*pending)
+                            pending = None
+                        return self._stop(step, start_step, signals.reason, summary)
                     local = next(self.batches)
-                    batch = self.global_batch({**local, "stop": np.full((len(local["inputs"]), 1), len(preempted) > 0, np.int32)})
+                    batch = self.global_batch({**local, "stop": np.full((len(local["inputs"]), 1), signals.requested, np.int32)})
                     profiler.maybe_start(step + 1, warm=step > start_step, previous=self.state)  # after the compiling step
                     with profiler.annotate(step + 1):
                         self.state, dev_metrics = self.train_step(self.state, batch)
@@ -344,14 +394,10 @@ class Trainer:
                     if pending is not None:
                         consume(*pending)
                     pending = (step, dev_metrics)
-                    if stop_requested:  # every process sees it after the same step
+                    if stop_requested:  # read back from the previous step: every process stops after this one
                         consume(*pending)
                         pending = None
-                        self.save_checkpoint(step + 1, force=True)
-                        self.checkpoints.wait()
-                        self.log(f"preempted (SIGTERM): checkpoint {step + 1} saved; run the same command to resume")
-                        summary["preempted"] = step + 1
-                        return summary
+                        return self._stop(step + 1, start_step, signals.reason or "a signal to another process", summary)
                     if every and (step + 1) % every == 0 and step + 1 < end:
                         self.save_checkpoint(step + 1)  # asynchronous: blocks only for the device-to-host copy
                     if cfg.eval_every_steps and (step + 1) % cfg.eval_every_steps == 0 and step + 1 < t.steps:
@@ -370,7 +416,8 @@ class Trainer:
         finally:
             profiler.finish()  # a trace still running here (preemption, error) stops without waiting
             watchdog.stop()
-            _restore_sigterm(previous_handler)
+            if own_signals:
+                signals.restore()
         self.writer.write(end, final_eval, split="eval")
         summary["eval_loss"] = final_eval["loss"]
         summary["tokens_per_sec"] = float(np.median(rates)) if rates else None
@@ -384,9 +431,28 @@ class Trainer:
             write_json_atomic(self.workdir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
-    def close(self):
+    def _stop(self, step: int, start_step: int, reason: str, summary: dict) -> dict:
+        """End the run at step boundary ``step``, saved (unless nothing was trained since the start)."""
+        summary["preempted"], summary["stopped_by"] = step, reason
+        if step == start_step:
+            self.log(f"stopped ({reason}) before the first step: nothing to save")
+            return summary
+        self.checkpoints.wait()
+        if step not in self.checkpoints.all_steps():  # not just saved on schedule
+            self.save_checkpoint(step, force=True)
+            self.checkpoints.wait()
+        self.log(f"stopped ({reason}): checkpoint {step} saved; run the same command to resume")
+        return summary
+
+    def close(self, abandon: bool = False):
+        """Wait for a save in flight and close the logs; ``abandon`` (a run that stopped before its
+        first step) also removes what this run added to the workdir."""
         self.checkpoints.close()  # waits for a save in flight
         self.writer.close()
+        if self.folder is not None:
+            if abandon:
+                self.folder.abandon()
+            self.folder.release()
 
 
 def sharding_table(model_cfg, mesh, rules: str) -> dict[str, tuple]:

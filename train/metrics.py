@@ -105,8 +105,8 @@ class MetricsWriter:
         assert self._jsonl is not None
         self._jsonl.write(json.dumps({"step": step, "split": split, **values}, allow_nan=False) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            self._write_tensorboard(step, split, values)
+        if self._tb is not None:  # a metric given as None (not measured yet, e.g. the first tokens/s) is left out
+            self._write_tensorboard(step, split, {k: v for k, v in values.items() if metrics[k] is not None})
         if self._bar is not None and split == "train":
             self._bar.update(max(0, step - self._bar.n))
             postfix: dict[str, str] = {}
@@ -132,7 +132,7 @@ class MetricsWriter:
                 finite = flat[np.isfinite(flat)]
                 if finite.size:
                     self._tb.add_histogram(tag, finite, step)
-            elif isinstance(value, (int, float)) or value is None:
+            elif isinstance(value, (int, float)) or value is None:  # None: a non-finite number, kept as NaN
                 self._tb.add_scalar(tag, math.nan if value is None else float(value), step)
         self._tb.flush()
 

@@ -24,9 +24,10 @@ LAYER_KEY = re.compile(r"^moe/(layer\d+)/(\w+)$")
 
 
 def read_rows(path: pathlib.Path) -> dict[str, dict[int, dict]]:
-    """{split: {step: row}} from a metrics.jsonl; the last row logged for a step wins."""
+    """{split: {step: row}} from a metrics.jsonl; the last row logged for a step wins. Rows a crash
+    cut short or tore (bad JSON, bytes that are not UTF-8) are skipped."""
     rows: dict[str, dict[int, dict]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
