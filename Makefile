@@ -27,7 +27,7 @@ test: $(STAMP)
 train: $(STAMP)
 	$(BIN)/moe-train --config=$(CONFIG) --workdir=$(WORKDIR) $(TRAIN_ARGS)
 	@echo "--- a sample from the trained model (temperature 0.8, top-k 20, seed 0):"
-	@$(BIN)/moe-generate --workdir=$(WORKDIR) --prompt='def ' --max_new_tokens=160 --temperature=0.8 --top_k=20 --seed=0
+	@$(BIN)/moe-generate --workdir=$(WORKDIR) --prompt='def ' --max_new_tokens=120 --temperature=0.8 --top_k=20 --seed=0
 	@echo "---"
 	@echo "evaluate:    $(BIN)/moe-eval --workdir=$(WORKDIR)"
 	@echo "plot:        $(BIN)/moe-plot --workdir=$(WORKDIR)"

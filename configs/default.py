@@ -7,7 +7,7 @@ Python's standard library sources. Finishes in a few minutes on 2 CPU cores.
     # or: moe-train --config=configs/default.py --workdir=runs/default
 """
 
-from train.config import Config
+from train.core.config import Config
 
 
 def get_config() -> Config:
@@ -17,10 +17,10 @@ def get_config() -> Config:
     cfg.model.num_heads = 4
     cfg.model.d_ff = 512
     cfg.model.moe_every = 2
-    cfg.model.num_experts = 8
-    cfg.model.experts_per_token = 1
-    cfg.model.router = "topk"
-    cfg.model.capacity_factor = 1.25
+    cfg.model.moe.num_experts = 8
+    cfg.model.moe.experts_per_token = 1
+    cfg.model.moe.router = "topk"
+    cfg.model.moe.capacity_factor = 1.25
     cfg.mesh.data = 2
     cfg.mesh.expert = 4
     cfg.train.steps = 600

@@ -8,7 +8,7 @@ MoE model (less the tiny router); only the parameter count differs.
 
 import default  # configs/default.py (the config loader puts this folder on sys.path)
 
-from train.config import Config
+from train.core.config import Config
 
 
 def get_config() -> Config:

@@ -11,7 +11,7 @@ a 32k BPE trained on the first 200 MB of the data. Bring your own text: a folder
 For several hosts use the same config with a launcher (see the README, "Multi-host").
 """
 
-from train.config import Config
+from train.core.config import Config
 
 
 def get_config() -> Config:
@@ -19,8 +19,8 @@ def get_config() -> Config:
     m = cfg.model
     m.vocab_size = 32_768
     m.num_layers, m.d_model, m.num_heads, m.d_ff = 16, 2048, 16, 5632
-    m.moe_every, m.num_experts, m.experts_per_token, m.expert_d_ff = 2, 8, 2, 1408
-    m.router, m.capacity_factor, m.tie_embeddings = "topk", 1.25, False
+    m.moe_every, m.moe.num_experts, m.moe.experts_per_token, m.moe.expert_d_ff = 2, 8, 2, 1408
+    m.moe.router, m.moe.capacity_factor, m.tie_embeddings = "topk", 1.25, False
     m.dtype = "bfloat16"
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor = -1, 1, 8, 1
     cfg.mesh.rules = "ep"

@@ -19,12 +19,12 @@ The workdir and data must be on storage every host sees; see the README, "Multi-
 
 import gpu_1b  # configs/gpu_1b.py (the config loader puts this folder on sys.path)
 
-from train.config import Config
+from train.core.config import Config
 
 
 def get_config() -> Config:
     cfg = gpu_1b.get_config()
-    cfg.model.num_experts = 32
+    cfg.model.moe.num_experts = 32
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor = -1, 1, 8, 1
     cfg.train.batch_size = 512
     return cfg

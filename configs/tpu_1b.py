@@ -11,7 +11,7 @@ whose chip count is a multiple of 8.
 
 import gpu_1b  # configs/gpu_1b.py (the config loader puts this folder on sys.path)
 
-from train.config import Config
+from train.core.config import Config
 
 
 def get_config() -> Config:

@@ -1,7 +1,22 @@
-"""The model: MoE layers and the transformer. Pure math; no I/O, no command line."""
+"""The model: MoE layers and the transformer. Pure math; no I/O, no environment, no command line.
 
-from moe.config import MoEConfig
+Shape letters, used as suffixes of array names (``x_BSD``) in every file of this package:
+
+  B batch rows            S positions (queries)        P key positions (attention, KV cache)
+  D model width           F FFN hidden width (dense: d_ff; an expert: expert_d_ff)
+  V vocabulary            N attention heads            H head dimension
+  E experts               K experts per token          L experts on one device
+  M devices along the ``expert`` mesh axis
+  T tokens on one device (B*S, inside ``shard_map``)
+  G capacity groups       U tokens per group           A assignments (K per token)
+  C slots per expert and group                         X slots of a dispatch buffer (E*G*C)
+  R rows of a regrouped buffer (dropless)              Q rows a ``move_rows`` writes
+
+A trailing 1 marks a size-1 axis kept for broadcasting (``ids_BS1``).
+"""
+
+from moe.config import FFNConfig, MoEConfig, TransformerConfig
 from moe.layer import MoEFeedForward
-from moe.routing import Routing
+from moe.routers import ROUTERS, Routing
 
-__all__ = ["MoEConfig", "MoEFeedForward", "Routing"]
+__all__ = ["FFNConfig", "MoEConfig", "MoEFeedForward", "ROUTERS", "Routing", "TransformerConfig"]

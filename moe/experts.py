@@ -1,10 +1,13 @@
-"""The expert FFNs as one batched computation over [experts, slots, d].
+"""This device's experts as one computation: batched over slot buffers, grouped over rows, or
+one expert for every row.
 
-Shape letters: E experts (local to this device inside shard_map), C slots, D model width,
-H expert hidden width (local: split over the ``tensor`` mesh axis when it is present).
+Shape letters: see ``moe/__init__.py``; here L experts on this device, C slots, R rows,
+F expert hidden width (this device's part when split over the ``tensor`` mesh axis).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,34 +19,51 @@ ACTIVATION_FNS = {
 }
 
 
-def expert_ffn(x_ECD, wi_EDH, wo_EHD, wg_EDH=None, *, activation: str, tensor_axis: str | None = None):
-    """y[e] = act(x[e] @ wg[e]) * (x[e] @ wi[e]) @ wo[e]   (GLU, when ``wg`` is given)
-    or y[e] = act(x[e] @ wi[e]) @ wo[e]                    (plain MLP).
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """y = act(x @ wg) * (x @ wi) @ wo (GLU, with ``wg``) or act(x @ wi) @ wo, per local expert.
 
     With ``tensor_axis`` the hidden dimension is split across that mesh axis and the partial
     outputs are summed with one psum.
     """
-    return _ffn(lambda x, w: jnp.einsum("ecd,edh->ech", x, w), x_ECD, wi_EDH, wo_EHD, wg_EDH, activation, tensor_axis)
 
+    wi_LDF: jax.Array
+    wo_LFD: jax.Array
+    wg_LDF: jax.Array | None
+    activation: str
+    tensor_axis: str | None = None
 
-def grouped_expert_ffn(
-    x_RD, group_sizes_E, wi_EDH, wo_EHD, wg_EDH=None, *, activation: str, tensor_axis: str | None = None
-):
-    """The same FFN over rows grouped by expert: rows [starts[e], starts[e] + sizes[e]) use expert
-    e's weights (``jax.lax.ragged_dot``, a grouped GEMM on GPU/TPU); rows past the last group
-    are not used by the caller.
-    """
-    return _ffn(
-        lambda x, w: jax.lax.ragged_dot(x, w, group_sizes_E), x_RD, wi_EDH, wo_EHD, wg_EDH, activation, tensor_axis
-    )
+    def batched(self, x_LCD: jax.Array) -> jax.Array:
+        """[L, C, D] -> [L, C, D]: slot buffer l through expert l."""
+        return self._ffn(lambda x, w: jnp.einsum("ecd,edh->ech", x, w), x_LCD)
 
+    def grouped(self, x_RD: jax.Array, group_sizes_L: jax.Array) -> jax.Array:
+        """[R, D] -> [R, D]: rows [starts[l], starts[l] + sizes[l]) through expert l
+        (``jax.lax.ragged_dot``, a grouped GEMM on GPU/TPU); rows past the last group are unused."""
+        return self._ffn(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes_L), x_RD)
 
-def _ffn(matmul, x, wi, wo, wg, activation, tensor_axis):
-    act = ACTIVATION_FNS[activation]
-    dtype = x.dtype
-    h = matmul(x, wi.astype(dtype))
-    h = act(matmul(x, wg.astype(dtype))) * h if wg is not None else act(h)
-    y = matmul(h, wo.astype(dtype))
-    if tensor_axis is not None:
-        y = jax.lax.psum(y, tensor_axis)
-    return y
+    def one(self, expert: jax.Array, plan) -> Experts:
+        """Global expert ``expert`` alone, on every device: the device holding it gives its weights,
+        the others zeros, and a psum over the expert axis (when split) sums them."""
+        el = self.wi_LDF.shape[0]
+        split = plan.expert_axis is not None and plan.expert_axis_size > 1
+        local = expert - (jax.lax.axis_index(plan.expert_axis) * el if split else 0)
+        mine, i = (local >= 0) & (local < el), jnp.clip(local, 0, el - 1)
+
+        def pick(w):
+            if w is None:
+                return None
+            w = jnp.where(mine, w[i], jnp.zeros((), w.dtype))[None]
+            return jax.lax.psum(w, plan.expert_axis) if split else w
+
+        return dataclasses.replace(self, wi_LDF=pick(self.wi_LDF), wo_LFD=pick(self.wo_LFD), wg_LDF=pick(self.wg_LDF))
+
+    def _ffn(self, matmul, x):
+        act = ACTIVATION_FNS[self.activation]
+        dtype = x.dtype
+        h = matmul(x, self.wi_LDF.astype(dtype))
+        h = act(matmul(x, self.wg_LDF.astype(dtype))) * h if self.wg_LDF is not None else act(h)
+        y = matmul(h, self.wo_LFD.astype(dtype))
+        if self.tensor_axis is not None:
+            y = jax.lax.psum(y, self.tensor_axis)
+        return y

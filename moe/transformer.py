@@ -1,7 +1,6 @@
 """Decoder-only transformer language model with dense or MoE feed-forward blocks.
 
-Shape letters: B batch, S sequence (queries), T sequence (keys), D model width, N heads,
-K head dim, F dense FFN hidden width, V vocabulary, E experts.
+Shape letters: see ``moe/__init__.py`` (S query positions, P key positions, N heads, H head dim).
 
 Pre-norm blocks: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)) where FFN is an
 ``MoEFeedForward`` in every ``moe_every``-th block and a dense GLU/MLP elsewhere. Causal
@@ -16,10 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.config import TransformerConfig
+from moe.config import FFNConfig, TransformerConfig
 from moe.experts import ACTIVATION_FNS
-from moe.layer import MoEFeedForward, compute_value, sharded_param
-from moe.routing import NO_PREVIOUS_TOKEN
+from moe.layer import MoEFeedForward
+from moe.params import compute_value, sharded_param
+from moe.routers.hashing import NO_PREVIOUS_TOKEN
 from sharding.mesh import current_mesh
 from sharding.rules import logical_to_spec
 
@@ -48,17 +48,17 @@ class RMSNorm(nnx.Module):
     def __call__(self, x_BSD: jax.Array) -> jax.Array:
         x32 = x_BSD.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (x32 * compute_value(self.scale, ("norm",))).astype(x_BSD.dtype)
+        return (x32 * compute_value(self.scale, ("norm",))[None, None, :]).astype(x_BSD.dtype)
 
 
-def rope(x_BSNK: jax.Array, positions_BS: jax.Array, theta: float) -> jax.Array:
+def rope(x_BSNH: jax.Array, positions_BS: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, rotate-half form, computed in float32."""
-    half = x_BSNK.shape[-1] // 2
-    freq_K = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BSK = positions_BS.astype(jnp.float32)[..., None] * freq_K
-    sin, cos = jnp.sin(angle_BSK)[:, :, None, :], jnp.cos(angle_BSK)[:, :, None, :]
-    x1, x2 = jnp.split(x_BSNK.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSNK.dtype)
+    half = x_BSNH.shape[-1] // 2
+    freq_H = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BSH = positions_BS.astype(jnp.float32)[..., None] * freq_H[None, None, :]
+    sin, cos = jnp.sin(angle_BSH)[:, :, None, :], jnp.cos(angle_BSH)[:, :, None, :]
+    x1, x2 = jnp.split(x_BSNH.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSNH.dtype)
 
 
 class Attention(nnx.Module):
@@ -67,54 +67,54 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         d, n = cfg.d_model, cfg.num_heads
-        k = d // n
+        h = d // n
         pdtype = jnp.dtype(cfg.param_dtype)
-        self.wq = sharded_param(rngs.params(), (d, n, k), self.IN_AXES, d**-0.5, pdtype)
-        self.wk = sharded_param(rngs.params(), (d, n, k), self.IN_AXES, d**-0.5, pdtype)
-        self.wv = sharded_param(rngs.params(), (d, n, k), self.IN_AXES, d**-0.5, pdtype)
-        self.wo = sharded_param(rngs.params(), (n, k, d), self.OUT_AXES, d**-0.5, pdtype)
+        self.wq = sharded_param(rngs.params(), (d, n, h), self.IN_AXES, d**-0.5, pdtype)
+        self.wk = sharded_param(rngs.params(), (d, n, h), self.IN_AXES, d**-0.5, pdtype)
+        self.wv = sharded_param(rngs.params(), (d, n, h), self.IN_AXES, d**-0.5, pdtype)
+        self.wo = sharded_param(rngs.params(), (n, h, d), self.OUT_AXES, d**-0.5, pdtype)
         self.theta = cfg.rope_theta
 
     def project_qkv(self, x_BSD, positions_BS):
         dtype = x_BSD.dtype
         heads = ("batch", "seq", "act_heads", None)
-        q = einsum("bsd,dnk->bsnk", x_BSD, compute_value(self.wq, self.IN_AXES).astype(dtype), heads)
-        k = einsum("bsd,dnk->bsnk", x_BSD, compute_value(self.wk, self.IN_AXES).astype(dtype), heads)
-        v = einsum("bsd,dnk->bsnk", x_BSD, compute_value(self.wv, self.IN_AXES).astype(dtype), heads)
+        q = einsum("bsd,dnh->bsnh", x_BSD, compute_value(self.wq, self.IN_AXES).astype(dtype), heads)
+        k = einsum("bsd,dnh->bsnh", x_BSD, compute_value(self.wk, self.IN_AXES).astype(dtype), heads)
+        v = einsum("bsd,dnh->bsnh", x_BSD, compute_value(self.wv, self.IN_AXES).astype(dtype), heads)
         return rope(q, positions_BS, self.theta), rope(k, positions_BS, self.theta), v
 
-    def attend(self, q_BSNK, k_BTNK, v_BTNK, mask_BST):
-        """softmax(q k^T / sqrt(K) + mask) v, output projection; float32 softmax."""
-        scale = q_BSNK.shape[-1] ** -0.5
-        logits = einsum("bsnk,btnk->bnst", q_BSNK, k_BTNK, ("batch", "act_heads", "seq", None), jnp.float32)
-        logits = jnp.where(mask_BST[:, None], logits * scale, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v_BTNK.dtype)
-        out_BSNK = einsum("bnst,btnk->bsnk", probs, v_BTNK, ("batch", "seq", "act_heads", None))
-        wo = compute_value(self.wo, self.OUT_AXES).astype(out_BSNK.dtype)
-        return einsum("bsnk,nkd->bsd", out_BSNK, wo, ("batch", "seq", "act_embed"))
+    def attend(self, q_BSNH, k_BPNH, v_BPNH, mask_BSP):
+        """softmax(q k^T / sqrt(H) + mask) v, output projection; float32 softmax."""
+        scale = q_BSNH.shape[-1] ** -0.5
+        logits = einsum("bsnh,bpnh->bnsp", q_BSNH, k_BPNH, ("batch", "act_heads", "seq", None), jnp.float32)
+        logits = jnp.where(mask_BSP[:, None], logits * scale, -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_BPNH.dtype)
+        out_BSNH = einsum("bnsp,bpnh->bsnh", probs, v_BPNH, ("batch", "seq", "act_heads", None))
+        wo = compute_value(self.wo, self.OUT_AXES).astype(out_BSNH.dtype)
+        return einsum("bsnh,nhd->bsd", out_BSNH, wo, ("batch", "seq", "act_embed"))
 
     def __call__(self, x_BSD, positions_BS, cache=None):
-        """Causal self-attention. With ``cache`` ({"k","v"}: [B,T,N,K]) the new keys and values
+        """Causal self-attention. With ``cache`` ({"k","v"}: [B,P,N,H]) the new keys and values
         are written at ``positions`` (one start index for the batch) and the queries attend to
         every cached position up to their own; returns (y, new cache or None)."""
         q, k, v = self.project_qkv(x_BSD, positions_BS)
         if cache is None:
             s = x_BSD.shape[1]
-            mask_BST = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (x_BSD.shape[0], s, s))
-            return self.attend(q, k, v, mask_BST), None
+            mask_BSP = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (x_BSD.shape[0], s, s))
+            return self.attend(q, k, v, mask_BSP), None
         start = positions_BS[0, 0]
-        k_BTNK = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
-        v_BTNK = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
-        t = k_BTNK.shape[1]
-        mask_BST = jnp.arange(t)[None, None, :] <= positions_BS[:, :, None]
-        return self.attend(q, k_BTNK, v_BTNK, mask_BST), {"k": k_BTNK, "v": v_BTNK}
+        k_BPNH = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+        v_BPNH = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+        p = k_BPNH.shape[1]
+        mask_BSP = jnp.arange(p)[None, None, :] <= positions_BS[:, :, None]
+        return self.attend(q, k_BPNH, v_BPNH, mask_BSP), {"k": k_BPNH, "v": v_BPNH}
 
 
 class DenseFFN(nnx.Module):
     IN_AXES = ("embed", "mlp")
     OUT_AXES = ("mlp", "embed")
 
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: FFNConfig, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         pdtype = jnp.dtype(cfg.param_dtype)
         self.wi = sharded_param(rngs.params(), (d, f), self.IN_AXES, d**-0.5, pdtype)
@@ -141,7 +141,10 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model)
         self.is_moe = cfg.is_moe_block(index)
-        self.ffn = MoEFeedForward(cfg.moe_config(layer=index), rngs=rngs) if self.is_moe else DenseFFN(cfg, rngs=rngs)
+        if self.is_moe:  # its fixed evaluation draws are seeded by the block index: layers draw independently
+            self.ffn = MoEFeedForward(cfg.moe, cfg.ffn(expert=True), rngs=rngs, layer=index, vocab_size=cfg.vocab_size)
+        else:
+            self.ffn = DenseFFN(cfg.ffn(), rngs=rngs)
 
     def __call__(self, x_BSD, positions_BS, token_ids_BS, cache=None, prev_token_ids_BS=None):
         attn_BSD, new_cache = self.attn(self.attn_norm(x_BSD), positions_BS, cache)
@@ -166,6 +169,8 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size < 1:
             raise ValueError(f"TransformerConfig.vocab_size={cfg.vocab_size}: must be set (>= 1) to build a model")
+        if cfg.moe_every:
+            cfg.moe.check()
         if cfg.non_causal_routing and not cfg.allow_non_causal_router:
             raise ValueError(f"TransformerConfig{cfg.non_causal_message()[len('model'):]}; {NON_CAUSAL_HINT}")
         self.cfg = cfg
@@ -182,6 +187,19 @@ class Transformer(nnx.Module):
     @property
     def num_moe_layers(self) -> int:
         return sum(1 for b in self.blocks if b.is_moe)
+
+    def moe_layers(self) -> list[tuple[int, MoEFeedForward]]:
+        return [(i, b.ffn) for i, b in enumerate(self.blocks) if b.is_moe]
+
+    @property
+    def wants_token_counts(self) -> bool:
+        """Whether a router learns from the training split's token counts before training (``fit_routers``)."""
+        return any(layer.router.wants_token_counts for _, layer in self.moe_layers())
+
+    def fit_routers(self, token_counts_V) -> None:
+        """Before training: routers that learn from token counts (balanced_hash's table) do."""
+        for _, layer in self.moe_layers():
+            layer.router.fit(token_counts_V)
 
     def embed_tokens(self, tokens_BS):
         table = compute_value(self.embed, (None, None))  # gathered whole for the lookup
@@ -208,9 +226,8 @@ class Transformer(nnx.Module):
     def update_router_state(self, aux: dict) -> None:
         """Once per training step: each MoE layer's router state learns from that layer's load
         over the whole step (``aux["per_layer"]``; see ``MoEFeedForward.update_router_state``)."""
-        for i, block in enumerate(self.blocks):
-            if block.is_moe:
-                block.ffn.update_router_state(aux["per_layer"][f"layer{i}"]["expert_load"])
+        for i, layer in self.moe_layers():
+            layer.update_router_state(aux["per_layer"][f"layer{i}"]["expert_load"])
 
     def decode(self, tokens_BS, positions_BS, cache):
         """Incremental decoding with a KV cache (see ``init_cache``): ``logits_BSV, new_cache``.
@@ -223,7 +240,7 @@ class Transformer(nnx.Module):
         return logits_BSV, cache
 
     def init_cache(self, batch: int, max_len: int) -> dict:
-        """Empty keys/values [B, max_len, N, K] for every block, in the activation dtype, and the
+        """Empty keys/values [B, max_len, N, H] for every block, in the activation dtype, and the
         token ids seen so far [B, max_len] (the bigram router reads the previous one)."""
         n = self.cfg.num_heads
         shape = (batch, max_len, n, self.cfg.d_model // n)
@@ -253,7 +270,7 @@ class Transformer(nnx.Module):
                 new_cache["blocks"].append(block_cache)
             if aux is not None:
                 auxes[i] = aux
-        return self.logits(x_BSD), combine_aux(auxes, self.cfg.num_experts), new_cache
+        return self.logits(x_BSD), combine_aux(auxes, self.cfg.moe.num_experts), new_cache
 
 
 def load_imbalance(load_E: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from train.plots import plot_curves  # noqa: E402
+from train.analysis.plots import plot_curves  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

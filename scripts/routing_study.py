@@ -26,26 +26,26 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train.plots import read_rows, read_series  # noqa: E402
+from train.analysis.plots import read_rows, read_series  # noqa: E402
 
 # name -> (config file, overrides); the published contrast each one stands for is in the README
 VARIANTS = {
     "dense": ("configs/dense_baseline.py", []),
-    "topk": ("configs/default.py", ["--config.model.router=topk"]),
-    "balanced_hash": ("configs/default.py", ["--config.model.router=balanced_hash"]),
-    "hash": ("configs/default.py", ["--config.model.router=hash"]),
-    "bigram_hash": ("configs/default.py", ["--config.model.router=bigram_hash"]),
-    "random": ("configs/default.py", ["--config.model.router=random"]),
-    "frozen": ("configs/default.py", ["--config.model.router=frozen"]),
-    "gshard": ("configs/default.py", ["--config.model.router=gshard", "--config.model.experts_per_token=2",
-                                      "--config.model.expert_d_ff=256"]),
+    "topk": ("configs/default.py", ["--config.model.moe.router=topk"]),
+    "balanced_hash": ("configs/default.py", ["--config.model.moe.router=balanced_hash"]),
+    "hash": ("configs/default.py", ["--config.model.moe.router=hash"]),
+    "bigram_hash": ("configs/default.py", ["--config.model.moe.router=bigram_hash"]),
+    "random": ("configs/default.py", ["--config.model.moe.router=random"]),
+    "frozen": ("configs/default.py", ["--config.model.moe.router=frozen"]),
+    "gshard": ("configs/default.py", ["--config.model.moe.router=gshard", "--config.model.moe.experts_per_token=2",
+                                      "--config.model.moe.expert_d_ff=256"]),
     # learned top-2 (Mixtral-style) with experts half as wide: the same active FLOPs as top-1
-    "topk2": ("configs/default.py", ["--config.model.router=topk", "--config.model.experts_per_token=2",
-                                     "--config.model.expert_d_ff=256"]),
-    "loss_free": ("configs/default.py", ["--config.model.router=loss_free"]),
-    "thor": ("configs/default.py", ["--config.model.router=thor"]),
+    "topk2": ("configs/default.py", ["--config.model.moe.router=topk", "--config.model.moe.experts_per_token=2",
+                                     "--config.model.moe.expert_d_ff=256"]),
+    "loss_free": ("configs/default.py", ["--config.model.moe.router=loss_free"]),
+    "thor": ("configs/default.py", ["--config.model.moe.router=thor"]),
     # THOR with its consistency loss: two forward passes per step (same active FLOPs per pass)
-    "thor_cr": ("configs/default.py", ["--config.model.router=thor", "--config.model.thor_consistency=1.0"]),
+    "thor_cr": ("configs/default.py", ["--config.model.moe.router=thor", "--config.model.moe.thor_consistency=1.0"]),
 }
 
 

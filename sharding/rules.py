@@ -92,10 +92,6 @@ def mesh_and_rules(mesh, preset: str):
         yield
 
 
-def current_rules() -> str:
-    return _current.get()
-
-
 def logical_to_spec(logical_axes, mesh=None, rules: str | None = None, *, compute: bool = False) -> P:
     """PartitionSpec for an array whose dimensions carry ``logical_axes``.
 

@@ -1,6 +1,7 @@
 """Runs the MoE layer on a named mesh and returns outputs, aux and gradients as NumPy."""
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,11 +9,53 @@ import numpy as np
 from flax import nnx
 
 from conftest import build_mesh
-from moe import MoEFeedForward
+from moe import FFNConfig, MoEConfig, MoEFeedForward
 from sharding.rules import use_rules
 
 B, S, D, H, E = 8, 16, 16, 32, 8
-PARAM_NAMES = ("router_w", "wi", "wg", "wo", "hash_table", "expert_bias")
+FFN_FIELDS = {f.name for f in dataclasses.fields(FFNConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """A layer's MoE settings and FFN shape in one object: ``spec.router``, ``spec.gated`` and
+    ``spec.capacity(...)`` read whichever part has them."""
+
+    moe: MoEConfig
+    ffn: FFNConfig
+
+    def __getattr__(self, name):
+        for part in (self.moe, self.ffn):
+            if hasattr(part, name):
+                return getattr(part, name)
+        raise AttributeError(name)
+
+    def replace(self, **kw) -> "LayerSpec":
+        return layer_spec(**{**dataclasses.asdict(self.moe), **dataclasses.asdict(self.ffn), **kw})
+
+    def build(self, **kw) -> MoEFeedForward:
+        return MoEFeedForward(self.moe, self.ffn, **kw)
+
+
+def layer_spec(**kw) -> LayerSpec:
+    """MoE and FFN settings from one set of keywords (the FFN defaults to D -> H, GELU, gated)."""
+    ffn = {"d_model": D, "d_ff": H, "activation": "gelu", "gated": True}
+    ffn.update({k: v for k, v in kw.items() if k in FFN_FIELDS})
+    kw.pop("vocab_size", None)  # the layer's table covers the harness's 50 token ids
+    for name in ("capacity_group_size", "eval_capacity_factor"):  # None = unset, as 0 in the config
+        if kw.get(name, 0) is None:
+            kw[name] = 0
+    return LayerSpec(MoEConfig(**{k: v for k, v in kw.items() if k not in FFN_FIELDS}).check(), FFNConfig(**ffn).check())
+
+
+def layer_params(layer: MoEFeedForward) -> dict:
+    """The layer's variables by their oracle names: router_w, wi, wg, wo, hash_table, expert_bias."""
+    where = {"router_w": (layer.router, "w"), "hash_table": (layer.router, "table"),
+             "expert_bias": (layer.router, "bias"), "wi": (layer, "wi"), "wg": (layer, "wg"), "wo": (layer, "wo")}
+    return {name: getattr(obj, attr) for name, (obj, attr) in where.items() if hasattr(obj, attr)}
+
+
+GRAD_PATHS = {"router_w": ("router", "w"), "wi": ("wi",), "wg": ("wg",), "wo": ("wo",)}
 
 
 def make_inputs(seed=0, b=B, s=S):
@@ -23,14 +66,14 @@ def make_inputs(seed=0, b=B, s=S):
     return x, token_ids, ct
 
 
-def run_layer(cfg, mesh_name, x, token_ids, ct, key=None, deterministic=False):
+def run_layer(cfg: LayerSpec, mesh_name, x, token_ids, ct, key=None, deterministic=False):
     """Forward + gradients of sum(y * ct) + router_loss on the named mesh; all results as NumPy."""
     mesh = build_mesh(mesh_name)
     rules = "ep+tp" if mesh is not None and "tensor" in mesh.axis_names else "ep"
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(), use_rules(rules):
-        layer = MoEFeedForward(cfg, rngs=nnx.Rngs(0))
+        layer = cfg.build(rngs=nnx.Rngs(0), vocab_size=50)
         if cfg.router == "loss_free":  # a bias that changes the choices (eval mode keeps it fixed)
-            layer.expert_bias[...] = jnp.linspace(-0.3, 0.3, cfg.num_experts)
+            layer.router.bias[...] = jnp.linspace(-0.3, 0.3, cfg.num_experts)
         if deterministic:
             layer.eval()
         if mesh is not None:
@@ -45,8 +88,14 @@ def run_layer(cfg, mesh_name, x, token_ids, ct, key=None, deterministic=False):
         (_, (y, aux)), (g_layer, g_x) = step(layer, x)
         x_sharding = jax.typeof(x).sharding.spec if mesh is not None else None
         y_sharding = jax.typeof(y).sharding.spec if mesh is not None else None
-        params = {n: np.asarray(getattr(layer, n)[...]) for n in PARAM_NAMES if hasattr(layer, n)}
-        grads = {n: np.asarray(g_layer[n][...]) for n in params if n in g_layer}  # frozen router_w: none
+        params = {n: np.asarray(v[...]) for n, v in layer_params(layer).items()}
+        grads = {}  # trained parameters only: a frozen router's weights and the tables get none
+        for name, path in GRAD_PATHS.items():
+            node = g_layer
+            for part in path:
+                node = node[part] if node is not None and part in node else None
+            if node is not None:
+                grads[name] = np.asarray(node[...])
         grads["x"] = np.asarray(g_x)
         aux = jax.tree.map(np.asarray, aux)
     return dict(y=np.asarray(y), aux=aux, params=params, grads=grads, x_spec=x_sharding, y_spec=y_sharding)

@@ -11,7 +11,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from moe.routing import NO_PREVIOUS_TOKEN, bigram_ids, hash_scores
+from moe.routers.hashing import NO_PREVIOUS_TOKEN, bigram_ids, hash_scores
 
 
 def _act(name):
@@ -29,7 +29,7 @@ def oracle_routing(cfg, params, x, token_ids, key=None, deterministic=False, num
         logits = jnp.einsum("bsd,de->bse", x.astype(jnp.float32), params["router_w"]).reshape(t, e)
         probs = np.asarray(jax.nn.softmax(logits, axis=-1))
         tg = t // num_groups
-        c = cfg.capacity(tg, deterministic)
+        c = cfg.capacity(tg, deterministic, always=True)  # expert choice always takes its capacity
         ids = np.full((t, e), e, np.int64)
         for g in range(num_groups):
             for j in range(e):

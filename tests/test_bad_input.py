@@ -9,7 +9,7 @@ from train.cli import train_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TYPO_CONFIG = """
-from train.config import Config
+from train.core.config import Config
 
 
 def get_config():
@@ -26,12 +26,12 @@ BAD_INPUTS = [
     (["--config.train.steps=-5"], "config.train.steps=-5: must be >= 1"),
     (["--config.mesh.expert=3"], "config.mesh: data=2, fsdp=1, expert=3, tensor=1 needs 6 devices"),
     (["--config.mesh.data=4"], "needs 16 devices, but 8 are present"),
-    (["--config.model.num_experts=6"], "config.model.num_experts=6: not divisible by mesh.expert=4"),
-    (["--config.model.experts_per_token=9"], "config.model.experts_per_token=9: cannot exceed num_experts=8"),
-    (["--config.model.capacity_factor=0"], "config.model.capacity_factor=0.0: must be a number > 0"),
+    (["--config.model.moe.num_experts=6"], "config.model.moe.num_experts=6: not divisible by mesh.expert=4"),
+    (["--config.model.moe.experts_per_token=9"], "config.model.moe.experts_per_token=9: cannot exceed num_experts=8"),
+    (["--config.model.moe.capacity_factor=0"], "config.model.moe.capacity_factor=0.0: must be a number > 0"),
     (["--config.train.batch_size=12"], "config.train.batch_size=12: each micro-batch"),
-    (["--config.model.router=learned"], "config.model.router='learned'"),
-    (["--config.model.dispatch=ragged"], "config.model.dispatch='ragged': choose one of capacity, dropless"),
+    (["--config.model.moe.router=learned"], "config.model.moe.router='learned'"),
+    (["--config.model.moe.dispatch=ragged"], "config.model.moe.dispatch='ragged': choose one of capacity, dropless"),
     (["--config.data.path=/no/such/dir"], "data.path=/no/such/dir"),
     (["--config.data.path=EMPTY_DIR"], "data.path=EMPTY_DIR"),
     (["--config.data.tokenizer=bpe", "--config.data.tokenizer_path=BAD_TOKENIZER"], "data.tokenizer_path=BAD_TOKENIZER"),
@@ -39,13 +39,13 @@ BAD_INPUTS = [
     (["--bogus=1"], "--bogus=1: unrecognised argument"),
     (["--cpu_devices=0"], "--cpu_devices=0: must be >= 1"),
     (["--config.profile_steps=-1"], "config.profile_steps=-1: must be an integer >= 0"),
-    (["--config.model.router=expert_choice"], "config.model.router='expert_choice': routes each token by later tokens"),
-    (["--config.model.experts_per_token=2", "--config.model.capacity_priority=choice"],
-     "config.model.capacity_priority='choice': gives every first choice a slot before any second choice"),
-    (["--config.model.capacity_priority=first"], "config.model.capacity_priority='first': choose one of token, choice"),
-    (["--config.model.capacity_group_size=96"], "config.model.capacity_group_size=96: must divide the 256 tokens"),
-    (["--config.model.thor_consistency=1.0"], "config.model.thor_consistency=1.0: is THOR's consistency loss"),
-    (["--config.model.router=thor", "--config.model.experts_per_token=2"], "experts_per_token=2: the thor router sends"),
+    (["--config.model.moe.router=expert_choice"], "config.model.moe.router='expert_choice': routes each token by later tokens"),
+    (["--config.model.moe.experts_per_token=2", "--config.model.moe.capacity_priority=choice"],
+     "config.model.moe.capacity_priority='choice': gives every first choice a slot before any second choice"),
+    (["--config.model.moe.capacity_priority=first"], "config.model.moe.capacity_priority='first': choose one of token, choice"),
+    (["--config.model.moe.capacity_group_size=96"], "config.model.moe.capacity_group_size=96: must divide the 256 tokens"),
+    (["--config.model.moe.thor_consistency=1.0"], "config.model.moe.thor_consistency=1.0: is THOR's consistency loss"),
+    (["--config.model.moe.router=thor", "--config.model.moe.experts_per_token=2"], "experts_per_token=2: the thor router sends"),
     (["--config.mesh.data=1", "--config.mesh.tensor=2"], "config.mesh.tensor=2: mesh.rules=ep shards nothing over the tensor axis"),
     (["--workdir=gs://bucket/run"], "--workdir=gs://bucket/run: URLs are not supported"),
     (["--workdir=A_FILE"], "--workdir=A_FILE: is a file, not a folder"),

@@ -63,16 +63,16 @@ def test_onehot_baseline_computes_the_same_layer(k, cf):
     import numpy as np
     from flax import nnx
 
-    from moe import MoEConfig, MoEFeedForward
+    from moe import FFNConfig, MoEConfig, MoEFeedForward
     from sharding import make_mesh
-    from train.bench import onehot_dispatch_combine
+    from train.analysis.bench_layer import onehot_dispatch
 
-    cfg = MoEConfig(d_model=16, d_ff=32, num_experts=8, experts_per_token=k, capacity_factor=cf)
+    cfg = MoEConfig(num_experts=8, experts_per_token=k, capacity_factor=cf)
     with jax.set_mesh(make_mesh(data=2, expert=4)):
-        layer = MoEFeedForward(cfg, rngs=nnx.Rngs(0))
+        layer = MoEFeedForward(cfg, FFNConfig(16, 32, "gelu"), rngs=nnx.Rngs(0))
         x = jax.random.normal(jax.random.key(1), (8, 16, 16), out_sharding=jax.P(("data", "expert")))
         y, aux = nnx.jit(lambda m, x: m(x))(layer, x)
-        y1, aux1 = nnx.jit(lambda m, x: m.forward_with(onehot_dispatch_combine, x))(layer, x)
+        y1, aux1 = nnx.jit(lambda m, x: m(x, dispatch=onehot_dispatch))(layer, x)
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y), rtol=1e-5, atol=1e-6)
     assert float(aux1["dropped_fraction"]) == float(aux["dropped_fraction"])
     assert float(aux["dropped_fraction"]) > (0.2 if cf < 1 else 0.0)  # the drop path is exercised

@@ -8,6 +8,7 @@ to leak, so the declaration is needed, and are refused by the language model.
 """
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,15 +17,16 @@ import pytest
 from flax import nnx
 
 from conftest import build_mesh
-from moe import MoEConfig, MoEFeedForward
-from moe.config import NON_CAUSAL_ROUTERS, ROUTERS, TransformerConfig
+from harness import layer_spec
+from moe.config import MoEConfig, TransformerConfig
+from moe.routers import ROUTERS
 from moe.transformer import Transformer
 from sharding.rules import mesh_and_rules
 
 B, S, D, H, E, VOCAB = 8, 24, 16, 32, 8, 50
 ROW = 1  # the perturbed sequence (on one device, row 0 has already taken some slots)
 POSITIONS = range(1, S)  # perturbed positions j, one at a time
-CAUSAL_ROUTERS = [r for r in ROUTERS if r not in NON_CAUSAL_ROUTERS]
+CAUSAL_ROUTERS = [name for name, router in ROUTERS.items() if router.causal]
 
 
 def allowed_k(router):
@@ -59,9 +61,9 @@ def perturbed_inputs(seed=0, positions=POSITIONS):
 def layer_outputs(cfg, mesh_name, inputs, deterministic=False):
     """y for each (x, ids) from one layer, one compile, the same parameters and draws."""
     with on_mesh(mesh_name) as mesh:
-        layer = MoEFeedForward(cfg, rngs=nnx.Rngs(0))
+        layer = cfg.build(rngs=nnx.Rngs(0), vocab_size=VOCAB)
         if cfg.router == "loss_free":  # a bias that changes the choices
-            layer.expert_bias[...] = jnp.linspace(-0.02, 0.02, cfg.num_experts)
+            layer.router.bias[...] = jnp.linspace(-0.02, 0.02, cfg.num_experts)
         if deterministic:
             layer.eval()
         graphdef, state = nnx.split(layer)
@@ -106,8 +108,8 @@ def settings(router):
 def test_no_token_changes_an_earlier_one_in_training(router, mesh_name):
     dropped_somewhere = False
     for dispatch, k, cf in settings(router):
-        cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=k, router=router, dispatch=dispatch,
-                        capacity_factor=cf, vocab_size=VOCAB)
+        cfg = layer_spec(num_experts=E, experts_per_token=k, router=router, dispatch=dispatch,
+                         capacity_factor=cf, vocab_size=VOCAB)
         assert cfg.non_causal_reason() is None
         changes = earlier_changes(cfg, mesh_name)
         for earlier, _ in changes:
@@ -121,7 +123,7 @@ def test_no_token_changes_an_earlier_one_in_training(router, mesh_name):
 @pytest.mark.parametrize("router", ["topk", "gshard", "random", "bigram_hash"])
 def test_no_token_changes_an_earlier_one_in_evaluation_with_drops(router):
     k = max(allowed_k(router))
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=k, router=router, eval_capacity_factor=0.5)
+    cfg = layer_spec(num_experts=E, experts_per_token=k, router=router, eval_capacity_factor=0.5)
     changes = earlier_changes(cfg, "d2e4", deterministic=True)
     assert all(earlier == 0.0 for earlier, _ in changes) and max(later for _, later in changes) > 0
 
@@ -135,7 +137,7 @@ def test_no_token_changes_an_earlier_one_in_evaluation_with_drops(router):
 def test_what_is_declared_non_causal_does_leak(settings_, mesh_name):
     """The declaration is needed: these settings do let a later token change an earlier output
     (capacity groups of one sequence)."""
-    cfg = MoEConfig(**{"d_model": D, "d_ff": H, "num_experts": E, "capacity_factor": 0.75, "capacity_group_size": S,
+    cfg = layer_spec(**{"d_model": D, "d_ff": H, "num_experts": E, "capacity_factor": 0.75, "capacity_group_size": S,
                        **settings_})
     assert cfg.non_causal_reason() is not None
     leaks = [earlier for earlier, _ in earlier_changes(cfg, mesh_name)]
@@ -143,9 +145,12 @@ def test_what_is_declared_non_causal_does_leak(settings_, mesh_name):
 
 
 def tiny_lm(**kw) -> TransformerConfig:
-    base = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=2, d_ff=64, moe_every=1, num_experts=E,
-                capacity_factor=0.5)
-    base.update(kw)
+    """A 2-block LM, MoE in both; MoE settings (router, k, dispatch, ...) go to its ``moe`` section."""
+    moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    moe = dict(num_experts=E, capacity_factor=0.5)
+    moe.update({k: v for k, v in kw.items() if k in moe_fields})
+    base = dict(vocab_size=64, num_layers=2, d_model=32, num_heads=2, d_ff=64, moe_every=1, moe=MoEConfig(**moe))
+    base.update({k: v for k, v in kw.items() if k not in moe_fields})
     return TransformerConfig(**base)
 
 
@@ -185,7 +190,7 @@ def test_the_language_model_is_causal_in_training(router, mesh_name, dispatch):
 def test_the_language_model_refuses_non_causal_settings_unless_allowed(settings_, field):
     cfg = tiny_lm(**settings_)
     assert cfg.non_causal_routing
-    with pytest.raises(ValueError, match=rf"^TransformerConfig\.{field}=.*would see the future"):
+    with pytest.raises(ValueError, match=rf"^TransformerConfig\.moe\.{field}=.*would see the future"):
         Transformer(cfg, rngs=nnx.Rngs(0))
     cfg.allow_non_causal_router = True
     Transformer(cfg, rngs=nnx.Rngs(0))

@@ -12,10 +12,11 @@ import pytest
 
 from test_train import tiny_config
 from train.cli import eval_main, generate_main
-from train.config import ConfigError
-from train.evaluate import evaluate_run, load_run
-from train.generate import generate, generate_without_cache
-from train.loop import Trainer
+from train.errors import ConfigError
+from train.inference.evaluate import evaluate_run, load_run
+from reference import generate_without_cache
+from train.inference.generate import generate
+from train.core.loop import Trainer
 
 
 def host(tree):
@@ -58,7 +59,7 @@ def resumed_runs(tmp_path_factory):
     """A 6-step run straight, and the same run stopped after 3 and re-run to 6 (random router)."""
     tmp = tmp_path_factory.mktemp("ckpt")
     cfg = tiny_config(tmp)
-    cfg.model.router = "random"  # its RNG stream is part of the saved state
+    cfg.model.moe.router = "random"  # its RNG stream is part of the saved state
     cfg.train.steps, cfg.checkpoint.every_steps, cfg.eval_batches = 6, 2, 1
     straight, _ = train(cfg, tmp / "straight")
     stopped, stopped_data = train(cfg, tmp / "split", stop_at=3)
@@ -100,7 +101,7 @@ def test_restore_onto_another_mesh_and_continue(resumed_runs, tmp_path, mesh):
     for step in (4, 5, 6):
         shutil.rmtree(work / "checkpoints" / str(step), ignore_errors=True)
     cfg = tiny_config(r["tmp"], **mesh)
-    cfg.model.router = "random"
+    cfg.model.moe.router = "random"
     cfg.train.steps, cfg.checkpoint.every_steps, cfg.eval_batches = 6, 2, 1
     devices = jax.devices()[: mesh["data"] * mesh["expert"]]
     trainer = Trainer(cfg, work, devices=devices)
@@ -120,7 +121,7 @@ def test_incompatible_config_is_refused_and_extending_steps_is_allowed(resumed_r
     work = tmp_path / "w"
     shutil.copytree(r["tmp"] / "straight", work)
     cfg = tiny_config(r["tmp"])
-    cfg.model.router = "random"
+    cfg.model.moe.router = "random"
     cfg.model.d_model = 64
     with pytest.raises(ConfigError, match=r"^config\.model\.d_model=64: differs from the checkpoint"):
         Trainer(cfg, work)
@@ -176,7 +177,7 @@ def test_moe_eval_and_moe_generate_cli(resumed_runs, capsys):
 
 
 def test_eval_and_generate_read_a_workdir_a_run_holds_and_bad_generation_flags_get_one_line(resumed_runs, capsys):
-    from train.workdir import RunFolder
+    from train.core.workdir import RunFolder
 
     work = str(resumed_runs["tmp"] / "straight")
     held = RunFolder(work).open()  # as a training run on it would: readers are still welcome

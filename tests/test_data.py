@@ -7,9 +7,9 @@ import sysconfig
 import numpy as np
 import pytest
 
-from train.config import DataConfig
-from train.batches import TrainBatches, eval_batches
-from train.data import (
+from train.core.config import DataConfig
+from train.data.batches import TrainBatches, eval_batches
+from train.data.sources import (
     DataError,
     corpus_texts,
     data_fingerprint,
@@ -18,7 +18,7 @@ from train.data import (
     read_documents,
     split_files,
 )
-from train.tokenizer import BPETokenizer, ByteTokenizer, build_tokenizer, train_bpe
+from train.data.tokenizers import BPETokenizer, ByteTokenizer, build_tokenizer, train_bpe
 
 S = 8  # sequence length used throughout
 

@@ -19,8 +19,9 @@ import pytest
 from conftest import tiny_train_args
 from test_checkpoint import assert_trees_equal, host, train, train_losses
 from test_train import tiny_config
-from train.checkpoint import CheckpointError
-from train.loop import NonFiniteError, Trainer
+from train.errors import CheckpointError
+from train.core.loop import Trainer
+from train.errors import NonFiniteError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -140,7 +141,7 @@ def _router_state(state):
 
 def test_a_non_finite_update_is_skipped_and_counted(tmp_path):
     cfg = tiny_config(tmp_path)
-    cfg.model.router = "loss_free"  # its bias is state the step moves: a skipped step must not
+    cfg.model.moe.router = "loss_free"  # its bias is state the step moves: a skipped step must not
     trainer = Trainer(cfg, tmp_path / "w")
     try:
         with trainer.context():
@@ -277,7 +278,7 @@ def test_a_stalled_dead_or_preempted_peer_makes_process_0_stop(tmp_path, sig):
 @pytest.mark.parametrize("error", [CheckpointError("checkpoint: no checkpoint can be restored from /w"),
                                    NonFiniteError("train: step 4 ends 2 non-finite steps in a row")])
 def test_a_run_that_cannot_go_on_ends_in_one_line_with_exit_1(capsys, error):
-    from train.cli import _run_guarded
+    from train.cli.common import run_guarded as _run_guarded
 
     def fail():
         raise error

@@ -1,4 +1,4 @@
-"""train.metrics (JSONL, TensorBoard, console) and scripts/plot_metrics.py; no JAX needed."""
+"""train.core.metrics (JSONL, TensorBoard, console) and scripts/plot_metrics.py; no JAX needed."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ import struct
 import numpy as np
 import pytest
 
-from train.metrics import (
-    NOMINAL_PEAK_FLOPS,
-    MetricsWriter,
-    mfu,
-    peak_flops_per_device,
-    transformer_flops_per_token,
-)
+from moe.costs import transformer_flops_per_token
+from train.core.metrics import NOMINAL_PEAK_FLOPS, MetricsWriter, mfu, peak_flops_per_device
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -220,7 +215,7 @@ def test_plot_metrics_train_rows_only(tmp_path, capsys):
 
 def test_moe_plot_draws_curves_expert_load_heatmaps_and_drops(tmp_path, capsys):
     from train.cli import plot_main
-    from train.plots import moe_layers, read_rows, read_series
+    from train.analysis.plots import moe_layers, read_rows, read_series
 
     with MetricsWriter(tmp_path, total_steps=4, tensorboard=False, progress=False, stream=io.StringIO()) as w:
         for step in (1, 2, 3, 4):
@@ -253,7 +248,7 @@ def test_moe_plot_of_a_dense_run_draws_only_the_curves(tmp_path, capsys):
 
 def test_moe_plot_reads_a_metrics_file_torn_by_bytes_that_are_not_utf8(tmp_path, capsys):
     from train.cli import plot_main
-    from train.plots import read_rows
+    from train.analysis.plots import read_rows
 
     with MetricsWriter(tmp_path, total_steps=3, tensorboard=False, progress=False, stream=io.StringIO()) as w:
         w.write(1, {"loss": 3.0})

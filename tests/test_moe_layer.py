@@ -9,16 +9,16 @@ import pytest
 from flax import nnx
 
 from conftest import build_mesh
-from harness import D, E, H, make_inputs, run_layer
-from moe import MoEConfig, MoEFeedForward
-from moe import routing
+from harness import E, layer_spec, make_inputs, run_layer
+from moe.routers.hashing import hash_route
+from moe.routers.learned import topk_route
 from sharding.rules import use_rules
 
 
 def _cfg(**kw):
-    base = dict(d_model=D, d_ff=H, num_experts=E, experts_per_token=1, router="topk")
+    base = dict(num_experts=E, experts_per_token=1, router="topk")
     base.update(kw)
-    return MoEConfig(**base)
+    return layer_spec(**base)
 
 
 # ---------------------------------------------------------------- capacity
@@ -92,10 +92,10 @@ def test_parameters_are_created_sharded():
     for mesh_name, wi_spec in (("d2e4", ("expert", None, None)), ("e4t2", ("expert", None, "tensor"))):
         mesh = build_mesh(mesh_name)
         with jax.set_mesh(mesh), use_rules("ep+tp"):
-            layer = MoEFeedForward(_cfg(), rngs=nnx.Rngs(0))
+            layer = _cfg().build(rngs=nnx.Rngs(0))
             assert tuple(jax.typeof(layer.wi[...]).sharding.spec) == wi_spec
             assert tuple(layer.wi.out_sharding) == wi_spec
-            assert all(a is None for a in jax.typeof(layer.router_w[...]).sharding.spec)
+            assert all(a is None for a in jax.typeof(layer.router.w[...]).sharding.spec)
             local = layer.wi[...].addressable_shards[0].data.shape
             assert local[0] == E // 4
 
@@ -112,16 +112,16 @@ def test_bfloat16_activations_track_float32():
 # ---------------------------------------------------------------- routers
 def test_hash_router_sends_equal_token_ids_to_equal_experts():
     token_ids = jax.random.randint(jax.random.key(0), (16, 64), 0, 40)
-    r = routing.hash_route(token_ids, E, 2, seed=0)
+    r = hash_route(token_ids, E, 2, seed=0)
     ids, tok = np.asarray(r.expert_ids).reshape(-1, 2), np.asarray(token_ids).reshape(-1)
     for t in np.unique(tok):
         rows = ids[tok == t]
         assert (rows == rows[0]).all()
         assert rows[0, 0] != rows[0, 1]  # k distinct experts
     np.testing.assert_array_equal(np.asarray(r.gates), 0.5)
-    other = np.asarray(routing.hash_route(token_ids, E, 2, seed=1).expert_ids).reshape(-1, 2)
+    other = np.asarray(hash_route(token_ids, E, 2, seed=1).expert_ids).reshape(-1, 2)
     assert (other != ids).any()  # the table depends on the seed
-    big = routing.hash_route(jnp.arange(40_000).reshape(100, 400), E, 1, seed=0)
+    big = hash_route(jnp.arange(40_000).reshape(100, 400), E, 1, seed=0)
     np.testing.assert_allclose(np.asarray(big.expert_load), 1.0 / E, rtol=0.05)
 
 
@@ -129,7 +129,7 @@ def test_random_router_changes_between_calls_and_is_fixed_in_eval():
     mesh = build_mesh("d2e4")
     x, token_ids, _ = make_inputs()
     with jax.set_mesh(mesh):
-        layer = MoEFeedForward(_cfg(router="random"), rngs=nnx.Rngs(0, routing=1))
+        layer = _cfg(router="random").build(rngs=nnx.Rngs(0, routing=1))
         x = jax.sharding.reshard(x, jax.P(("data", "expert")))
         first = np.asarray(layer.route(x, None).expert_ids)
         second = np.asarray(layer.route(x, None).expert_ids)
@@ -147,8 +147,8 @@ def test_router_jitter_only_in_training():
     x, token_ids, _ = make_inputs()
     with jax.set_mesh(mesh):
         x = jax.sharding.reshard(x, jax.P(("data", "expert")))
-        jittery = MoEFeedForward(_cfg(router_jitter=0.5), rngs=nnx.Rngs(0))
-        plain = MoEFeedForward(_cfg(), rngs=nnx.Rngs(0))
+        jittery = _cfg(router_jitter=0.5).build(rngs=nnx.Rngs(0))
+        plain = _cfg().build(rngs=nnx.Rngs(0))
         g1 = np.asarray(jittery.route(x, None).gates)
         g2 = np.asarray(jittery.route(x, None).gates)
         assert not np.allclose(g1, g2)
@@ -159,7 +159,7 @@ def test_router_jitter_only_in_training():
 def test_load_balance_and_z_loss_match_hand_computed_values():
     ln3 = math.log(3.0)
     logits = jnp.array([[[0.0, ln3], [0.0, ln3]]])  # two tokens, both p = (0.25, 0.75)
-    r = routing.topk_route(logits, 1)
+    r = topk_route(logits, 1)
     np.testing.assert_array_equal(np.asarray(r.expert_ids)[..., 0], [[1, 1]])
     np.testing.assert_allclose(np.asarray(r.gates)[..., 0], [[0.75, 0.75]], rtol=1e-6)
     # f = (0, 1), P = (0.25, 0.75): E * sum f_i P_i = 2 * 0.75
@@ -167,7 +167,7 @@ def test_load_balance_and_z_loss_match_hand_computed_values():
     assert float(r.z_loss) == pytest.approx(math.log(4.0) ** 2, rel=1e-6)
     entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert float(r.router_entropy) == pytest.approx(entropy, rel=1e-6)
-    r2 = routing.topk_route(logits, 2)  # k=2 renormalises the chosen gates (here: all of them)
+    r2 = topk_route(logits, 2)  # k=2 renormalises the chosen gates (here: all of them)
     np.testing.assert_allclose(np.asarray(r2.gates), [[[0.75, 0.25], [0.75, 0.25]]], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(r2.expert_load), [0.5, 0.5])
 
@@ -197,19 +197,19 @@ def test_layer_reports_router_losses_with_their_coefficients():
         (dict(num_experts=0), "num_experts"),
         (dict(activation="tanh"), "activation"),
         (dict(d_model=0), "d_model"),
-        (dict(capacity_group_size=0), "capacity_group_size"),
+        (dict(capacity_group_size=-1), "capacity_group_size"),
         (dict(dtype="float16"), "dtype"),
     ],
 )
 def test_bad_config_raises_value_error_naming_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=rf"^MoEConfig\.{field}="):
+    with pytest.raises(ValueError, match=rf"^(MoEConfig|FFNConfig)\.{field}="):
         _cfg(**kwargs)
 
 
 def test_experts_not_divisible_by_expert_axis_fails_before_tracing():
     mesh = build_mesh("d1e8")
     with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"^MoEConfig\.num_experts=6: not divisible by the 'expert'"):
-        MoEFeedForward(_cfg(num_experts=6), rngs=nnx.Rngs(0))
+        _cfg(num_experts=6).build(rngs=nnx.Rngs(0))
 
 
 def test_capacity_group_that_does_not_divide_local_tokens_is_refused():
@@ -220,7 +220,24 @@ def test_capacity_group_that_does_not_divide_local_tokens_is_refused():
 
 def test_layer_runs_without_a_mesh_context():
     x, token_ids, _ = make_inputs()
-    layer = MoEFeedForward(_cfg(router="hash"), rngs=nnx.Rngs(0))
+    layer = _cfg(router="hash").build(rngs=nnx.Rngs(0))
     y, aux = layer(x, token_ids)
     assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
-    assert not hasattr(layer, "router_w")  # the hash router has no parameters
+    assert not nnx.state(layer.router)  # the hash router has no parameters
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_compiled_layer_labels_its_named_stages(dispatch):
+    """Every op of the compiled layer carries its stage in its name, so a profile can group by it."""
+    x, token_ids, _ = make_inputs()
+    mesh = build_mesh("d2e4")
+    with jax.set_mesh(mesh), use_rules("ep"):
+        layer = _cfg(dispatch=dispatch, experts_per_token=2).build(rngs=nnx.Rngs(0), vocab_size=50)
+        x, token_ids = (jax.sharding.reshard(a, jax.P(("data", "expert"))) for a in (x, token_ids))
+        graphdef, state = nnx.split(layer)
+        hlo = jax.jit(lambda s, x, t: nnx.merge(graphdef, s)(x, t)[0]).lower(state, x, token_ids).compile().as_text()
+    names = [line.split('op_name="', 1)[1].split('"', 1)[0] for line in hlo.splitlines() if 'op_name="' in line]
+    for stage in ("route", "permute", "exchange", "experts", "exchange_back", "unpermute"):
+        assert any(f"/{stage}/" in n for n in names), stage
+    assert any("all-to-all" in line and "/exchange/" in line for line in hlo.splitlines())
+    assert any("all-to-all" in line and "/exchange_back/" in line for line in hlo.splitlines())

@@ -1,22 +1,18 @@
 """Oracle tests: the sharded MoE layer equals a naive per-expert loop, forward and gradients."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from harness import D, E, H, make_inputs, run_layer
+from harness import D, E, H, layer_spec, make_inputs, run_layer
 from oracle import make_oracle, oracle_routing
-
-from moe import MoEConfig
 
 
 def oracle(cfg, out, x, token_ids, ct, num_groups, key=None, deterministic=False):
     # tables and biases are state, not parameters: no gradient
     params = {n: jnp.asarray(v) for n, v in out["params"].items() if n not in ("hash_table", "expert_bias")}
     ids = oracle_routing(cfg, out["params"], x, token_ids, key, deterministic, num_groups)
-    gate_ids = oracle_routing(dataclasses.replace(cfg, router="topk"), out["params"], x, token_ids) if cfg.router == "gshard" else None
+    gate_ids = oracle_routing(cfg.replace(router="topk"), out["params"], x, token_ids) if cfg.router == "gshard" else None
     capacity = cfg.capacity(x.shape[0] * x.shape[1] // num_groups, deterministic)
     if cfg.dispatch == "dropless" or (cfg.router == "thor" and not deterministic):
         capacity = x.shape[0] * x.shape[1]  # every assignment is kept
@@ -61,8 +57,8 @@ def check_against_oracle(cfg, mesh_name, seed=0, deterministic=False):
 @pytest.mark.parametrize("router", ["topk", "hash", "random"])
 @pytest.mark.parametrize("drops", [False, True], ids=["nodrop", "drop"])
 def test_layer_matches_oracle(router, k, mesh_name, drops):
-    cfg = MoEConfig(
-        d_model=D, d_ff=H, num_experts=E, experts_per_token=k, router=router,
+    cfg = layer_spec(
+        num_experts=E, experts_per_token=k, router=router,
         capacity_factor=0.5 if drops else float(E), activation="silu" if k == 2 else "gelu", gated=k == 2,
     )
     _, dropped = check_against_oracle(cfg, mesh_name)
@@ -73,7 +69,7 @@ def test_layer_matches_oracle(router, k, mesh_name, drops):
     ("none", "silu", True), ("e4t2", "silu", True), ("d8e1", "gelu", True), ("d2e4", "silu", False),
 ])
 def test_layer_matches_oracle_without_mesh_with_tensor_axis_and_other_ffns(mesh_name, activation, gated):
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, router="topk", capacity_factor=1.0,
+    cfg = layer_spec(num_experts=E, experts_per_token=2, router="topk", capacity_factor=1.0,
                     activation=activation, gated=gated)
     check_against_oracle(cfg, mesh_name)
 
@@ -84,27 +80,24 @@ def test_layer_matches_oracle_without_mesh_with_tensor_axis_and_other_ffns(mesh_
 ])
 def test_dropless_dispatch_matches_oracle_and_drops_nothing(mesh_name, k, router):
     """Dropless: the capacity factor is ignored (0.5 here would drop under "capacity")."""
-    cfg = MoEConfig(
-        d_model=D, d_ff=H, num_experts=E, experts_per_token=k, router=router, dispatch="dropless",
+    cfg = layer_spec(
+        num_experts=E, experts_per_token=k, router=router, dispatch="dropless",
         capacity_factor=0.5, activation="silu", gated=k == 2,
     )
     out, dropped = check_against_oracle(cfg, mesh_name)
     assert dropped == 0 and out["aux"]["dropped_fraction"] == 0
 
 
-def test_dropless_ragged_exchange_lowers_with_gradients(monkeypatch):
+def test_dropless_ragged_exchange_lowers_with_gradients():
     """The GPU/TPU exchange (ragged_all_to_all, which XLA:CPU cannot compile) traces and lowers
     forward and backward: two exchanges out and back, each with its transpose."""
     from flax import nnx
 
-    import moe.layer
-    from moe import MoEFeedForward
     from sharding import make_mesh
 
-    monkeypatch.setattr(moe.layer, "ragged_exchange_supported", lambda: True)
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, dispatch="dropless")
+    cfg = layer_spec(num_experts=E, experts_per_token=2, dispatch="dropless", ragged_exchange=True)
     with jax.set_mesh(make_mesh(data=2, expert=4)):
-        graphdef, state = nnx.split(MoEFeedForward(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(cfg.build(rngs=nnx.Rngs(0)))
         x = jax.random.normal(jax.random.key(1), (8, 16, D), out_sharding=jax.P(("data", "expert")))
 
         def loss(state, x):
@@ -119,21 +112,21 @@ def test_frozen_router_matches_oracle_and_has_no_gradient(mesh_name, k):
     """"frozen" routes exactly like "topk" from the same initial weights; its router_w is model
     state, not a parameter, so it gets no gradient (the oracle drops it too)."""
     kw = dict(d_model=D, d_ff=H, num_experts=E, experts_per_token=k, capacity_factor=1.0, gated=True)
-    out, _ = check_against_oracle(MoEConfig(router="frozen", **kw), mesh_name)
+    out, _ = check_against_oracle(layer_spec(router="frozen", **kw), mesh_name)
     assert "router_w" in out["params"] and "router_w" not in out["grads"]
-    ref = run_layer(MoEConfig(router="topk", **kw), mesh_name, *make_inputs(0))
+    ref = run_layer(layer_spec(router="topk", **kw), mesh_name, *make_inputs(0))
     np.testing.assert_allclose(out["y"], ref["y"], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(out["params"]["router_w"], ref["params"]["router_w"])
 
 
 @pytest.mark.parametrize("mesh_name, k", [("1dev", 2), ("d2e4", 1)])
 def test_bigram_hash_router_matches_oracle(mesh_name, k):
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=k, router="bigram_hash", capacity_factor=1.0)
+    cfg = layer_spec(num_experts=E, experts_per_token=k, router="bigram_hash", capacity_factor=1.0)
     check_against_oracle(cfg, mesh_name)
 
 
 def test_bigram_hash_routes_by_the_pair_of_tokens():
-    from moe.routing import bigram_hash_route, hash_route
+    from moe.routers.hashing import bigram_hash_route, hash_route
 
     cur = jnp.asarray([[5, 5, 5, 5, 7, 5]], jnp.int32)
     prev = jnp.asarray([[1, 2, 3, 1, 1, 1]], jnp.int32)
@@ -145,13 +138,13 @@ def test_bigram_hash_routes_by_the_pair_of_tokens():
 
 
 def test_balanced_hash_router_matches_oracle():
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, router="balanced_hash", vocab_size=50,
+    cfg = layer_spec(num_experts=E, experts_per_token=2, router="balanced_hash", vocab_size=50,
                     capacity_factor=1.0)
     check_against_oracle(cfg, "d2e4")
 
 
 def test_balanced_table_balances_the_training_mass_and_keeps_hash_for_unseen_ids():
-    from moe.routing import balanced_table, hash_table
+    from moe.routers.hashing import balanced_table, hash_table
 
     counts = (1000.0 / np.arange(1, 201) ** 1.1).round()  # Zipf-like: no id above 1/8 of the mass...
     counts[0] = counts.sum() / 10
@@ -174,7 +167,7 @@ def test_balanced_table_balances_the_training_mass_and_keeps_hash_for_unseen_ids
 @pytest.mark.parametrize("mesh_name, cf", [("1dev", 8.0), ("d2e4", 0.5)])
 def test_gshard_router_matches_oracle(mesh_name, cf):
     """Unused second choices take no capacity and are not counted as dropped (the oracle skips them)."""
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, router="gshard", capacity_factor=cf)
+    cfg = layer_spec(num_experts=E, experts_per_token=2, router="gshard", capacity_factor=cf)
     out, dropped = check_against_oracle(cfg, mesh_name)
     assert (dropped > 0) == (cf < 1)
 
@@ -183,14 +176,15 @@ def test_gshard_router_matches_oracle(mesh_name, cf):
 def test_choice_major_capacity_priority_matches_oracle(mesh_name, router):
     """GShard's order (every first choice before any second) is a layer option: the oracle walks
     its groups in that order."""
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=2, router=router, capacity_factor=0.5,
+    cfg = layer_spec(num_experts=E, experts_per_token=2, router=router, capacity_factor=0.5,
                     capacity_priority="choice")
     _, dropped = check_against_oracle(cfg, mesh_name)
     assert dropped > 0
 
 
 def test_gshard_uses_the_second_expert_at_the_rate_of_its_gate():
-    from moe.routing import gshard_route, top_k
+    from moe.routers.base import top_k
+    from moe.routers.gshard import gshard_route
 
     b, s, e, threshold = 16, 512, 8, 0.2
     logits = 2.0 * jax.random.normal(jax.random.key(0), (b, s, e))
@@ -209,45 +203,43 @@ def test_gshard_uses_the_second_expert_at_the_rate_of_its_gate():
 
 def test_gshard_is_top_2():
     with pytest.raises(ValueError, match="MoEConfig.experts_per_token=1: the gshard router is top-2"):
-        MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=1, router="gshard")
+        layer_spec(num_experts=E, experts_per_token=1, router="gshard")
 
 
 @pytest.mark.parametrize("mesh_name, k", [("1dev", 1), ("d2e4", 2)])
 def test_loss_free_router_matches_oracle(mesh_name, k):
     """Selection by probability + bias (the harness sets a bias that changes the choices), gates
     from the probabilities alone; eval mode, so the bias stays as set."""
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, experts_per_token=k, router="loss_free", gated=True)
+    cfg = layer_spec(num_experts=E, experts_per_token=k, router="loss_free", gated=True)
     check_against_oracle(cfg, mesh_name, deterministic=True)
 
 
 def test_loss_free_bias_moves_toward_balance_outside_the_gradient():
     from flax import nnx
 
-    from moe import MoEFeedForward
-
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, router="loss_free", loss_free_gamma=0.02, capacity_factor=8.0)
-    layer = MoEFeedForward(cfg, rngs=nnx.Rngs(0))
-    layer.router_w[...] = layer.router_w[...].at[:, 0].add(0.3)  # a router that favours expert 0
+    cfg = layer_spec(num_experts=E, router="loss_free", loss_free_gamma=0.02, capacity_factor=8.0)
+    layer = cfg.build(rngs=nnx.Rngs(0))
+    layer.router.w[...] = layer.router.w[...].at[:, 0].add(0.3)  # a router that favours expert 0
     x = jax.random.normal(jax.random.key(1), (8, 16, D))
 
     @nnx.jit
     def step(layer, x):
         (_, aux), grads = nnx.value_and_grad(lambda m: (lambda y, a: (jnp.sum(y), a))(*m(x)), has_aux=True)(layer)
-        unchanged = layer.expert_bias[...]  # the forward pass itself never moves the bias
+        unchanged = layer.router.bias[...]  # the forward pass itself never moves the bias
         layer.update_router_state(aux["expert_load"])  # once per training step
         return aux, grads, unchanged
 
     loads = []
     for _ in range(30):
-        before = np.asarray(layer.expert_bias[...])
+        before = np.asarray(layer.router.bias[...])
         aux, grads, during = step(layer, x)
         np.testing.assert_array_equal(during, before)
         load = np.asarray(aux["expert_load"])
         loads.append(load.max() * E)
-        np.testing.assert_allclose(layer.expert_bias[...], before + 0.02 * np.sign(load.mean() - load), atol=1e-7)
-    assert "expert_bias" not in grads and float(aux["aux_loss"]) == 0.0
+        np.testing.assert_allclose(layer.router.bias[...], before + 0.02 * np.sign(load.mean() - load), atol=1e-7)
+    assert "bias" not in grads["router"] and float(aux["aux_loss"]) == 0.0
     assert loads[0] > 2.0 and loads[-1] < 0.6 * loads[0]  # the overloaded expert sheds load
-    assert np.asarray(layer.expert_bias[...])[0] < 0  # ... because its bias went down
+    assert np.asarray(layer.router.bias[...])[0] < 0  # ... because its bias went down
 
 
 @pytest.mark.parametrize("mesh_name, dispatch, gated", [
@@ -257,7 +249,7 @@ def test_loss_free_bias_moves_toward_balance_outside_the_gradient():
 def test_thor_training_runs_one_expert_on_every_token(mesh_name, dispatch, gated):
     """THOR in training: the drawn expert runs all tokens (no capacity, nothing dropped); only its
     weights get gradients (the oracle's other experts see no tokens)."""
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, router="thor", dispatch=dispatch, gated=gated, capacity_factor=0.5)
+    cfg = layer_spec(num_experts=E, router="thor", dispatch=dispatch, gated=gated, capacity_factor=0.5)
     out, dropped = check_against_oracle(cfg, mesh_name)
     expert = int(jax.random.randint(jax.random.key(7), (), 0, E))
     assert dropped == 0 and out["aux"]["expert_load"][expert] == 1.0
@@ -267,7 +259,7 @@ def test_thor_training_runs_one_expert_on_every_token(mesh_name, dispatch, gated
 
 @pytest.mark.parametrize("mesh_name, dispatch", [("1dev", "capacity"), ("d2e4", "dropless")])
 def test_thor_evaluation_routes_each_token_to_a_random_expert(mesh_name, dispatch):
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, router="thor", dispatch=dispatch)
+    cfg = layer_spec(num_experts=E, router="thor", dispatch=dispatch)
     out, dropped = check_against_oracle(cfg, mesh_name, deterministic=True)
     assert dropped == 0 and np.count_nonzero(out["aux"]["expert_load"]) == E  # every expert used
 
@@ -277,7 +269,7 @@ def test_thor_evaluation_routes_each_token_to_a_random_expert(mesh_name, dispatc
     ("none", "dropless", 64),
 ])
 def test_expert_choice_matches_oracle(mesh_name, dispatch, group):
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=E, router="expert_choice", dispatch=dispatch,
+    cfg = layer_spec(num_experts=E, router="expert_choice", dispatch=dispatch,
                     capacity_factor=1.0, capacity_group_size=group, gated=True, activation="silu")
     out, unrouted = check_against_oracle(cfg, mesh_name)
     np.testing.assert_allclose(out["aux"]["expert_load"], np.full(E, 1 / E), rtol=1e-6)  # C tokens each

@@ -18,10 +18,10 @@ import pytest
 
 from conftest import tiny_train_args
 from test_checkpoint import host
-from train.checkpoint import Checkpoints
-from train.config import from_dict
-from train.evaluate import evaluate_run, load_run
-from train.loop import Trainer
+from train.core.checkpoint import Checkpoints
+from train.core.config import from_dict
+from train.inference.evaluate import evaluate_run, load_run
+from train.core.loop import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "launch_local.sh"

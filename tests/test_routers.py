@@ -1,4 +1,4 @@
-"""The routers of moe/routing.py through training, checkpoints, evaluation and generation."""
+"""The routers of moe/routers/ through training, checkpoints, evaluation and generation."""
 
 import json
 
@@ -9,19 +9,19 @@ from flax import nnx
 from test_train import tiny_config
 
 from moe.transformer import Transformer
-from train.loop import Trainer
+from train.core.loop import Trainer
 
 
 
 def _router_weights(tree) -> dict:
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(tree) if "router_w" in jax.tree_util.keystr(p)}
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(tree) if "['router']['w']" in jax.tree_util.keystr(p)}
 
 
 def test_frozen_router_weights_never_change_and_restore_for_eval(tmp_path):
-    from train.evaluate import load_run
+    from train.inference.evaluate import load_run
 
     cfg = tiny_config(tmp_path)
-    cfg.model.router = "frozen"
+    cfg.model.moe.router = "frozen"
     cfg.optimizer.weight_decay, cfg.optimizer.learning_rate = 0.1, 1e-2  # decay would move a trained weight
     cfg.checkpoint.every_steps = 3
     trainer = Trainer(cfg, tmp_path / "w")
@@ -42,10 +42,11 @@ def test_frozen_router_weights_never_change_and_restore_for_eval(tmp_path):
 
 def test_bigram_routing_decodes_with_the_kv_cache_as_the_full_sequence(tmp_path):
     """bigram_hash reads each token's predecessor: during cached decoding it comes from the cache."""
-    from train.generate import generate, generate_without_cache
+    from reference import generate_without_cache
+    from train.inference.generate import generate
 
     cfg = tiny_config(tmp_path)
-    cfg.model.router, cfg.model.vocab_size, cfg.model.eval_capacity_factor = "bigram_hash", 64, 0.0
+    cfg.model.moe.router, cfg.model.vocab_size, cfg.model.moe.eval_capacity_factor = "bigram_hash", 64, 0.0
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))
     model.eval()
     prompt = [3, 9, 9, 27]
@@ -56,16 +57,16 @@ def test_bigram_routing_decodes_with_the_kv_cache_as_the_full_sequence(tmp_path)
 
 
 def test_balanced_hash_table_is_built_from_the_training_split_saved_and_reused_at_eval(tmp_path):
-    from moe.routing import balanced_table
-    from train.evaluate import load_run
+    from moe.routers.hashing import balanced_table
+    from train.inference.evaluate import load_run
 
     cfg = tiny_config(tmp_path)
-    cfg.model.router, cfg.model.experts_per_token, cfg.checkpoint.every_steps = "balanced_hash", 1, 2
+    cfg.model.moe.router, cfg.model.moe.experts_per_token, cfg.checkpoint.every_steps = "balanced_hash", 1, 2
     trainer = Trainer(cfg, tmp_path / "w")
     counts = np.bincount(trainer.train_corpus.tokens, minlength=trainer.cfg.model.vocab_size)
     expected = balanced_table(counts, 8, 1, seed=0)
     tables = [np.asarray(v) for p, v in jax.tree.leaves_with_path(trainer.state.model_state)
-              if "hash_table" in jax.tree_util.keystr(p)]
+              if "['router']['table']" in jax.tree_util.keystr(p)]
     assert len(tables) == 2
     for table in tables:
         np.testing.assert_array_equal(table, expected)
@@ -75,27 +76,27 @@ def test_balanced_hash_table_is_built_from_the_training_split_saved_and_reused_a
     trainer.run()
     trainer.close()
     restored = [np.asarray(v) for p, v in jax.tree.leaves_with_path(load_run(tmp_path / "w").model_state)
-                if "hash_table" in jax.tree_util.keystr(p)]
+                if "['router']['table']" in jax.tree_util.keystr(p)]
     assert len(restored) == 2 and all(np.array_equal(t, expected) for t in restored)
 
 
 @pytest.mark.parametrize("router", ["gshard", "loss_free"])
 def test_stochastic_and_biased_routers_train_checkpoint_and_evaluate(tmp_path, router):
-    from train.evaluate import evaluate_run, load_run
+    from train.inference.evaluate import evaluate_run, load_run
 
     cfg = tiny_config(tmp_path)
-    cfg.model.router, cfg.model.capacity_factor, cfg.checkpoint.every_steps = router, 1.0, 3
-    cfg.model.loss_free_gamma = 0.01
+    cfg.model.moe.router, cfg.model.moe.capacity_factor, cfg.checkpoint.every_steps = router, 1.0, 3
+    cfg.model.moe.loss_free_gamma = 0.01
     trainer = Trainer(cfg, tmp_path / "w")
     summary = trainer.run()
     biases = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(trainer.state.model_state)
-              if "expert_bias" in jax.tree_util.keystr(p)}
+              if "['router']['bias']" in jax.tree_util.keystr(p)}
     trainer.close()
     if router == "loss_free":  # the bias moved, is saved with the checkpoint and restored for eval
         assert len(biases) == 2 and all(np.abs(b).max() > 0 for b in biases.values())
         restored = {jax.tree_util.keystr(p): np.asarray(v)
                     for p, v in jax.tree.leaves_with_path(load_run(tmp_path / "w").model_state)
-                    if "expert_bias" in jax.tree_util.keystr(p)}
+                    if "['router']['bias']" in jax.tree_util.keystr(p)}
         assert restored.keys() == biases.keys()
         for name in biases:
             np.testing.assert_array_equal(restored[name], biases[name])
@@ -111,9 +112,9 @@ def test_stochastic_and_biased_routers_train_checkpoint_and_evaluate(tmp_path, r
 def test_thor_draws_one_expert_per_batch_in_training_and_a_fixed_one_per_token_in_eval():
     import jax.numpy as jnp
 
-    from moe import MoEConfig, MoEFeedForward
+    from moe import FFNConfig, MoEConfig, MoEFeedForward
 
-    layer = MoEFeedForward(MoEConfig(d_model=16, d_ff=32, num_experts=8, router="thor"), rngs=nnx.Rngs(0))
+    layer = MoEFeedForward(MoEConfig(num_experts=8, router="thor"), FFNConfig(16, 32, "gelu"), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (4, 16, 16))
     drawn = []
     for _ in range(40):
@@ -130,7 +131,7 @@ def test_thor_draws_one_expert_per_batch_in_training_and_a_fixed_one_per_token_i
 
 
 def test_symmetric_kl():
-    from train.step import symmetric_kl
+    from train.core.step import symmetric_kl
 
     a, b = jax.random.normal(jax.random.key(0), (2, 2, 3, 11))
     w = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
@@ -143,10 +144,10 @@ def test_symmetric_kl():
 
 
 def test_thor_with_consistency_trains_checkpoints_and_evaluates_deterministically(tmp_path):
-    from train.evaluate import evaluate_run, load_run
+    from train.inference.evaluate import evaluate_run, load_run
 
     cfg = tiny_config(tmp_path)
-    cfg.model.router, cfg.model.experts_per_token, cfg.model.thor_consistency = "thor", 1, 1.0
+    cfg.model.moe.router, cfg.model.moe.experts_per_token, cfg.model.moe.thor_consistency = "thor", 1, 1.0
     cfg.checkpoint.every_steps = 2
     trainer = Trainer(cfg, tmp_path / "w")
     summary = trainer.run()
@@ -165,9 +166,9 @@ def test_thor_with_consistency_trains_checkpoints_and_evaluates_deterministicall
 def test_expert_choice_is_non_causal_and_refused_for_the_causal_lm_unless_allowed(tmp_path, capsys):
     import jax.numpy as jnp
 
-    from moe.routing import expert_choice_route
+    from moe.routers.expert_choice import expert_choice_route
     from train.cli import generate_main
-    from train.evaluate import evaluate_run, load_run
+    from train.inference.evaluate import evaluate_run, load_run
 
     # expert 0 takes 2 of a group of 4: token 1 is chosen until a later token outbids it
     logits = jnp.asarray([[[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 0.0]]])
@@ -178,7 +179,7 @@ def test_expert_choice_is_non_causal_and_refused_for_the_causal_lm_unless_allowe
     assert tied.tolist() == [[0, 1]] * 3 + [[2, 2]] * 3  # equal scores: earlier tokens first
 
     cfg = tiny_config(tmp_path)
-    cfg.model.router, cfg.model.vocab_size, cfg.model.capacity_factor = "expert_choice", 64, 1.0
+    cfg.model.moe.router, cfg.model.vocab_size, cfg.model.moe.capacity_factor = "expert_choice", 64, 1.0
     with pytest.raises(ValueError, match="would see the future"):
         Transformer(cfg.model, rngs=nnx.Rngs(0))
     cfg.model.allow_non_causal_router = True
@@ -204,7 +205,7 @@ def test_capacity_groups_do_not_stop_evaluation_or_generation(tmp_path, capsys):
     from train.cli import eval_main, generate_main
 
     cfg = tiny_config(tmp_path)
-    cfg.model.capacity_group_size, cfg.model.capacity_factor, cfg.checkpoint.every_steps = 16, 1.0, 4
+    cfg.model.moe.capacity_group_size, cfg.model.moe.capacity_factor, cfg.checkpoint.every_steps = 16, 1.0, 4
     trainer = Trainer(cfg, tmp_path / "w")
     trainer.run()
     trainer.close()
@@ -222,14 +223,14 @@ def test_loss_free_bias_moves_once_per_step_whatever_the_accumulation(tmp_path):
 
     def biases(accum):
         cfg = tiny_config(tmp_path, data=1, expert=4)
-        cfg.model.router, cfg.model.loss_free_gamma, cfg.model.capacity_factor = "loss_free", 0.01, 8.0  # no drops
+        cfg.model.moe.router, cfg.model.moe.loss_free_gamma, cfg.model.moe.capacity_factor = "loss_free", 0.01, 8.0  # no drops
         cfg.train.batch_size, cfg.train.grad_accum_steps = 16, accum
         trainer = Trainer(cfg, tmp_path / f"accum{accum}", devices=jax.devices()[:4])
         with trainer.context():
             for _ in range(3):
                 trainer.state, _ = trainer.train_step(trainer.state, trainer.global_batch(next(trainer.batches)))
         out = [np.asarray(v) for p, v in jax.tree.leaves_with_path(trainer.state.model_state)
-               if "expert_bias" in jax.tree_util.keystr(p)]
+               if "['router']['bias']" in jax.tree_util.keystr(p)]
         trainer.close()
         return out
 
@@ -244,14 +245,15 @@ def test_loss_free_bias_moves_once_per_step_whatever_the_accumulation(tmp_path):
 def test_fixed_evaluation_draws_differ_between_layers_and_match_cached_decoding(tmp_path):
     """random, gshard and thor draw with a fixed seed in eval mode, a different one in every layer;
     cached decoding draws as the full sequence does."""
-    from train.generate import generate, generate_without_cache
+    from reference import generate_without_cache
+    from train.inference.generate import generate
 
     x = jax.random.normal(jax.random.key(0), (2, 16, 32))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
     for router in ("random", "gshard", "thor"):
         cfg = tiny_config(tmp_path)
-        cfg.model.router, cfg.model.vocab_size = router, 64
-        cfg.model.experts_per_token = 2 if router == "gshard" else 1
+        cfg.model.moe.router, cfg.model.vocab_size = router, 64
+        cfg.model.moe.experts_per_token = 2 if router == "gshard" else 1
         model = Transformer(cfg.model, rngs=nnx.Rngs(0))
         model.eval()
         ids = [np.asarray(block.ffn.route(x, tokens).expert_ids) for block in model.blocks]
@@ -268,11 +270,12 @@ def test_cached_decoding_never_drops_even_with_an_eval_capacity(tmp_path):
     """With eval_capacity_factor the full forward pass drops; decoding equals the no-drop model."""
     import dataclasses
 
-    from train.generate import generate, generate_without_cache
+    from reference import generate_without_cache
+    from train.inference.generate import generate
 
     cfg = tiny_config(tmp_path)
-    cfg.model.router, cfg.model.vocab_size, cfg.model.experts_per_token = "topk", 64, 1
-    dropping = dataclasses.replace(cfg.model, eval_capacity_factor=0.25)
+    cfg.model.moe.router, cfg.model.vocab_size, cfg.model.moe.experts_per_token = "topk", 64, 1
+    dropping = dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, eval_capacity_factor=0.25))
     model, reference = (Transformer(c, rngs=nnx.Rngs(0)) for c in (dropping, cfg.model))
     for m in (model, reference):
         m.eval()

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,9 @@ from moe.transformer import DenseFFN, Transformer
 from moe.layer import MoEFeedForward
 from sharding import make_mesh
 from train.cli import train_main
-from train.config import Config, load_config_file
-from train.loop import Trainer, sharding_table
+from train.core.config import Config, load_config_file
+from reference import sharding_table
+from train.core.loop import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 60
@@ -27,8 +29,8 @@ def tiny_config(tmp_path, **mesh) -> Config:
     cfg = Config()
     m = cfg.model
     m.num_layers, m.d_model, m.num_heads, m.d_ff = 2, 32, 4, 64
-    m.moe_every, m.num_experts, m.experts_per_token = 1, 8, 2
-    m.capacity_factor = 8.0  # no drops: results must not depend on the mesh
+    m.moe_every, m.moe.num_experts, m.moe.experts_per_token = 1, 8, 2
+    m.moe.capacity_factor = 8.0  # no drops: results must not depend on the mesh
     cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len = 4, 8, 16
     cfg.optimizer.warmup_steps = 1
     cfg.data.path = str(tmp_path / "corpus")
@@ -49,7 +51,8 @@ def run_steps(cfg, workdir, n, repeat_batch=False, devices=None):
         for _ in range(n):
             if not repeat_batch:
                 batch = trainer.global_batch(next(trainer.batches))
-            trainer.state, metrics = trainer.train_step(trainer.state, batch)
+            with jax.transfer_guard("disallow"):  # an accidental host <-> device copy fails loudly
+                trainer.state, metrics = trainer.train_step(trainer.state, batch)
             losses.append(float(metrics["loss"]))
         params = jax.tree.map(np.asarray, trainer.state.params)
     trainer.close()
@@ -72,14 +75,14 @@ def test_loss_decreases_on_a_repeated_batch(tmp_path):
 def test_train_step_is_layout_invariant_across_meshes_and_rules(tmp_path):
     """Two steps on 1 device equal two steps under every sharding preset on 8 devices."""
     ref_cfg = tiny_config(tmp_path, data=1, expert=1)
-    ref_cfg.model.capacity_group_size = 16  # fixed capacity groups: identical drops everywhere
-    ref_cfg.model.capacity_factor = 1.0
+    ref_cfg.model.moe.capacity_group_size = 16  # fixed capacity groups: identical drops everywhere
+    ref_cfg.model.moe.capacity_factor = 1.0
     ref_losses, ref_params, _ = run_steps(ref_cfg, tmp_path / "ref", 2, devices=jax.devices()[:1])
     for mesh in (dict(data=2, expert=4), dict(data=2, fsdp=2, expert=2, rules="fsdp"),
                  dict(data=1, expert=4, tensor=2, rules="ep+tp"), dict(data=2, expert=4, rules="dp"),
                  dict(data=1, fsdp=2, expert=2, tensor=2, rules="fsdp+tp")):
         cfg = tiny_config(tmp_path, **mesh)
-        cfg.model.capacity_group_size, cfg.model.capacity_factor = 16, 1.0
+        cfg.model.moe.capacity_group_size, cfg.model.moe.capacity_factor = 16, 1.0
         losses, params, _ = run_steps(cfg, tmp_path / "run", 2)
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(mesh))
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
@@ -89,7 +92,7 @@ def test_train_step_is_layout_invariant_across_meshes_and_rules(tmp_path):
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.train.batch_size = 16  # two micro-batches of 8 sequences, each over the 8 devices
-    cfg.model.aux_loss_coef = 0.0  # the load-balance loss is not additive over micro-batches
+    cfg.model.moe.aux_loss_coef = 0.0  # the load-balance loss is not additive over micro-batches
     one, p1, _ = run_steps(cfg, tmp_path / "a", 2)
     cfg.train.grad_accum_steps = 2
     two, p2, _ = run_steps(cfg, tmp_path / "b", 2)
@@ -116,7 +119,7 @@ GOLDEN_DEFAULT = {
     **{f"blocks/{i}/{n}/scale": (None,) for i in range(4) for n in ("attn_norm", "ffn_norm")},
     **{f"blocks/{i}/ffn/{n}": (None, None) for i in (0, 2) for n in ("wi", "wg", "wo")},
     **{f"blocks/{i}/ffn/{n}": ("expert", None, None) for i in (1, 3) for n in ("wi", "wg", "wo")},
-    **{f"blocks/{i}/ffn/router_w": (None, None) for i in (1, 3)},
+    **{f"blocks/{i}/ffn/router/w": (None, None) for i in (1, 3)},
 }
 
 
@@ -192,7 +195,7 @@ def test_dry_run_prints_config_and_parameter_counts(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))
 def test_every_shipped_config_loads_and_validates_on_8_devices(name):
-    from train.config import validate, validate_mesh
+    from train.core.config import validate, validate_mesh
 
     cfg = load_config_file(str(ROOT / "configs" / f"{name}.py"))
     validate(cfg)
@@ -240,7 +243,7 @@ def test_profile_steps_traces_steps_after_warm_up(tmp_path, monkeypatch):
     import gzip
 
     from conftest import tiny_train_args
-    from train.metrics import MetricsWriter
+    from train.core.metrics import MetricsWriter
 
     logged, log = [], MetricsWriter.log  # the console lines (its stream was bound before capture started)
     monkeypatch.setattr(MetricsWriter, "log", lambda self, message: (logged.append(message), log(self, message))[1])
@@ -248,7 +251,13 @@ def test_profile_steps_traces_steps_after_warm_up(tmp_path, monkeypatch):
     assert train_main([*tiny_train_args(tmp_path, workdir, steps=4), "--config.profile_steps=2"]) == 0
     sessions = list((workdir / "profile" / "plugins" / "profile").iterdir())
     assert len(sessions) == 1, sessions
-    assert list(sessions[0].glob("*.xplane.pb")), list(sessions[0].iterdir())  # XProf / TensorBoard
+    xplanes = list(sessions[0].glob("*.xplane.pb"))
+    assert xplanes, list(sessions[0].iterdir())  # XProf / TensorBoard
+    # the traced program carries the MoE layer's stages as op names (XProf groups ops by them);
+    # under autodiff a scope reads jvp(route) in the forward pass and transpose(jvp(...)) in the backward
+    xplane = xplanes[0].read_bytes()
+    for stage in ("route", "permute", "exchange", "experts", "exchange_back", "unpermute"):
+        assert re.search(rb"jit\(train_step\)/[^\x00]*[/(]" + stage.encode() + rb"[/)]", xplane), stage
     trace = json.loads(gzip.decompress((sessions[0] / "perfetto_trace.json.gz").read_bytes()))  # Perfetto
     steps = sorted(int(e["args"]["step_num"]) for e in trace["traceEvents"] if e.get("name") == "train" and "args" in e)
     assert steps == [2, 3], steps  # exactly the two steps after the compiling one
@@ -259,7 +268,7 @@ def test_profile_steps_traces_steps_after_warm_up(tmp_path, monkeypatch):
 
 def test_profiler_stops_its_trace_when_the_loop_ends_early(tmp_path):
     """An error (or SIGTERM's early return) inside the traced window still stops the trace."""
-    from train.profiler import StepProfiler
+    from train.core.profiler import StepProfiler
 
     logged = []
     f = jax.jit(lambda x: x * 2)
@@ -301,7 +310,7 @@ def test_bfloat16_activations_track_float32_with_float32_master_weights(tmp_path
             for i in range(5):
                 batch = trainer.global_batch(next(trainer.batches))
                 if i == 0:
-                    hlo = trainer.train_step.lower(trainer.state, batch).as_text()
+                    hlo = trainer.jit_step.lower(trainer.state, batch, trainer.stop_flags(False)).as_text()
                 trainer.state, metrics = trainer.train_step(trainer.state, batch)
                 losses.append(float(metrics["loss"]))
             floats = {str(x.dtype) for x in jax.tree.leaves((trainer.state.params, trainer.state.opt_state))
@@ -337,7 +346,7 @@ def test_dropless_training_equals_capacity_training_that_never_drops(tmp_path):
     roomy = tiny_config(tmp_path)  # capacity_factor 8: nothing dropped
     losses_ref, params_ref, m_ref = run_steps(roomy, tmp_path / "capacity", 2)
     dropless = tiny_config(tmp_path)
-    dropless.model.dispatch, dropless.model.capacity_factor = "dropless", 0.25
+    dropless.model.moe.dispatch, dropless.model.moe.capacity_factor = "dropless", 0.25
     losses, params, m = run_steps(dropless, tmp_path / "dropless", 2)
     assert float(m["moe/dropped_fraction"]) == 0.0 == float(m_ref["moe/dropped_fraction"])
     np.testing.assert_allclose(losses, losses_ref, rtol=1e-5)
@@ -348,7 +357,7 @@ def test_dropless_training_equals_capacity_training_that_never_drops(tmp_path):
 
 def test_per_layer_router_telemetry_sums_to_the_router_loss_and_averages_to_the_statistics(tmp_path):
     cfg = tiny_config(tmp_path)  # 2 layers, MoE in both, top-2 learned router
-    cfg.model.vocab_size, cfg.model.capacity_factor = 64, 0.5
+    cfg.model.vocab_size, cfg.model.moe.capacity_factor = 64, 0.5
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
     _, aux = model(tokens)

@@ -13,7 +13,8 @@ from conftest import tiny_train_args
 from test_checkpoint import train_losses
 from test_train import tiny_config
 from train.cli import train_main
-from train.workdir import LOCK_FILE, RunFolder, WorkdirError
+from train.core.workdir import LOCK_FILE, RunFolder
+from train.errors import WorkdirError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def _env():
 
 def hold_lock(workdir):
     """A separate process holding the workdir as a running trainer would (prints 'held')."""
-    code = "import sys, time; from train.workdir import RunFolder; RunFolder(sys.argv[1]).open(); print('held', flush=True); time.sleep(600)"
+    code = "import sys, time; from train.core.workdir import RunFolder; RunFolder(sys.argv[1]).open(); print('held', flush=True); time.sleep(600)"
     proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -122,7 +123,8 @@ def test_a_save_that_cannot_fit_the_free_space_is_refused_before_it_starts(tmp_p
 
     import jax.numpy as jnp
 
-    from train.checkpoint import CheckpointError, Checkpoints
+    from train.core.checkpoint import Checkpoints
+    from train.errors import CheckpointError
 
     ckpt = Checkpoints(tmp_path / "checkpoints")
     state = {"params": {"w": jnp.zeros((256, 256))}}  # 256 KiB
@@ -139,9 +141,7 @@ def test_a_save_that_cannot_fit_the_free_space_is_refused_before_it_starts(tmp_p
 
 # ---------------------------------------------------------------- the memory pre-flight
 def test_the_memory_estimate_tracks_what_xla_allocates(tmp_path):
-    import numpy as np
-
-    from train.loop import Trainer
+    from train.core.loop import Trainer
 
     for batch in (8, 32):
         cfg = tiny_config(tmp_path)
@@ -149,15 +149,15 @@ def test_the_memory_estimate_tracks_what_xla_allocates(tmp_path):
         trainer = Trainer(cfg, tmp_path / f"b{batch}")
         with trainer.context():
             local = next(trainer.batches)
-            batch_arrays = trainer.global_batch({**local, "stop": np.zeros((batch, 1), np.int32)})
-            analysis = trainer.train_step.lower(trainer.state, batch_arrays).compile().memory_analysis()
+            batch_arrays = trainer.global_batch(local)
+            analysis = trainer.jit_step.lower(trainer.state, batch_arrays, trainer.stop_flags(False)).compile().memory_analysis()
         trainer.close()
         xla = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
         assert 0.6 <= trainer.step_memory.total / xla <= 1.5, (batch, trainer.step_memory, xla)
 
 
 def test_a_step_that_cannot_fit_names_the_largest_term_and_can_be_overridden(tmp_path, monkeypatch, capsys):
-    from train import memory
+    from train.core import memory
 
     monkeypatch.setattr(memory, "_host_available_bytes", lambda: 2 << 20)  # 2 MiB for 8 devices: 256 KiB each
     args = tiny_train_args(tmp_path, tmp_path / "w", steps=1) + ["--config.train.batch_size=128"]

@@ -1,0 +1,52 @@
+"""Parameters born sharded, and gathered to their compute sharding before use.
+
+Every weight is created already split by the logical-axis rules of ``sharding/rules.py`` under
+the current mesh (no unsharded copy ever exists); its logical axis names are kept as metadata.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sharding.mesh import current_mesh
+from sharding.rules import logical_to_spec
+
+
+class RouterState(nnx.Variable):
+    """Model state a router keeps that gradients never train (frozen router weights, loss-free
+    biases, hash tables): saved in checkpoints with the model, never seen by the optimizer."""
+
+
+def sharded_param(
+    key, shape, logical_axes, std: float, dtype, mesh=None, init: str = "normal", kind: type = nnx.Param
+) -> nnx.Variable:
+    """A normal(0, std) (or ``init="ones"``) variable created directly in its sharding
+    (an ``nnx.Param`` unless ``kind`` says otherwise)."""
+    mesh = current_mesh() if mesh is None else mesh
+    spec = None if mesh is None else logical_to_spec(logical_axes, mesh)
+    if init == "ones":
+        value = jnp.ones(shape, dtype, device=None if spec is None else jax.sharding.NamedSharding(mesh, spec))
+    else:
+        value = jax.random.normal(key, shape, dtype, out_sharding=spec) * jnp.asarray(std, dtype)
+    meta = {} if spec is None else {"out_sharding": tuple(spec)}
+    return kind(value, logical_axes=tuple(logical_axes), **meta)
+
+
+def compute_value(param: nnx.Variable, logical_axes) -> jax.Array:
+    """The variable's value gathered to its compute sharding (a no-op unless it is FSDP-sharded)."""
+    value = param[...]
+    mesh = current_mesh()
+    if mesh is None:
+        return value
+    spec = logical_to_spec(logical_axes, mesh, compute=True)
+    if jax.typeof(value).sharding.spec != spec:
+        value = jax.sharding.reshard(value, spec)
+    return value
+
+
+def spec_of(logical_axes):
+    """The PartitionSpec of ``logical_axes`` on the current mesh (None without a mesh)."""
+    mesh = current_mesh()
+    return None if mesh is None else logical_to_spec(logical_axes, mesh)

@@ -1,0 +1,73 @@
+"""Checkpoints written before the restructuring (layout v1, a flat model config) still evaluate,
+generate and resume, with the numbers that version computed from them."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from train.core import layout
+from train.core.config import from_dict, upgrade
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+V1 = ROOT / "tests" / "data" / "v1_workdir"
+V1_ARGS = [
+    "--config=configs/default.py", "--cpu_devices=1", "--config.mesh.data=1", "--config.mesh.expert=1",
+    "--config.model.num_layers=2", "--config.model.d_model=16", "--config.model.num_heads=2",
+    "--config.model.d_ff=32", "--config.model.moe_every=1", "--config.model.moe.num_experts=4",
+    "--config.model.moe.router=loss_free", "--config.model.moe.router_jitter=0.1",
+    "--config.model.moe.loss_free_gamma=0.01", "--config.train.batch_size=8", "--config.train.seq_len=16",
+    "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=1", "--config.data.path=tests/data/corpus",
+    "--config.data.validation_fraction=0.25", "--config.eval_batches=1", "--config.log_every_steps=1",
+    "--config.eval_every_steps=0",
+]
+
+
+def test_layouts_map_both_ways_wherever_an_ffn_sits():
+    v2 = {"blocks": {"0": {"ffn": {"wi": 1, "wo": 2, "router": {"w": 3, "bias": 4, "rngs": {"key": 5, "count": 6}}},
+                           "attn": {"wq": 7}},
+                     "1": {"ffn": {"wi": 8, "wo": 9}}},  # a dense block
+          "mu": {"blocks": {"0": {"ffn": {"router": {"w": 10}}}}}}
+    v1 = layout.to_v1(v2)
+    assert v1["blocks"]["0"]["ffn"] == {"wi": 1, "wo": 2, "router_w": 3, "expert_bias": 4, "rngs": {"key": 5, "count": 6}}
+    assert v1["mu"]["blocks"]["0"]["ffn"] == {"router_w": 10} and v1["blocks"]["1"] == v2["blocks"]["1"]
+    assert layout.to_v2(v1) == v2
+    target, back = layout.legacy(v2, layout.paths(v1))
+    assert target == v1 and back(v1) == v2
+    same, identity = layout.legacy(v2, layout.paths(v2))
+    assert same is v2 and identity(v1) is v1
+
+
+def test_an_old_flat_config_reads_into_the_moe_section():
+    saved = json.loads((V1 / "config.json").read_text())
+    assert saved["model"]["router"] == "loss_free" and "moe" not in saved["model"]
+    cfg = from_dict(saved)
+    assert cfg.model.moe.router == "loss_free" and cfg.model.moe.num_experts == 4
+    assert cfg.model.moe.router_jitter == 0.1 and cfg.model.d_model == 16
+    assert upgrade(saved)["model"]["moe"]["loss_free_gamma"] == 0.01
+
+
+@pytest.mark.slow
+def test_a_v1_checkpoint_evaluates_generates_and_resumes_as_that_version_did(tmp_path, capsys):
+    from train.cli import eval_main, generate_main
+
+    expected = json.loads((V1 / "expected.json").read_text())
+    work = tmp_path / "v1"
+    shutil.copytree(V1, work)
+    assert eval_main([f"--workdir={work}"]) == 0  # on 8 devices, as the old version scored it
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 4 and result["loss"] == expected["eval_loss_step4"]
+    assert generate_main([f"--workdir={work}", "--prompt=def ", "--max_new_tokens=4"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "train", *V1_ARGS, f"--workdir={work}", "--config.train.steps=6"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and f"resumed from {work / 'checkpoints' / '4'}" in proc.stderr, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    losses = {str(r["step"]): r["loss"] for r in rows if r["split"] == "train"}
+    assert losses == expected["resumed_losses"]  # bit for bit

@@ -1,0 +1,1 @@
+"""Benchmarks (moe-bench layer, moe-bench train) and plots (moe-plot)."""

@@ -1,0 +1,96 @@
+"""moe-train: train a sparse MoE language model (``python -m train`` is the same)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from train.cli.common import check_workdir, common_args, load_config, run_guarded, split_overrides, start_jax
+
+
+def train_main(argv=None) -> int:
+    """moe-train --config=configs/default.py --workdir=DIR [--config.KEY=VALUE ...]"""
+    prog = "moe-train"
+    p = argparse.ArgumentParser(prog=prog, description="Train a sparse MoE language model.")
+    p.add_argument("--config", required=True, help="a configs/*.py file defining get_config()")
+    p.add_argument("--workdir", required=True, help="run folder: config, logs, checkpoints")
+    p.add_argument("--dry_run", action="store_true", help="validate and print the config and parameter counts")
+    p.add_argument("--skip_memory_check", action="store_true",
+                   help="start even when a step's estimated memory exceeds what the devices have")
+    common_args(p)
+    from sharding.distributed import add_arguments
+
+    add_arguments(p)
+    args, rest = p.parse_known_args(argv)
+    check_workdir(prog, args.workdir)
+    cfg = load_config(prog, args.config, split_overrides(rest, prog))
+    start_jax(prog, args, distributed=True)
+    return run_guarded(prog, args.verbose, lambda: _train(cfg, args))
+
+
+def _dry_run(cfg, sizes) -> int:
+    """The resolved config, the mesh and the parameter counts; nothing is built."""
+    import jax
+
+    from moe.costs import param_counts
+    from train.core.config import with_vocab
+    from train.data.tokenizers import ByteTokenizer
+
+    resolved = cfg if cfg.model.vocab_size or cfg.data.tokenizer != "byte" else with_vocab(cfg, ByteTokenizer().vocab_size)
+    print(resolved.to_json())
+    mesh = " x ".join(f"{k}={v}" for k, v in sizes.items())
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {mesh}; rules {cfg.mesh.rules}")
+    note = ""
+    if not resolved.model.vocab_size:  # a BPE trained at start: at most data.bpe_vocab_size tokens
+        resolved = with_vocab(cfg, cfg.data.bpe_vocab_size)
+        note = f" (vocabulary {resolved.model.vocab_size} from data.bpe_vocab_size; the trained BPE may be smaller)"
+    counts = param_counts(resolved.model)
+    print(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token{note}")
+    return 0
+
+
+def _train(cfg, args) -> int:
+    import jax
+
+    from moe.costs import param_counts
+    from train.core.config import validate_mesh
+    from train.core.loop import Trainer
+
+    sizes = validate_mesh(cfg, jax.device_count())
+    if args.dry_run:
+        return _dry_run(cfg, sizes)
+    from sharding.distributed import prefix
+    from train.core.signals import StopSignals
+
+    signals = StopSignals(lambda m: print(f"{prefix()}{m}", file=sys.stderr, flush=True),
+                          exit_now=lambda: f"{prefix()}moe-train: interrupted")
+    try:
+        trainer = Trainer(cfg, args.workdir, memory_check=not args.skip_memory_check)
+        summary = None
+        try:
+            counts = param_counts(trainer.cfg.model)
+            trainer.log(
+                f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
+                f"{jax.device_count()} devices; workdir {args.workdir}"
+            )
+            summary = trainer.run(signals=signals)
+        finally:  # a run that stopped before its first step leaves the workdir as it found it
+            trainer.close(abandon=trainer.steps_done == 0 and (summary is None or "preempted" in summary))
+    finally:
+        signals.restore()
+    if "preempted" in summary:
+        return 130 if summary["stopped_by"] == "Ctrl-C" else 0
+    if jax.process_index() == 0:
+        w = args.workdir
+        trained = (
+            f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+            if summary["first_loss"] is not None
+            else f"already trained to step {trainer.cfg.train.steps}"
+        )
+        print(
+            f"done: {trained}, eval loss {summary['eval_loss']:.3f}, {summary['tokens_per_sec'] or 0:,.0f} tokens/s\n"
+            f"  checkpoints: {w}/checkpoints   (evaluate: moe-eval --workdir={w}; sample: moe-generate --workdir={w} --prompt='def ')\n"
+            f"  metrics:     {w}/metrics.jsonl   (plot: moe-plot --workdir={w})\n"
+            f"  tensorboard: tensorboard --logdir {w}/tensorboard"
+        )
+    return 0

@@ -1,0 +1,1 @@
+"""Training core: config, step, loop, optimizer, checkpoints, metrics and the run folder."""

@@ -1,0 +1,359 @@
+"""Typed run configuration: dataclasses, command-line overrides, validation.
+
+A config file ``configs/NAME.py`` defines ``get_config() -> Config``. The command line
+overrides any field with ``--config.section.key=value`` (top-level fields: ``--config.key=value``);
+an unknown key is an error. ``validate`` checks the resolved config before JAX starts, raising
+``ConfigError`` whose message names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+from moe.config import ACTIVATIONS, DTYPES, FieldError, StrictFields
+from moe.config import TransformerConfig as ModelConfig
+from train.errors import ConfigError
+
+
+@dataclasses.dataclass
+class MeshConfig(StrictFields):
+    data: int = 2
+    fsdp: int = 1
+    expert: int = 4
+    tensor: int = 1
+    rules: str = "ep"  # sharding preset: dp, fsdp, ep, ep+tp, fsdp+tp (see sharding/rules.py); tensor > 1 needs a +tp one
+
+
+@dataclasses.dataclass
+class TrainConfig(StrictFields):
+    steps: int = 300
+    batch_size: int = 16  # global sequences per step
+    seq_len: int = 128
+    seed: int = 0
+    grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide evenly)
+    max_nonfinite_steps: int = 3  # stop after this many consecutive skipped (non-finite) updates
+    spike_sigma: float = 0.0  # skip an update whose loss exceeds mean + sigma * std of the last window (0 = off)
+    spike_window: int = 50
+    step_timeout_s: float = 0.0  # multi-process: stop if a step makes no progress this long (0 = 900 s there, off alone)
+
+
+@dataclasses.dataclass
+class OptimizerConfig(StrictFields):
+    learning_rate: float = 3e-3  # peak
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio at train.steps
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip_norm: float = 1.0  # 0 = no clipping
+
+
+@dataclasses.dataclass
+class DataConfig(StrictFields):
+    path: str = ""  # "" = the running Python's standard library sources; else a file, folder or glob
+    tokenizer: str = "byte"  # byte | bpe
+    tokenizer_path: str = ""  # bpe: load this tokenizer.json instead of training one
+    bpe_vocab_size: int = 2048
+    validation_fraction: float = 0.05  # share of files held out for validation
+    max_bytes: int = 0  # read at most this many bytes of text (0 = all)
+
+
+@dataclasses.dataclass
+class CheckpointConfig(StrictFields):
+    every_steps: int = 100  # 0 = only at the end
+    keep: int = 3
+
+
+@dataclasses.dataclass
+class Config(StrictFields):
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log_every_steps: int = 10
+    eval_every_steps: int = 100  # 0 = only at the end
+    eval_batches: int = 8  # validation batches per evaluation
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = guess from the device kind
+    profile_steps: int = 0  # > 0: jax.profiler trace of this many steps after warm-up into WORKDIR/profile
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------- loading and overrides
+def load_config_file(path: str) -> Config:
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config={path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"switchyard_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(file.resolve().parent))  # a config may import its sibling configs
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a broken config file is a user error
+        raise ConfigError(f"--config={path}: failed to load: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(str(file.resolve().parent))
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config={path}: defines no get_config()")
+    try:
+        cfg = module.get_config()
+    except Exception as e:  # e.g. a misspelt field (StrictFields)
+        raise ConfigError(f"--config={path}: get_config() failed: {type(e).__name__}: {e}") from e
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"--config={path}: get_config() must return train.core.config.Config")
+    return cfg
+
+
+def _coerce(key: str, text: str, annotation):
+    """Parse ``text`` into the field's declared type (annotations are strings here)."""
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(annotation), str)
+    try:
+        if kind is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError:
+        name = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"config.{key}={text!r}: expected {name}") from None
+
+
+def apply_override(cfg: Config, key: str, text: str) -> None:
+    """Set ``config.<key>`` (dotted) from its command-line text."""
+    obj = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "config"
+            moved = MOVED.get(".".join(parts[: i + 1]))
+            hint = f"; it is config.{moved} now" if moved else f" ({where} has: {', '.join(fields)})"
+            raise ConfigError(f"config.{key}: unknown key{hint}")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise ConfigError(f"config.{key}: is a section; set one of its keys")
+            setattr(obj, part, _coerce(key, text, fields[part].type))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"config.{key}: {'.'.join(parts[: i + 1])} is not a section")
+
+
+# Fields that moved: the MoE settings of the model live in their own section (``model.moe``).
+# Configs saved before (checkpoints, config.json) are read through ``upgrade``.
+MOVED = {
+    f"model.{name}": f"model.moe.{name}"
+    for name in ("num_experts", "experts_per_token", "expert_d_ff", "router", "dispatch", "capacity_factor",
+                 "capacity_priority", "eval_capacity_factor", "capacity_group_size", "aux_loss_coef", "z_loss_coef",
+                 "router_jitter", "hash_seed", "gshard_threshold", "loss_free_gamma", "thor_consistency")
+}
+
+
+def upgrade(data: dict) -> dict:
+    """A saved config dict in today's layout (old flat model fields moved to ``model.moe``)."""
+    flat = {MOVED.get(key, key): value for key, value in _flatten(data).items()}
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *sections, name = key.split(".")
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return out
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. a saved config.json), any version."""
+    cfg = Config()
+    for key, value in _flatten(upgrade(data)).items():
+        apply_override(cfg, key, str(value))
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+def validate(cfg: Config, num_devices: int | None = None) -> None:
+    """Check every field; with ``num_devices`` also the mesh and batch against the devices."""
+
+    def need(cond, key, why):
+        if not cond:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"config.{key}={value!r}: {why}")
+
+    m, t, o, d = cfg.model, cfg.train, cfg.optimizer, cfg.data
+    _validate_model(m, need)
+    for key in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
+        need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
+    need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(t.spike_sigma >= 0, "train.spike_sigma", "must be >= 0 (0 = off)")
+    need(t.spike_window >= 2, "train.spike_window", "must be >= 2")
+    need(t.step_timeout_s >= 0, "train.step_timeout_s", "must be >= 0")
+    need(t.batch_size % t.grad_accum_steps == 0, "train.batch_size", f"must be divisible by train.grad_accum_steps={t.grad_accum_steps}")
+    need(o.learning_rate > 0 and math.isfinite(o.learning_rate), "optimizer.learning_rate", "must be > 0")
+    need(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+    need(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")
+    need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    need(0 <= o.b1 < 1, "optimizer.b1", "must be in [0, 1)")
+    need(0 <= o.b2 < 1, "optimizer.b2", "must be in [0, 1)")
+    need(o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0 = off)")
+    need(d.tokenizer in ("byte", "bpe"), "data.tokenizer", "choose byte or bpe")
+    need(d.bpe_vocab_size >= 300, "data.bpe_vocab_size", "must be >= 300")
+    need(0 < d.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
+    need(d.max_bytes >= 0, "data.max_bytes", "must be >= 0 (0 = all)")
+    if d.tokenizer_path:
+        need(pathlib.Path(d.tokenizer_path).is_file(), "data.tokenizer_path", "no such file")
+    need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    need(cfg.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+    need(cfg.eval_every_steps >= 0, "eval_every_steps", "must be >= 0")
+    need(cfg.eval_batches >= 1, "eval_batches", "must be >= 1")
+    need(cfg.peak_flops_per_device >= 0, "peak_flops_per_device", "must be >= 0")
+    need(type(cfg.profile_steps) is int and cfg.profile_steps >= 0, "profile_steps", "must be an integer >= 0 (0 = off)")
+    from sharding.rules import PRESETS
+
+    need(cfg.mesh.rules in PRESETS, "mesh.rules", f"choose one of {', '.join(PRESETS)}")
+    if num_devices is not None:
+        validate_mesh(cfg, num_devices)
+
+
+def _validate_model(m: ModelConfig, need) -> None:
+    for key in ("num_layers", "d_model", "num_heads", "d_ff"):
+        need(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
+    need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
+    need(m.d_model % m.num_heads == 0, "model.d_model", f"must be divisible by model.num_heads={m.num_heads}")
+    need((m.d_model // m.num_heads) % 2 == 0, "model.num_heads", "head dimension d_model/num_heads must be even (RoPE)")
+    need(m.moe_every >= 0, "model.moe_every", "must be >= 0 (0 = dense model)")
+    need(m.activation in ACTIVATIONS, "model.activation", f"choose one of {', '.join(ACTIVATIONS)}")
+    need(m.dtype in DTYPES, "model.dtype", f"choose one of {', '.join(DTYPES)}")
+    need(m.param_dtype in DTYPES, "model.param_dtype", f"choose one of {', '.join(DTYPES)}")
+    need(m.rope_theta > 0, "model.rope_theta", "must be > 0")
+    try:
+        m.moe.check()
+    except FieldError as e:
+        raise ConfigError(f"config.model.moe.{e.field}={e.value!r}: {e.why}") from None
+    need(m.moe.thor_consistency == 0 or m.moe_every, "model.moe.thor_consistency",
+         "is THOR's consistency loss: the model needs MoE blocks (model.moe_every > 0), or leave it 0")
+    if m.non_causal_routing and not m.allow_non_causal_router:
+        raise ConfigError(f"config.{m.non_causal_message()}: a causal LM would see the future; "
+                          "set model.allow_non_causal_router=True to train it anyway for a routing study")
+
+
+def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
+    """Resolve the mesh against ``num_devices``; check divisibility of experts and batch."""
+    from sharding.mesh import resolve_axis_sizes
+
+    sizes = {a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "expert", "tensor")}
+    try:
+        sizes = resolve_axis_sizes(sizes, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    m, t = cfg.model, cfg.train
+    if m.moe_every and m.moe.num_experts % sizes["expert"]:
+        raise ConfigError(f"config.model.moe.num_experts={m.moe.num_experts}: not divisible by mesh.expert={sizes['expert']}")
+    if sizes["tensor"] > 1:
+        from sharding.rules import PRESETS, TENSOR_AXIS
+
+        if TENSOR_AXIS not in PRESETS[cfg.mesh.rules].values():
+            raise ConfigError(
+                f"config.mesh.tensor={sizes['tensor']}: mesh.rules={cfg.mesh.rules} shards nothing over the tensor "
+                "axis, so its devices would all repeat the same work; use mesh.rules=ep+tp or fsdp+tp, or mesh.tensor=1"
+            )
+        for key in ("d_ff", "num_heads"):
+            if getattr(m, key) % sizes["tensor"]:
+                raise ConfigError(f"config.model.{key}={getattr(m, key)}: not divisible by mesh.tensor={sizes['tensor']}")
+        if m.moe_every and m.moe.expert_d_ff % sizes["tensor"]:
+            raise ConfigError(f"config.model.moe.expert_d_ff={m.moe.expert_d_ff}: not divisible by "
+                              f"mesh.tensor={sizes['tensor']}")
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro = t.batch_size // t.grad_accum_steps
+    if micro % shards:
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size}: each micro-batch ({micro} sequences) must split evenly "
+            f"over data x fsdp x expert = {shards} devices"
+        )
+    local_tokens = micro // shards * t.seq_len
+    group = m.moe.capacity_group_size
+    if m.moe_every and group and local_tokens % group:
+        raise ConfigError(
+            f"config.model.moe.capacity_group_size={group}: must divide the {local_tokens} tokens each "
+            f"device holds per micro-batch ({micro // shards} sequences of {t.seq_len})"
+        )
+    return sizes
+
+
+def with_vocab(cfg: Config, vocab_size: int) -> Config:
+    """The config with the model's vocabulary filled in from the tokenizer (rounded up to 64)."""
+    if cfg.model.vocab_size:
+        if cfg.model.vocab_size < vocab_size:
+            raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size}: the tokenizer needs {vocab_size}")
+        return cfg
+    model = dataclasses.replace(cfg.model, vocab_size=-(-vocab_size // 64) * 64)
+    return dataclasses.replace(cfg, model=model)
+
+
+def for_backend(cfg: Config, backend: str, environ=None) -> Config:
+    """The config as this backend runs it: dropless dispatch exchanges with ``ragged_all_to_all``
+    on GPU/TPU (XLA:CPU cannot; ``SWITCHYARD_RAGGED_EXCHANGE=0`` forces the dense exchange)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    ragged = backend in ("gpu", "cuda", "rocm", "tpu") and environ.get("SWITCHYARD_RAGGED_EXCHANGE", "") != "0"
+    if cfg.model.moe.ragged_exchange == ragged:
+        return cfg
+    moe = dataclasses.replace(cfg.model.moe, ragged_exchange=ragged)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Sections a resumed run may change; anything else must match the checkpoint.
+RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches",
+             "peak_flops_per_device", "profile_steps", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
+             "train.step_timeout_s", "model.moe.ragged_exchange")
+
+
+def check_compatible(meta: dict, saved: dict, where: pathlib.Path) -> None:
+    """Refuse to resume when the model shape, the data or the batching differ from the checkpoint."""
+    if saved.get("data_fingerprint") != meta["data_fingerprint"]:
+        raise ConfigError(f"config.data: the data differ from those of the checkpoint {where}; use a new --workdir")
+    now, then = _flatten(upgrade(meta["config"])), _flatten(upgrade(saved.get("config", {})))
+    for key in sorted(set(now) | set(then)):
+        if key.startswith(RESUMABLE) or now.get(key) == then.get(key):
+            continue
+        raise ConfigError(
+            f"config.{key}={now.get(key)!r}: differs from the checkpoint {where} ({then.get(key)!r}); "
+            "resume with the same value or use a new --workdir"
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

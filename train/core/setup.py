@@ -1,0 +1,262 @@
+"""Everything a run needs before its first step, built in order (``TrainerSetup.__init__``):
+
+the run folder (locked), the tokenizer and data, the mesh, the optimizer, the checkpoints, the
+state (born sharded, after a memory pre-flight), routers fitted to the training split, the
+jitted steps, then the latest restorable checkpoint. Anything that fails leaves the workdir as it
+was found. ``train.core.loop.Trainer`` adds the training loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe.transformer import Transformer
+from sharding.mesh import make_mesh
+from sharding.rules import logical_to_spec, mesh_and_rules
+from train.core import metrics as metrics_lib
+from train.core.checkpoint import Checkpoints
+from train.core.config import Config, check_compatible, for_backend, validate, validate_mesh, with_vocab
+from train.core.memory import check_fits, step_memory
+from train.core.optimizer import make_optimizer
+from train.core.step import TrainState, loss_for, make_eval_step, make_train_step, shardings_of, split_model
+from train.core.workdir import RunFolder, write_text_atomic
+from train.data.batches import TrainBatches
+from train.data.sources import corpus_texts, data_fingerprint, load_corpus
+from train.data.tokenizers import build_tokenizer
+from train.errors import CheckpointError, ConfigError, WorkdirError
+
+
+def take_run_folder(workdir: pathlib.Path, proc: int, nproc: int) -> RunFolder | None:
+    """Process 0 creates and locks the workdir; every process learns whether it could."""
+    folder, error = None, None
+    if proc == 0:
+        try:
+            folder = RunFolder(workdir).open()
+        except WorkdirError as e:
+            error = e
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not ok and error is None:
+            error = WorkdirError(f"--workdir={workdir}: process 0 could not take it (see its message)")
+    if error is not None:
+        raise error
+    return folder
+
+
+class TrainerSetup:
+    """The parts of a run, built in order; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        workdir: str | pathlib.Path,
+        *,
+        devices=None,
+        log: Callable[[str], None] | None = None,
+        memory_check: bool = True,
+    ):
+        """``memory_check``: refuse a step that cannot fit the devices (``train.core.memory``)
+        before allocating the state."""
+        validate(cfg)
+        self.memory_check = memory_check
+        self.workdir = pathlib.Path(workdir)
+        self.proc, self.nproc = jax.process_index(), jax.process_count()
+        self.devices = list(jax.devices() if devices is None else devices)
+        self.sizes = validate_mesh(cfg, len(self.devices))
+        self.steps_done = 0  # training steps this trainer has finished
+        self.folder = self.writer = self.checkpoints = None
+        self.folder = take_run_folder(self.workdir, self.proc, self.nproc)
+        try:
+            self._build(for_backend(copy.deepcopy(cfg), self.devices[0].platform), log)
+        except BaseException:
+            self._abandon()  # the workdir as it was found
+            raise
+
+    def _build(self, cfg: Config, log) -> None:
+        self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=cfg.train.steps, enabled=self.proc == 0)
+        self.log = log or self.writer.log
+        self.tokenizer = build_tokenizer(cfg.data, self.workdir, lambda: corpus_texts(cfg.data, "train"))
+        self.cfg = cfg = with_vocab(cfg, self.tokenizer.vocab_size)
+        self.train_corpus = load_corpus(cfg.data, self.tokenizer, "train")
+        self.val_corpus = load_corpus(cfg.data, self.tokenizer, "validation")
+        t = cfg.train
+        self.batches = TrainBatches(self.train_corpus.tokens, t.seq_len, t.batch_size, t.seed, self.proc, self.nproc)
+        self.mesh = make_mesh(devices=self.devices, **self.sizes)
+        self.tx, self.schedule = make_optimizer(cfg.optimizer, t.steps)
+        self.meta = {"config": cfg.to_dict(), "data_fingerprint": data_fingerprint(cfg.data)}
+        self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.save_blocking_ms: list[float] = []
+        self._check_checkpoint_config()  # before any compile: an incompatible workdir is refused at once
+        with self.context():
+            self._init_state()
+            self._fit_routers()
+            self._compile()
+            self._check_process_rows()
+            self._maybe_resume()
+        if self.proc == 0:  # only once the checkpoints (if any) are known to match it
+            write_text_atomic(self.workdir / "config.json", cfg.to_json())
+
+    def _abandon(self) -> None:
+        for part in (self.checkpoints, self.writer):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:  # noqa: BLE001 - already failing; the first error is the report
+                    pass
+        if self.folder is not None:
+            self.folder.abandon()
+
+    def context(self):
+        """The mesh and sharding rules every traced function runs under."""
+        return mesh_and_rules(self.mesh, self.cfg.mesh.rules)
+
+    # ---------------------------------------------------------------- state
+    def _init_state(self):
+        cfg = self.cfg
+        seed = cfg.train.seed
+
+        def build():
+            return Transformer(cfg.model, rngs=nnx.Rngs(params=seed, routing=seed + 1))
+
+        abstract_model = nnx.eval_shape(build)
+        self.graphdef, _, _ = split_model(abstract_model)
+        self.fits_routers = abstract_model.wants_token_counts
+        abstract_model.eval()
+        self.eval_graphdef, _, _ = split_model(abstract_model)
+
+        def init():
+            _, params, rest = split_model(build())
+            window = jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32)
+            return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), rest, window)
+
+        abstract = jax.eval_shape(init)
+        shards = self.sizes["data"] * self.sizes["fsdp"] * self.sizes["expert"]
+        self.step_memory = step_memory(cfg, abstract, shards, self.sizes["tensor"])
+        if self.memory_check:  # before anything is allocated
+            check_fits(cfg, self.step_memory, self.devices)
+        self.state = jax.jit(init, out_shardings=shardings_of(abstract))()  # parameters born sharded
+        self.state_shardings = shardings_of(self.state)
+
+    def _fit_routers(self) -> None:
+        """Routers that learn from the training split's token counts (balanced_hash's table) do,
+        before training (a resumed run then restores the saved state, which is the same)."""
+        if not self.fits_routers:
+            return
+        v = self.cfg.model.vocab_size
+        counts = np.bincount(self.train_corpus.tokens, minlength=v)[:v]
+        model = nnx.merge(self.graphdef, self.state.params, self.state.model_state)
+        model.fit_routers(counts)
+        _, _, rest = split_model(model)
+        self.state.model_state = jax.device_put(rest, self.state_shardings.model_state)
+        self.log(f"routers fitted to the token counts of {len(self.train_corpus.tokens):,} training tokens")
+
+    def _check_checkpoint_config(self) -> None:
+        step = self.checkpoints.latest_step()
+        if step is not None:
+            try:
+                meta, _ = self.checkpoints.read_meta(step)
+            except Exception:  # noqa: BLE001 - an unreadable step is handled by _maybe_resume
+                return
+            check_compatible(self.meta, meta, self.checkpoints.directory / str(step))
+
+    def _maybe_resume(self):
+        """Continue from the latest checkpoint that restores; set unreadable ones aside, naming them."""
+        for step in reversed(self.checkpoints.all_steps()):
+            where = self.checkpoints.directory / str(step)
+            try:
+                meta, data_state = self.checkpoints.read_meta(step)
+                check_compatible(self.meta, meta, where)
+                state = self.checkpoints.restore(step, self.state, self.state_shardings)
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - truncated or missing files: fall back
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                moved = self.checkpoints.set_aside(step)
+                self.log(f"checkpoint {step} at {where} cannot be restored ({reason}); kept as {moved.name}, trying an older one")
+                continue
+            self.state = state
+            self.batches.set_state(data_state)
+            self.log(f"resumed from {where}")
+            return
+        if self.checkpoints.set_aside_steps():
+            raise CheckpointError(
+                f"{self.checkpoints.directory}: no checkpoint can be restored (set aside: "
+                f"{', '.join(self.checkpoints.set_aside_steps())}); move them away to start afresh"
+            )
+
+    def save_checkpoint(self, step: int, *, force: bool = False) -> None:
+        """Start an asynchronous save; the loop is blocked only for the device-to-host copy."""
+        start = time.perf_counter()
+        self.checkpoints.save(step, self.state, self.batches.get_state(), self.meta, force=force)
+        blocked_ms = 1e3 * (time.perf_counter() - start)
+        self.save_blocking_ms.append(blocked_ms)
+        self.log(f"checkpoint {step}: saving in the background (blocked {blocked_ms:.0f} ms)")
+
+    # ---------------------------------------------------------------- the jitted steps
+    def _compile(self):
+        cfg = self.cfg
+        self.batch_spec = logical_to_spec(("batch", "seq"), self.mesh)
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, self.batch_spec)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+        step = make_train_step(
+            self.graphdef, self.tx, self.schedule, cfg.train.grad_accum_steps, cfg.train.spike_sigma,
+            loss_for(cfg.model),
+        )
+        self.jit_step = jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            make_eval_step(self.eval_graphdef),
+            in_shardings=(self.state_shardings.params, self.state_shardings.model_state, self.batch_sharding),
+            out_shardings=replicated,
+        )
+
+    def stop_flags(self, requested: bool) -> jax.Array:
+        """The [B, 1] stop input of a step: this process's rows carry its own flag (made once each)."""
+        cache = self.__dict__.setdefault("_stop_flags", {})
+        if requested not in cache:
+            local = np.full((self.cfg.train.batch_size // self.nproc, 1), requested, np.int32)
+            cache[requested] = jax.make_array_from_process_local_data(
+                self.batch_sharding, local, (self.cfg.train.batch_size, 1)
+            )
+        return cache[requested]
+
+    def train_step(self, state, batch, stop=None):
+        """One jitted training step; ``stop`` defaults to nobody asking to stop."""
+        return self.jit_step(state, batch, self.stop_flags(False) if stop is None else stop)
+
+    def _check_process_rows(self) -> None:
+        """Each process reads the p-th contiguous block of rows: the mesh must place it there."""
+        b, s = self.cfg.train.batch_size, self.cfg.train.seq_len
+        starts, stops = set(), set()
+        for index in self.batch_sharding.addressable_devices_indices_map((b, s)).values():
+            starts.add(index[0].start or 0)
+            stops.add(b if index[0].stop is None else index[0].stop)
+        local = b // self.nproc
+        if (min(starts), max(stops)) != (self.proc * local, (self.proc + 1) * local):
+            raise ConfigError(
+                f"config.mesh: process {self.proc} holds batch rows {min(starts)}..{max(stops)}, not its own "
+                f"contiguous block {self.proc * local}..{(self.proc + 1) * local}; order the mesh so that each "
+                "process's devices are adjacent on the batch axes"
+            )
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assemble each process's rows into global arrays sharded over the batch axes."""
+        b = self.cfg.train.batch_size
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v, (b, *v.shape[1:]))
+            for k, v in local.items()
+        }

@@ -1,0 +1,1 @@
+"""Data: sources (files, folders, globs, jsonl), tokenizers and batches."""
