@@ -5,6 +5,9 @@ import os
 os.environ["JAX_PLATFORMS"] = os.environ.get("JAX_PLATFORMS", "cpu")
 _flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
 os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
+# Implicit rank promotion ([B, S] + [S] silently broadcasting) hides shape mistakes: make it an error,
+# here and in every moe-train/moe-eval subprocess a test starts.
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

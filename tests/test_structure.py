@@ -1,0 +1,102 @@
+"""The structure the code promises: imports run one way with no cycle, files and functions stay
+small, the model reads no environment, and a router is known by its own module only."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("moe", "sharding", "train")
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def _imports(path: pathlib.Path, modules: dict) -> set[str]:
+    """Project modules ``path`` imports at run time (at any level: lazy imports count too; those
+    under ``if TYPE_CHECKING`` do not run)."""
+    found = set()
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            node.body = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def test_no_import_cycle_and_imports_run_one_way():
+    modules = _modules()
+    graph = {m: _imports(p, modules) - {m} for m, p in modules.items()}
+    for module, deps in graph.items():
+        top = module.split(".")[0]
+        allowed = {"train": PACKAGES, "moe": ("moe", "sharding"), "sharding": ("sharding",)}[top]
+        assert all(d.split(".")[0] in allowed for d in deps), (module, deps)
+
+    # a package imports its own submodules; cycles are looked for between modules below that
+    def edges(m):
+        return {d for d in graph[m] if not m.startswith(d + ".") and not (d == m.rpartition(".")[0])}
+
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in edges(m):
+            if state.get(d) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m)
+
+
+def test_files_and_functions_stay_small():
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            lines = path.read_text().count("\n")
+            assert lines <= 400, f"{path.relative_to(ROOT)}: {lines} lines"
+    checked = [*(ROOT / "moe").rglob("*.py"), ROOT / "train/core/loop.py", ROOT / "train/core/step.py"]
+    for path in checked:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines"
+
+
+def test_the_model_reads_no_environment_files_or_backend():
+    for path in (ROOT / "moe").rglob("*.py"):
+        text = path.read_text()
+        for forbidden in ("os.environ", "default_backend", "open(", "sys.argv"):
+            assert forbidden not in text, f"{path.relative_to(ROOT)} uses {forbidden}"
+
+
+def test_no_router_is_named_outside_its_own_module_and_the_training_code_names_none():
+    from moe.routers import ROUTERS
+
+    quoted = {f'"{name}"' for name in ROUTERS} | {f"'{name}'" for name in ROUTERS}
+    users = [p for p in (ROOT / "moe").glob("*.py") if p.name != "config.py"]  # config: the default's name
+    for path in [*(ROOT / "train").rglob("*.py"), *users, *(ROOT / "moe/dispatch").rglob("*.py")]:
+        text = path.read_text()
+        named = [q for q in quoted if q in text]
+        assert not named, f"{path.relative_to(ROOT)} names routers {named}"
