@@ -61,14 +61,20 @@ def symmetric_kl(logits1_BSV, logits2_BSV, weights_BS):
 LossFn = Callable[[Transformer, dict], tuple[jax.Array, tuple[jax.Array, dict]]]
 
 
-def lm_loss(model: Transformer, batch: dict):
-    """Mean cross-entropy plus the router losses: (total, (cross-entropy, aux))."""
-    weights = batch.get("weights")
+def _forward(model: Transformer, batch: dict, weights=None):
+    """One forward pass: (logits, aux, mean cross-entropy, token weights)."""
+    if weights is None:
+        weights = batch.get("weights")
     if weights is None:
         weights = jnp.ones(batch["targets"].shape, jnp.float32)
     logits, aux = model(batch["inputs"])
     nll_sum, count = cross_entropy(logits, batch["targets"], weights)
-    ce = nll_sum / jnp.maximum(count, 1.0)
+    return logits, aux, nll_sum / jnp.maximum(count, 1.0), weights
+
+
+def lm_loss(model: Transformer, batch: dict):
+    """Mean cross-entropy plus the router losses: (total, (cross-entropy, aux))."""
+    _, aux, ce, _ = _forward(model, batch)
     return ce + aux["router_loss"], (ce, aux)
 
 
@@ -77,15 +83,9 @@ def consistency_loss(alpha: float) -> LossFn:
     of both cross-entropies plus ``alpha`` times the symmetric KL between their predictions."""
 
     def loss(model: Transformer, batch: dict):
-        weights = batch.get("weights")
-        if weights is None:
-            weights = jnp.ones(batch["targets"].shape, jnp.float32)
-        logits, aux = model(batch["inputs"])
-        nll_sum, count = cross_entropy(logits, batch["targets"], weights)
-        ce = nll_sum / jnp.maximum(count, 1.0)
-        logits2, aux2 = model(batch["inputs"])
-        nll_sum2, _ = cross_entropy(logits2, batch["targets"], weights)
-        ce = 0.5 * (ce + nll_sum2 / jnp.maximum(count, 1.0))
+        logits, aux, ce1, weights = _forward(model, batch)
+        logits2, aux2, ce2, _ = _forward(model, batch, weights)
+        ce = 0.5 * (ce1 + ce2)
         aux = jax.tree.map(lambda a, b: 0.5 * (a + b), aux, aux2)
         kl = symmetric_kl(logits, logits2, weights)
         aux["thor_consistency"] = kl
