@@ -14,7 +14,8 @@ def eval_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=prog, description="Score a checkpoint: loss, perplexity, bits per byte.")
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--data_path", default=None, help="score every file here instead of the validation split")
+    p.add_argument("--data_path", default=None,
+                   help="score every file here (every token of a prepared folder) instead of the validation split")
     p.add_argument("--max_batches", type=int, default=0, help="stop after this many batches (0 = all)")
     common_args(p)
     from sharding.distributed import add_arguments

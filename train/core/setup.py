@@ -29,8 +29,7 @@ from train.core.optimizer import make_optimizer
 from train.core.step import TrainState, loss_for, make_eval_step, make_train_step, shardings_of, split_model
 from train.core.workdir import RunFolder, write_text_atomic
 from train.data.batches import TrainBatches
-from train.data.sources import corpus_texts, data_fingerprint, load_corpus
-from train.data.tokenizers import build_tokenizer
+from train.data.prepared import open_run_data
 from train.errors import CheckpointError, ConfigError, WorkdirError
 
 
@@ -85,15 +84,16 @@ class TrainerSetup:
     def _build(self, cfg: Config, log) -> None:
         self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=cfg.train.steps, enabled=self.proc == 0)
         self.log = log or self.writer.log
-        self.tokenizer = build_tokenizer(cfg.data, self.workdir, lambda: corpus_texts(cfg.data, "train"))
+        # raw text read and tokenized here, or a prepared folder memory-mapped (its settings in force)
+        data = open_run_data(cfg.data, self.workdir, write=self.proc == 0, log=self.log)
+        self.tokenizer, self.train_corpus, self.val_corpus = data.tokenizer, data.train, data.validation
+        cfg.data = data.cfg
         self.cfg = cfg = with_vocab(cfg, self.tokenizer.vocab_size)
-        self.train_corpus = load_corpus(cfg.data, self.tokenizer, "train")
-        self.val_corpus = load_corpus(cfg.data, self.tokenizer, "validation")
         t = cfg.train
         self.batches = TrainBatches(self.train_corpus.tokens, t.seq_len, t.batch_size, t.seed, self.proc, self.nproc)
         self.mesh = make_mesh(devices=self.devices, **self.sizes)
         self.tx, self.schedule = make_optimizer(cfg.optimizer, t.steps)
-        self.meta = {"config": cfg.to_dict(), "data_fingerprint": data_fingerprint(cfg.data)}
+        self.meta = {"config": cfg.to_dict(), "data_fingerprint": data.fingerprint}
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
         self.save_blocking_ms: list[float] = []
         self._check_checkpoint_config()  # before any compile: an incompatible workdir is refused at once

@@ -8,6 +8,11 @@ record is the first of the next). Epoch e is a permutation of all R records draw
 and e (Grain's epoch-aware index shuffle). Global batch b is records [b*G, (b+1)*G) of that
 endless shuffled sequence; process p reads only rows [p*B, (p+1)*B) of it. The iterator state is
 the next batch index (plus what must match on resume), so resuming is exact and cheap.
+
+The tokens may be an in-memory array (made int32 once, as always) or a lazily indexed source: a
+``np.memmap`` or a ``TokenSource`` such as a prepared folder's shards. Those are never copied
+whole: each window is read (and made int32) when its row is asked for, so a process touches only
+the records of its own rows.
 """
 
 from __future__ import annotations
@@ -19,6 +24,38 @@ import numpy as np
 
 from train.data.sources import describe_path
 from train.errors import DataError
+
+
+class TokenSource:
+    """A 1-D token stream read lazily: ``len(src)`` tokens, ``src[a:b]`` an integer array [b-a].
+
+    Subclasses (``train.data.prepared.ShardedTokens``) read only the slices asked for;
+    ``np.asarray(src)`` reads everything.
+    """
+
+    ndim = 1
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole_N = self[0 : len(self)]
+        return whole_N if dtype is None else whole_N.astype(dtype, copy=False)
+
+
+def as_tokens(tokens) -> np.ndarray | TokenSource:
+    """In-memory tokens as one int32 array [N] (as always); a memory map or ``TokenSource`` as is."""
+    if isinstance(tokens, (np.memmap, TokenSource)):
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens: expected a 1-D memory map, got shape {tokens.shape}")
+        return tokens
+    tokens_N = np.asarray(tokens, dtype=np.int32)
+    if tokens_N.ndim != 1:
+        raise ValueError(f"tokens: expected a 1-D array, got shape {tokens_N.shape}")
+    return tokens_N
 
 def _check_batching(global_batch: int, seq_len: int, process_index: int, process_count: int) -> int:
     """The local batch size B = G / processes; bad arguments raise ``ValueError``."""
@@ -49,7 +86,7 @@ class TrainBatches:
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: np.ndarray | TokenSource,
         seq_len: int,
         global_batch: int,
         seed: int,
@@ -59,17 +96,16 @@ class TrainBatches:
         data_path: str | None = None,
     ) -> None:
         self.local_batch = _check_batching(global_batch, seq_len, process_index, process_count)
-        self._tokens_N = np.asarray(tokens, dtype=np.int32)
-        if self._tokens_N.ndim != 1:
-            raise ValueError(f"tokens: expected a 1-D array, got shape {self._tokens_N.shape}")
+        self._tokens_N = as_tokens(tokens)  # never copied whole unless it is an in-memory array
         self.seq_len = seq_len
         self.global_batch = global_batch
         self.process_index = process_index
         self.process_count = process_count
-        self.num_records = (self._tokens_N.size - 1) // seq_len
+        num_tokens = len(self._tokens_N)
+        self.num_records = (num_tokens - 1) // seq_len
         if self.num_records < 1:
             raise DataError(
-                f"{describe_path(data_path)}: {self._tokens_N.size} tokens, fewer than train.seq_len+1={seq_len + 1}"
+                f"{describe_path(data_path)}: {num_tokens} tokens, fewer than train.seq_len+1={seq_len + 1}"
             )
         self._next = 0
         self._use_seed(seed)
@@ -82,7 +118,7 @@ class TrainBatches:
 
     def _window(self, record: int) -> np.ndarray:
         start = record * self.seq_len
-        return self._tokens_N[start : start + self.seq_len + 1]  # [S+1]
+        return np.asarray(self._tokens_N[start : start + self.seq_len + 1], dtype=np.int32)  # [S+1], read now
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
         """Local batch ``index`` (random access; does not move the iterator)."""
@@ -118,7 +154,7 @@ class TrainBatches:
 
 
 def eval_batches(
-    tokens: np.ndarray,
+    tokens: np.ndarray | TokenSource,
     seq_len: int,
     global_batch: int,
     max_batches: int,
@@ -132,13 +168,17 @@ def eval_batches(
     Row r of the stream predicts tokens [r*S+1, r*S+S] (inputs are the S tokens before). With
     ``max_batches`` = 0 the whole stream is covered: the last window may be partial and the last
     global batch is filled with pad rows, their ``weights`` 0, so each predicted token is scored
-    exactly once. Each dict: inputs, targets int32 [B,S]; weights float32 [B,S].
+    exactly once. Each dict: inputs, targets int32 [B,S]; weights float32 [B,S]. A memory map or
+    ``TokenSource`` is read one row at a time.
     """
     local = _check_batching(global_batch, seq_len, process_index, process_count)
-    tokens_N = np.asarray(tokens, dtype=np.int32).reshape(-1)
-    num_targets = tokens_N.size - 1
+    if isinstance(tokens, (np.memmap, TokenSource)):
+        tokens_N = as_tokens(tokens)
+    else:
+        tokens_N = np.asarray(tokens, dtype=np.int32).reshape(-1)
+    num_targets = len(tokens_N) - 1
     if num_targets < 1:
-        raise DataError(f"{describe_path(data_path)}: the validation split has {tokens_N.size} tokens, need at least 2")
+        raise DataError(f"{describe_path(data_path)}: the validation split has {len(tokens_N)} tokens, need at least 2")
     num_rows = -(-num_targets // seq_len)
     num_batches = -(-num_rows // global_batch)
     if max_batches > 0:
@@ -153,8 +193,9 @@ def eval_batches(
             n = min(seq_len, num_targets - start)
             if n <= 0:
                 continue  # a pad row
-            inputs_BS[j, :n] = tokens_N[start : start + n]
-            targets_BS[j, :n] = tokens_N[start + 1 : start + n + 1]
+            row_N = np.asarray(tokens_N[start : start + n + 1], dtype=np.int32)  # [n+1], one read
+            inputs_BS[j, :n] = row_N[:n]
+            targets_BS[j, :n] = row_N[1 : n + 1]
             weights_BS[j, :n] = 1.0
         out.append({"inputs": inputs_BS, "targets": targets_BS, "weights": weights_BS})
     return out

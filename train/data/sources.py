@@ -228,6 +228,12 @@ def _split_sources(cfg: DataConfig, split: str) -> tuple[list[pathlib.Path], Ite
     return chosen, _capped(documents(), budget)
 
 
+def split_sources(cfg: DataConfig, split: str) -> tuple[list[pathlib.Path], Iterator[str]]:
+    """The files of ``split`` and (lazily) its capped documents in file order: exactly what
+    ``load_corpus`` tokenizes (``moe-data prepare`` reads its splits through this too)."""
+    return _split_sources(cfg, split)
+
+
 def corpus_texts(cfg: DataConfig, split: str = "train") -> Iterator[str]:
     """The documents of ``split`` (e.g. to train a BPE), capped like ``load_corpus``."""
     return _split_sources(cfg, split)[1]
@@ -235,7 +241,7 @@ def corpus_texts(cfg: DataConfig, split: str = "train") -> Iterator[str]:
 
 @dataclasses.dataclass
 class Corpus:
-    tokens: np.ndarray  # int32 [N]
+    tokens: np.ndarray  # int32 [N]; a prepared folder's: a lazily read batches.TokenSource
     num_bytes: int  # UTF-8 bytes of the text the tokens came from (for bits per byte)
     files: list[str]
 
@@ -250,16 +256,21 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, split: str, chunk: int = 
         for ids in tokenizer.encode_batch(docs[start : start + chunk]):
             pieces += [ids.astype(np.int32, copy=False), eos]
     if not pieces:
-        where = describe_path(cfg.path)
-        if split == "validation" and len(list_files(cfg.path)) > 1:  # split by files: these were held out
-            shown = ", ".join(_printable(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-            raise DataError(
-                f"{where}: the validation split has no text: its held-out file(s) {shown} hold no documents; "
-                f"raise data.validation_fraction (now {cfg.validation_fraction}) to hold out more files"
-            )
-        raise DataError(f"{where}: the {split} split has no text")
+        raise empty_split_error(cfg, split, files)
     num_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
     return Corpus(tokens=np.concatenate(pieces), num_bytes=num_bytes, files=[str(f) for f in files])
+
+
+def empty_split_error(cfg: DataConfig, split: str, files: Sequence[pathlib.Path], where: str = "") -> DataError:
+    """The error for a split without text (``where`` names the flag; default ``data.path=...``)."""
+    where = where or describe_path(cfg.path)
+    if split == "validation" and len(list_files(cfg.path)) > 1:  # split by files: these were held out
+        shown = ", ".join(_printable(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        return DataError(
+            f"{where}: the validation split has no text: its held-out file(s) {shown} hold no documents; "
+            f"raise data.validation_fraction (now {cfg.validation_fraction}) to hold out more files"
+        )
+    return DataError(f"{where}: the {split} split has no text")
 
 
 def _printable(path) -> str:
@@ -280,12 +291,17 @@ def _file_digest(path: pathlib.Path) -> str:
     return f"{size}:{hashlib.sha256(head + b'|' + tail).hexdigest()[:16]}"
 
 
-def data_fingerprint(cfg: DataConfig) -> str:
-    """Short stable hash of the files (relative paths, sizes, both ends' contents) and the data settings."""
-    files = list_files(cfg.path)
+def file_digests(path: str, where: str = "") -> list[list[str]]:
+    """[relative path, size:hash of both ends] of every file ``path`` names (cheap on a large corpus)."""
+    files = list_files(path)
     try:
         digests = [_file_digest(f) for f in files]
     except OSError as e:
-        raise DataError(f"{describe_path(cfg.path)}: cannot read {e.filename} ({e.strerror or e})") from e
+        raise DataError(f"{where or describe_path(path)}: cannot read {e.filename} ({e.strerror or e})") from e
+    return [[n, d] for n, d in zip(_relative_names(files), digests, strict=True)]
+
+
+def data_fingerprint(cfg: DataConfig) -> str:
+    """Short stable hash of the files (relative paths, sizes, both ends' contents) and the data settings."""
     settings = dataclasses.asdict(cfg)  # path, max_bytes, validation_fraction, tokenizer, ...
-    return fingerprint({**settings, "files": [[n, d] for n, d in zip(_relative_names(files), digests, strict=True)]})
+    return fingerprint({**settings, "files": file_digests(cfg.path)})

@@ -5,8 +5,10 @@ Shape letters: N tokens of one text.
 Two kinds share one small interface (``Tokenizer``):
   * ``byte`` (default)  ids 0..255 are the UTF-8 bytes of the text; pad=256, bos=257, eos=258.
                         No file, no training, every string round-trips.
-  * ``bpe``             a Hugging Face ``tokenizers`` byte-level BPE, loaded from a
-                        ``tokenizer.json`` or trained deterministically on the training split.
+  * ``bpe``             a subword tokenizer from a file: a Hugging Face ``tokenizer.json`` (a
+                        byte-level BPE trained deterministically on the training split, or any
+                        pretrained one), or a SentencePiece ``.model`` (needs the optional
+                        ``sentencepiece`` package); ``load_tokenizer_file`` picks by the suffix.
 
 ``encode`` never adds special tokens (the data pipeline appends ``eos_id`` after each document);
 ``decode`` skips special and out-of-range ids and replaces invalid UTF-8, so it never raises on
@@ -18,11 +20,14 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from train.core.config import DataConfig
 from train.errors import DataError
+
+if TYPE_CHECKING:  # not imported at run time: worker processes import this module, and only this
+    from train.core.config import DataConfig
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # BPE ids 0, 1, 2 when trained here
 
@@ -113,19 +118,83 @@ class BPETokenizer(Tokenizer):
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> BPETokenizer:
-        """Load a ``tokenizer.json``; a missing or unreadable file raises ``DataError``."""
+    def load(cls, path: str | os.PathLike, flag: str = "data.tokenizer_path") -> BPETokenizer:
+        """Load a ``tokenizer.json``; a missing or unreadable file raises ``DataError`` naming ``flag``."""
         from tokenizers import Tokenizer as HFTokenizer
 
         path = pathlib.Path(path)
         if not path.is_file():
-            raise DataError(f"data.tokenizer_path={path}: no such file")
+            raise DataError(f"{flag}={path}: no such file")
         try:
             tokenizer = HFTokenizer.from_file(str(path))
         except Exception as e:  # corrupt JSON, unknown model type, unreadable file
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"data.tokenizer_path={path}: not a valid tokenizer.json ({why})") from e
+            raise DataError(f"{flag}={path}: not a valid tokenizer.json ({_first_line(e)})") from e
         return cls(tokenizer)
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        """The tokenizer ``to_json`` wrote (e.g. sent to a worker process)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(text))
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (``.model``), through the optional ``sentencepiece`` package.
+
+    Its own bos/eos ids are used; a model without an eos id is refused (documents need one),
+    a missing pad or bos id falls back to eos.
+    """
+
+    name = "sentencepiece"
+
+    def __init__(self, model_proto: bytes, where: str = "data.tokenizer_path") -> None:
+        try:
+            import sentencepiece
+        except ImportError:
+            raise DataError(f"{where}: a SentencePiece model needs the sentencepiece package "
+                            "(pip install sentencepiece), or give a tokenizer.json") from None
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        except Exception as e:  # not a serialized ModelProto
+            raise DataError(f"{where}: not a valid SentencePiece model ({_first_line(e)})") from e
+        self.model_proto = bytes(model_proto)
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.eos_id = int(self._sp.eos_id())
+        if self.eos_id < 0:
+            raise DataError(f"{where}: the SentencePiece model has no end-of-sequence id (train it with eos_id >= 0)")
+        self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else self.eos_id
+        self.pad_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else self.eos_id
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text, out_type=int), dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(list(texts), out_type=int)]
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        valid = [i for i in _as_int_list(ids) if 0 <= i < self.vocab_size]
+        return self._sp.decode(valid)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, flag: str = "data.tokenizer_path") -> SentencePieceTokenizer:
+        path = pathlib.Path(path)
+        try:
+            proto = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"{flag}={path}: cannot read ({e.strerror or e})") from e
+        return cls(proto, where=f"{flag}={path}")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_tokenizer_file(path: str | os.PathLike, flag: str = "data.tokenizer_path") -> Tokenizer:
+    """A pretrained tokenizer from a local file: SentencePiece for ``*.model``, else a ``tokenizer.json``."""
+    if pathlib.Path(path).suffix.lower() == ".model":
+        return SentencePieceTokenizer.load(path, flag)
+    return BPETokenizer.load(path, flag)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -160,18 +229,21 @@ def build_tokenizer(
     """The tokenizer a run uses.
 
     ``byte``: ``ByteTokenizer``. ``bpe``: ``cfg.tokenizer_path`` if set; else
-    ``workdir/tokenizer.json`` if it exists (a rerun reuses it); else train on ``train_texts()``
-    with ``cfg.bpe_vocab_size`` and save it to ``workdir/tokenizer.json`` (when ``workdir`` is given).
+    ``workdir/tokenizer.json`` (or ``workdir/tokenizer.model``, a SentencePiece model a prepared
+    folder brought) if it exists (a rerun reuses it); else train on ``train_texts()`` with
+    ``cfg.bpe_vocab_size`` and save it to ``workdir/tokenizer.json`` (when ``workdir`` is given).
     """
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer != "bpe":
         raise ValueError(f"data.tokenizer={cfg.tokenizer!r}: choose byte or bpe")
     if cfg.tokenizer_path:
-        return BPETokenizer.load(cfg.tokenizer_path)
+        return load_tokenizer_file(cfg.tokenizer_path)
     saved = pathlib.Path(workdir) / "tokenizer.json" if workdir is not None else None
     if saved is not None and saved.exists():
         return BPETokenizer.load(saved)
+    if saved is not None and saved.with_suffix(".model").exists():
+        return SentencePieceTokenizer.load(saved.with_suffix(".model"))
     tokenizer = train_bpe(train_texts(), cfg.bpe_vocab_size)
     if saved is not None:
         tokenizer.save(saved)

@@ -22,10 +22,9 @@ from train.core.checkpoint import Checkpoints
 from train.core.config import Config, for_backend, from_dict
 from train.errors import ConfigError
 from train.data.batches import eval_batches
-from train.data.sources import load_corpus
+from train.data.prepared import open_eval_data
 from train.errors import DataError
 from train.core.step import make_eval_step, score, shardings_of, split_model
-from train.data.tokenizers import build_tokenizer
 
 
 def inference_mesh_sizes(cfg: Config, num_devices: int) -> dict[str, int]:
@@ -89,8 +88,7 @@ def evaluate_run(run: LoadedRun, *, data_path: str | None = None, max_batches: i
     """Score the validation split (or every file of ``data_path``) with the restored parameters."""
     cfg = run.cfg
     data_cfg = cfg.data if data_path is None else dataclasses.replace(cfg.data, path=data_path, max_bytes=0)
-    tokenizer = build_tokenizer(cfg.data, run.workdir, lambda: iter(()))
-    corpus = load_corpus(data_cfg, tokenizer, "validation" if data_path is None else "all")
+    _, corpus = open_eval_data(cfg.data, run.workdir, data_path)  # raw text, or a prepared folder memory-mapped
     shards = run.mesh.size
     batch = shards * -(-cfg.train.batch_size // shards)
     batches = eval_batches(
