@@ -14,9 +14,12 @@ RSS too), then runs ``--repeats`` times each
 once with CORPUS the ``.jsonl`` folder (today's behaviour: the baseline) and once with the prepared
 folder, in a fresh workdir each time. Measured per run: the seconds until the first step's log line
 (time to first step: start-up, data, compile and one step), the wall seconds to exit, and the peak
-resident memory (``/usr/bin/time -v`` when present, else ``getrusage(RUSAGE_CHILDREN)``). Prints a
-table of medians and, for the prepared rows, the ratio of the largest size to the smallest.
-The machine's other load shows in the times: compare the columns, not the decimals.
+resident memory (``/usr/bin/time -v`` when present, else ``getrusage(RUSAGE_CHILDREN)``). Also, in
+a process of its own, the data part alone (what ``moe-train`` does before building the model:
+``open_run_data``, ``TrainBatches`` and its first batch, the first validation batch): its seconds
+and the process's peak RSS. Prints a table of medians and, for the prepared rows, the ratio of the
+largest size to the smallest. The machine's other load shows in the times of the whole runs
+(compiling dominates them): compare the columns, not the decimals.
 """
 
 from __future__ import annotations
@@ -37,6 +40,19 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIME = "/usr/bin/time"
 DATA_MAIN = "import sys; from train.cli import data_main; sys.exit(data_main(sys.argv[1:]))"
+DATA_ONLY = """
+import json, pathlib, resource, sys, tempfile, time
+from train.core.config import DataConfig
+from train.data.batches import TrainBatches, eval_batches
+from train.data.prepared import open_run_data
+start = time.perf_counter()
+with tempfile.TemporaryDirectory() as work:  # as configs/default.py: batch 16 x 128, byte tokenizer
+    data = open_run_data(DataConfig(path=sys.argv[1], max_bytes=0), pathlib.Path(work), log=lambda m: None)
+    TrainBatches(data.train.tokens, 128, 16, 0).batch(0)
+    eval_batches(data.validation.tokens, 128, 16, 8)[0]
+seconds = time.perf_counter() - start
+print(json.dumps({"data_s": seconds, "data_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))
+"""
 
 
 def stdlib_documents() -> list[str]:
@@ -132,15 +148,18 @@ def main(argv=None) -> int:
         runs: dict[str, list[dict]] = {"jsonl": [], "prepared": []}
         for r in range(args.repeats):
             for mode, path in (("jsonl", corpus), ("prepared", prepared)):
+                only = json.loads(subprocess.run([sys.executable, "-c", DATA_ONLY, str(path)], cwd=ROOT, env=env,
+                                                 capture_output=True, text=True, check=True).stdout)
                 work = tmp / "work"
                 shutil.rmtree(work, ignore_errors=True)
                 cmd = [sys.executable, "-m", "train", f"--config={ROOT / 'configs/default.py'}", f"--workdir={work}",
                        "--config.train.steps=2", "--config.data.max_bytes=0", "--config.checkpoint.every_steps=0",
                        "--config.log_every_steps=1", f"--config.data.path={path}", *extra]
-                runs[mode].append(measured(cmd, env, first_line="step 1/"))
+                runs[mode].append({**only, **measured(cmd, env, first_line="step 1/")})
                 m = runs[mode][-1]
-                print(f"  {size} MB {mode:8s} run {r + 1}: first step {m['first_step_s']:.1f} s, exit {m['wall_s']:.1f} s, "
-                      f"peak RSS {m['peak_rss_gb']:.2f} GB", flush=True)
+                print(f"  {size} MB {mode:8s} run {r + 1}: data alone {m['data_s']:.2f} s / {m['data_rss_gb']:.2f} GB; "
+                      f"first step {m['first_step_s']:.1f} s, exit {m['wall_s']:.1f} s, peak RSS {m['peak_rss_gb']:.2f} GB",
+                      flush=True)
         for mode, ms in runs.items():
             rows.append({"size_mb": size, "mode": mode, **{k: statistics.median(m[k] for m in ms) for k in ms[0]},
                          **({"prepare_s": prep["wall_s"], "prepare_rss_gb": prep["peak_rss_gb"]} if mode == "prepared" else {})})
@@ -153,18 +172,21 @@ def main(argv=None) -> int:
 
 def print_table(rows: list[dict], repeats: int) -> None:
     print(f"\nmedians of {repeats} run(s); configs/default.py, 2 steps, 8 emulated CPU devices")
-    print("| text | data.path | time to first step | wall to exit | peak RSS | one-off moe-data prepare |")
-    print("|---|---|---|---|---|---|")
+    print("| text | data.path | moe-train: time to first step | wall to exit | peak RSS "
+          "| the data part alone: time / peak RSS | one-off moe-data prepare: time / peak RSS |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         prep = f"{r['prepare_s']:.1f} s / {r['prepare_rss_gb']:.2f} GB" if "prepare_s" in r else "-"
         print(f"| {r['size_mb']} MB | {r['mode']} | {r['first_step_s']:.1f} s | {r['wall_s']:.1f} s | "
-              f"{r['peak_rss_gb']:.2f} GB | {prep} |")
-    prepared = [r for r in rows if r["mode"] == "prepared"]
-    if len(prepared) > 1:
-        small, large = prepared[0], prepared[-1]
-        print(f"\nprepared, {large['size_mb']} MB / {small['size_mb']} MB: time to first step "
-              f"{large['first_step_s'] / small['first_step_s']:.2f}x, peak RSS {large['peak_rss_gb'] / small['peak_rss_gb']:.2f}x "
-              "(target: within 1.2x)")
+              f"{r['peak_rss_gb']:.2f} GB | {r['data_s']:.2f} s / {r['data_rss_gb']:.2f} GB | {prep} |")
+    for mode in ("jsonl", "prepared"):
+        same = [r for r in rows if r["mode"] == mode]
+        if len(same) > 1:
+            small, large = same[0], same[-1]
+            print(f"{mode}, {large['size_mb']} MB / {small['size_mb']} MB: time to first step "
+                  f"{large['first_step_s'] / small['first_step_s']:.2f}x, peak RSS "
+                  f"{large['peak_rss_gb'] / small['peak_rss_gb']:.2f}x, data part {large['data_s'] / small['data_s']:.2f}x "
+                  f"/ {large['data_rss_gb'] / small['data_rss_gb']:.2f}x (target for prepared: within 1.2x)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from conftest import tiny_train_args
 from train.cli import data_main, eval_main, generate_main, train_main
 from train.core.checkpoint import Checkpoints
 from train.core.config import DataConfig
-from train.data.batches import TrainBatches, eval_batches
+from train.data.batches import TokenSource, TrainBatches, eval_batches, token_counts
 from train.data.prepare import PrepareOptions, prepare
 from train.data.prepared import ShardedTokens, open_prepared, open_run_data
 from train.data.sources import corpus_texts, load_corpus
@@ -74,12 +74,14 @@ def byte_folder(corpus):
 
 
 # ---------------------------------------------------------------- the same tokens as the raw path
-@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
-@pytest.mark.parametrize("single_file", [False, True], ids=["folder", "one file"])
-def test_prepared_tokens_equal_what_load_corpus_gives(tmp_path, corpus, tokenizer, single_file):
+@pytest.mark.parametrize("tokenizer, single_file, max_bytes", [
+    ("byte", False, 0), ("bpe", False, 0), ("byte", True, 0), ("bpe", True, 0), ("byte", False, 9000), ("byte", True, 3001)])
+def test_prepared_tokens_equal_what_load_corpus_gives(tmp_path, corpus, tokenizer, single_file, max_bytes):
     src = corpus.parent / "one.jsonl" if single_file else corpus  # one file: split by position, else by files
-    index = prepare(opts(src, tmp_path / "out", tokenizer=tokenizer, bpe_vocab_size=300, shard_tokens=301), log=quiet)
-    cfg = DataConfig(path=str(src), tokenizer=tokenizer, bpe_vocab_size=300, validation_fraction=0.25)
+    index = prepare(opts(src, tmp_path / "out", tokenizer=tokenizer, bpe_vocab_size=300, shard_tokens=301,
+                         max_bytes=max_bytes), log=quiet)
+    cfg = DataConfig(path=str(src), tokenizer=tokenizer, bpe_vocab_size=300, validation_fraction=0.25,
+                     max_bytes=max_bytes)
     raw_tokenizer = build_tokenizer(cfg, None, lambda: corpus_texts(cfg, "train"))  # as moe-train on raw text
     prepared = open_prepared(tmp_path / "out")
     assert prepared.tokenizer().vocab_size == raw_tokenizer.vocab_size
@@ -108,6 +110,7 @@ def test_sharded_tokens_slice_across_shard_boundaries(byte_folder):
     assert tokens[996] == whole[996] and tokens[-1] == whole[-1]
     with pytest.raises(IndexError):
         tokens[len(tokens)]
+    assert np.array_equal(token_counts(tokens, 259, block=500), np.bincount(whole, minlength=259))
 
 
 def test_train_and_eval_batches_over_the_shards_equal_the_in_memory_ones(byte_folder):
@@ -136,6 +139,38 @@ def test_train_and_eval_batches_over_the_shards_equal_the_in_memory_ones(byte_fo
     for p in (0, 1):
         for a, b in zip(eval_batches(np.asarray(val), s, g, 0, p, 2), eval_batches(val, s, g, 0, p, 2), strict=True):
             assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+class Recording(TokenSource):
+    """A token source that notes every slice read from it."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, []
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        self.reads.append((index.start, index.stop))
+        return self.inner[index]
+
+
+def test_each_process_reads_only_the_windows_of_its_own_rows(byte_folder):
+    s, g = 16, 8
+    prepared = open_prepared(byte_folder)
+    train = Recording(prepared.corpus("train").tokens)
+    batches = TrainBatches(train, s, g, seed=3, process_index=1, process_count=2)
+    assert train.reads == []  # nothing read to set up
+    batch = batches.batch(5)
+    whole = TrainBatches(np.asarray(train.inner), s, g, seed=3).batch(5)
+    assert len(train.reads) == 4 and all(b - a == s + 1 and a % s == 0 for a, b in train.reads)
+    assert np.array_equal(batch["inputs"], whole["inputs"][4:])  # its 4 rows, from one window read for each
+    val = Recording(prepared.corpus("validation").tokens)
+    scored = eval_batches(val, s, g, 0, process_index=1, process_count=2)
+    assert val.reads == [] and len(scored) > 2  # batches are built when asked for
+    third = scored[2]
+    assert len(val.reads) == 4 and [a for a, _ in val.reads] == [(2 * g + 4 + j) * s for j in range(4)]
+    assert np.array_equal(third["inputs"], eval_batches(np.asarray(val.inner), s, g, 0, 1, 2)[2]["inputs"])
 
 
 # ---------------------------------------------------------------- resuming an interrupted preparation

@@ -17,7 +17,9 @@ the records of its own rows.
 
 from __future__ import annotations
 
+import collections.abc
 import hashlib
+import operator
 
 import grain
 import numpy as np
@@ -56,6 +58,16 @@ def as_tokens(tokens) -> np.ndarray | TokenSource:
     if tokens_N.ndim != 1:
         raise ValueError(f"tokens: expected a 1-D array, got shape {tokens_N.shape}")
     return tokens_N
+
+def token_counts(tokens: np.ndarray | TokenSource, vocab_size: int, block: int = 1 << 24) -> np.ndarray:
+    """int64 [V] occurrences of each id; a memory map or ``TokenSource`` is read ``block`` tokens at a
+    time (flat memory: no int copy of the whole stream, as ``np.bincount(tokens)`` would make)."""
+    counts_V = np.zeros((vocab_size,), dtype=np.int64)
+    for start in range(0, len(tokens), block):
+        part_N = np.asarray(tokens[start : start + block])
+        counts_V += np.bincount(part_N, minlength=vocab_size)[:vocab_size]
+    return counts_V
+
 
 def _check_batching(global_batch: int, seq_len: int, process_index: int, process_count: int) -> int:
     """The local batch size B = G / processes; bad arguments raise ``ValueError``."""
@@ -162,14 +174,15 @@ def eval_batches(
     process_count: int = 1,
     *,
     data_path: str | None = None,
-) -> list[dict[str, np.ndarray]]:
+) -> EvalBatches:
     """Validation batches: consecutive windows from the start, no shuffle.
 
     Row r of the stream predicts tokens [r*S+1, r*S+S] (inputs are the S tokens before). With
     ``max_batches`` = 0 the whole stream is covered: the last window may be partial and the last
     global batch is filled with pad rows, their ``weights`` 0, so each predicted token is scored
-    exactly once. Each dict: inputs, targets int32 [B,S]; weights float32 [B,S]. A memory map or
-    ``TokenSource`` is read one row at a time.
+    exactly once. Each dict: inputs, targets int32 [B,S]; weights float32 [B,S]. A sequence whose
+    batches are built when asked for (a memory map or ``TokenSource`` is read one row at a time), so
+    scoring a large split holds one batch at a time.
     """
     local = _check_batching(global_batch, seq_len, process_index, process_count)
     if isinstance(tokens, (np.memmap, TokenSource)):
@@ -183,19 +196,36 @@ def eval_batches(
     num_batches = -(-num_rows // global_batch)
     if max_batches > 0:
         num_batches = min(num_batches, max_batches)
-    out = []
-    for b in range(num_batches):
-        inputs_BS = np.zeros((local, seq_len), dtype=np.int32)
-        targets_BS = np.zeros((local, seq_len), dtype=np.int32)
-        weights_BS = np.zeros((local, seq_len), dtype=np.float32)
+    return EvalBatches(tokens_N, seq_len, global_batch, local, process_index, num_batches)
+
+
+class EvalBatches(collections.abc.Sequence):
+    """``eval_batches``'s batches, each built from the tokens when indexed (or iterated over)."""
+
+    def __init__(self, tokens_N, seq_len: int, global_batch: int, local: int, process_index: int, num_batches: int):
+        self._tokens_N, self._seq_len, self._global, self._local = tokens_N, seq_len, global_batch, local
+        self._process_index, self._num_batches = process_index, num_batches
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        b = operator.index(index) + (len(self) if index < 0 else 0)
+        if not 0 <= b < len(self):
+            raise IndexError(f"batch {index}: out of range for {len(self)} batches")
+        s, local, num_targets = self._seq_len, self._local, len(self._tokens_N) - 1
+        inputs_BS = np.zeros((local, s), dtype=np.int32)
+        targets_BS = np.zeros((local, s), dtype=np.int32)
+        weights_BS = np.zeros((local, s), dtype=np.float32)
         for j in range(local):
-            start = (b * global_batch + process_index * local + j) * seq_len
-            n = min(seq_len, num_targets - start)
+            start = (b * self._global + self._process_index * local + j) * s
+            n = min(s, num_targets - start)
             if n <= 0:
                 continue  # a pad row
-            row_N = np.asarray(tokens_N[start : start + n + 1], dtype=np.int32)  # [n+1], one read
+            row_N = np.asarray(self._tokens_N[start : start + n + 1], dtype=np.int32)  # [n+1], one read
             inputs_BS[j, :n] = row_N[:n]
             targets_BS[j, :n] = row_N[1 : n + 1]
             weights_BS[j, :n] = 1.0
-        out.append({"inputs": inputs_BS, "targets": targets_BS, "weights": weights_BS})
-    return out
+        return {"inputs": inputs_BS, "targets": targets_BS, "weights": weights_BS}

@@ -99,6 +99,9 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = _stderr, bar: boo
             if created:  # nothing half-written: a failed first attempt leaves no folder
                 shutil.rmtree(partial, ignore_errors=True)
             raise
+        except OSError as e:  # a full disk, say: what is finished stays, for the rerun to resume
+            raise DataError(f"--output={opts.output}: cannot write {e.filename or partial} ({e.strerror or e}); "
+                            "fix that and rerun the same command to resume") from e
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ file holds one JSON object per line whose string "text" field is one document; a
 is one document of UTF-8 text. Files are split into train / validation by a stable hash of
 their relative path; a single file is split by position in its text instead. A split's token
 stream is its documents in file order, each followed by ``eos``; ``data.max_bytes`` caps the text
-read (shared between the splits by ``validation_fraction``).
+read (shared between the splits by ``validation_fraction``). A folder that ``moe-data prepare``
+wrote (an ``index.json`` and token shards) is not read here: ``train.data.prepared`` maps it.
 """
 
 from __future__ import annotations
