@@ -157,7 +157,7 @@ def main(argv=None) -> int:
                        "--config.log_every_steps=1", f"--config.data.path={path}", *extra]
                 runs[mode].append({**only, **measured(cmd, env, first_line="step 1/")})
                 m = runs[mode][-1]
-                print(f"  {size} MB {mode:8s} run {r + 1}: data alone {m['data_s']:.2f} s / {m['data_rss_gb']:.2f} GB; "
+                print(f"  {size} MB {mode:8s} run {r + 1}: data alone {m['data_s'] * 1e3:.0f} ms / {m['data_rss_gb']:.2f} GB; "
                       f"first step {m['first_step_s']:.1f} s, exit {m['wall_s']:.1f} s, peak RSS {m['peak_rss_gb']:.2f} GB",
                       flush=True)
         for mode, ms in runs.items():
@@ -178,7 +178,7 @@ def print_table(rows: list[dict], repeats: int) -> None:
     for r in rows:
         prep = f"{r['prepare_s']:.1f} s / {r['prepare_rss_gb']:.2f} GB" if "prepare_s" in r else "-"
         print(f"| {r['size_mb']} MB | {r['mode']} | {r['first_step_s']:.1f} s | {r['wall_s']:.1f} s | "
-              f"{r['peak_rss_gb']:.2f} GB | {r['data_s']:.2f} s / {r['data_rss_gb']:.2f} GB | {prep} |")
+              f"{r['peak_rss_gb']:.2f} GB | {r['data_s'] * 1e3:.0f} ms / {r['data_rss_gb']:.2f} GB | {prep} |")
     for mode in ("jsonl", "prepared"):
         same = [r for r in rows if r["mode"] == mode]
         if len(same) > 1:
