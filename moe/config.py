@@ -22,6 +22,19 @@ DISPATCHES = ("capacity", "dropless")
 # never depend on later tokens (causal). "choice": GShard's order, every first choice before
 # any second choice; a later token's first choice can evict an earlier token's second (non-causal).
 CAPACITY_PRIORITIES = ("token", "choice")
+# model.scan_layers: "on" runs the repeating block pattern as one jax.lax.scan over stacked
+# parameters (compile time and compile memory independent of depth); "auto" does so from
+# SCAN_MIN_LAYERS blocks on (shallower models compile in seconds either way, and keep the unrolled
+# layout they always had); "off" unrolls every block.
+SCAN_MODES = ("auto", "on", "off")
+SCAN_MIN_LAYERS = 8
+# model.remat: what each block keeps for the backward pass (the rest is recomputed there):
+#   none            everything (no rematerialisation)
+#   full            only the block's input
+#   save_dots       the outputs of every matmul (attention projections and scores, FFN and experts)
+#   save_exchange   the MoE layer's all_to_all results, so the backward pass repeats no exchange
+#   save_dots_exchange  both of the above
+REMAT_POLICIES = ("none", "full", "save_dots", "save_exchange", "save_dots_exchange")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +196,10 @@ class TransformerConfig(StrictFields):
     rope_theta: float = 10_000.0
     dtype: str = "float32"  # activations; the router is always float32
     param_dtype: str = "float32"
+    # scan the repeating block pattern (one dense-or-MoE period of moe_every blocks) over stacked
+    # parameters: "auto" (from 8 layers on), "on", "off"; see SCAN_MODES
+    scan_layers: str = "auto"
+    remat: str = "none"  # what a block keeps for its backward pass; see REMAT_POLICIES
 
     def ffn(self, expert: bool = False) -> FFNConfig:
         """The shape of the dense FFN blocks, or (``expert``) of each expert."""
@@ -195,6 +212,22 @@ class TransformerConfig(StrictFields):
     @property
     def num_moe_layers(self) -> int:
         return sum(1 for i in range(self.num_layers) if self.is_moe_block(i))
+
+    @property
+    def period(self) -> int:
+        """Blocks in one repeat of the pattern: ``moe_every`` (the last of them MoE), 1 when dense."""
+        return self.moe_every or 1
+
+    @property
+    def scan_repeats(self) -> int:
+        """How many times the block pattern is scanned (0 = every block unrolled). Blocks left
+        after the last whole repeat (``num_layers % period``) run unrolled after the scan."""
+        repeats = self.num_layers // self.period
+        if self.scan_layers == "off" or repeats < 2:
+            return 0
+        if self.scan_layers == "auto" and self.num_layers < SCAN_MIN_LAYERS:
+            return 0
+        return repeats
 
     def non_causal_reason(self) -> tuple[str, str] | None:
         """``(field, why)`` when an MoE block's output for a token may depend on later tokens, else None."""

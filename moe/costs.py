@@ -19,11 +19,11 @@ def param_counts(cfg: TransformerConfig) -> dict[str, int]:
 
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     total = expert = 0
-    for path, leaf in jax.tree.leaves_with_path(nnx.state(abstract, nnx.Param)):
-        n = math.prod(leaf.shape)
+    params = nnx.state(abstract, nnx.Param)
+    for var in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        n = math.prod(var.shape)
         total += n
-        keys = [getattr(p, "key", None) for p in path]
-        if "ffn" in keys and leaf.ndim == 3:  # expert weights [E, ., .]
+        if "experts" in var.get_metadata().get("logical_axes", ()):  # expert weights [(R,) E, ., .]
             expert += n
     e, k = cfg.moe.num_experts, cfg.moe.experts_per_token
     active = total - (expert * (e - k) // e if expert else 0)

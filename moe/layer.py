@@ -74,13 +74,14 @@ class MoEFeedForward(nnx.Module):
 
     # ------------------------------------------------------------------ the stages
     def route(self, x_BSD, token_ids_BS=None, key=None, positions_BS=None, prev_token_ids_BS=None,
-              group_tokens: int | None = None) -> Routing:
+              group_tokens: int | None = None, layer=None) -> Routing:
         """Routing decisions for a batch (global arrays; layout-invariant).
 
         ``positions_BS`` (default 0..S-1 per row) only matter to the random routers;
         ``prev_token_ids_BS`` (default: ``token_ids`` shifted right, as for rows that start a
         sequence) only to ``bigram_hash``; ``group_tokens`` (default: the capacity group of
-        this batch on the current mesh) only to ``expert_choice``.
+        this batch on the current mesh) only to ``expert_choice``; ``layer`` (default: the index
+        given at construction) keys the fixed evaluation draws, and may be traced (scanned blocks).
         """
         if positions_BS is None:
             b, s = x_BSD.shape[:2]
@@ -88,7 +89,7 @@ class MoEFeedForward(nnx.Module):
             if current_mesh() is not None:
                 positions_BS = jax.sharding.reshard(positions_BS, spec_of(("batch", "seq")))
         group = group_tokens or self.plan(x_BSD).group_tokens
-        return self.router(RouteInput(x_BSD, token_ids_BS, positions_BS, prev_token_ids_BS, key, group))
+        return self.router(RouteInput(x_BSD, token_ids_BS, positions_BS, prev_token_ids_BS, key, group, layer))
 
     def plan(self, x_BSD: jax.Array, no_drops: bool = False) -> DispatchPlan:
         """Sizes and mesh axes of this batch's dispatch: tokens per capacity group and slots.
@@ -123,18 +124,18 @@ class MoEFeedForward(nnx.Module):
         )
 
     def __call__(self, x_BSD, token_ids_BS=None, *, key=None, positions_BS=None, prev_token_ids_BS=None,
-                 no_drops: bool = False, dispatch=None):
+                 no_drops: bool = False, dispatch=None, layer=None):
         """``no_drops``: every assignment gets a slot whatever the capacity factor (cached decoding,
         where a step holds one token per sequence and a capacity budget would mean nothing).
         ``dispatch``: another strategy with the signature of ``moe.dispatch.capacity_dispatch``
-        (how benchmarks run other formulations on the same parameters)."""
+        (how benchmarks run other formulations on the same parameters). ``layer``: see ``route``."""
         cfg = self.cfg
         if x_BSD.ndim != 3 or x_BSD.shape[-1] != self.ffn.d_model:
             raise ValueError(f"MoEFeedForward: x must be [batch, seq, {self.ffn.d_model}], got shape {x_BSD.shape}")
         x_BSD = x_BSD.astype(jnp.dtype(self.ffn.dtype))
         plan = self.plan(x_BSD, no_drops)
         with jax.named_scope("route"):
-            r = self.route(x_BSD, token_ids_BS, key, positions_BS, prev_token_ids_BS, plan.group_tokens)
+            r = self.route(x_BSD, token_ids_BS, key, positions_BS, prev_token_ids_BS, plan.group_tokens, layer)
         if r.single_expert is not None:
             y_BSD, dropped = self._sharded(single_dispatch, plan, x_BSD, expert=r.single_expert)
         else:

@@ -2,11 +2,11 @@
 
 Shape letters: see ``moe/__init__.py`` (S query positions, P key positions, N heads, H head dim).
 
-Pre-norm blocks: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)) where FFN is an
+Pre-norm blocks (``moe.blocks``): x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)) where FFN is an
 ``MoEFeedForward`` in every ``moe_every``-th block and a dense GLU/MLP elsewhere. Causal
-multi-head attention with rotary position embeddings (RoPE). Activations in ``cfg.dtype``;
-norms, softmaxes, the router and the logits in float32. Every parameter is created sharded by
-the logical-axis rules (sharding/rules.py) and gathered to its compute sharding before use.
+multi-head attention with rotary position embeddings (RoPE). With ``model.scan_layers`` the
+repeating pattern of blocks runs as one ``jax.lax.scan`` over stacked parameters (``BlockStack``);
+``model.remat`` rematerialises each block (``run_block``) or each scanned pattern.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.config import FFNConfig, TransformerConfig
-from moe.experts import ACTIVATION_FNS
+from moe.blocks import Block, DenseFFN, RMSNorm, einsum
+from moe.config import TransformerConfig
+from moe.dispatch.base import EXCHANGED
 from moe.layer import MoEFeedForward
-from moe.params import compute_value, sharded_param
+from moe.params import RouterState, compute_value, sharded_param
 from moe.routers.hashing import NO_PREVIOUS_TOKEN
 from sharding.mesh import current_mesh
 from sharding.rules import logical_to_spec
@@ -30,134 +31,7 @@ NON_CAUSAL_HINT = (
 LOSS_KEYS = ("aux_loss", "z_loss", "router_loss")  # summed over MoE layers: each layer's coefficient applies in full
 STAT_KEYS = ("dropped_fraction", "router_entropy", "expert_load")  # averaged over MoE layers
 AUX_KEYS = LOSS_KEYS + STAT_KEYS
-
-
-def einsum(eq: str, a: jax.Array, b: jax.Array, out_axes, preferred_element_type=None) -> jax.Array:
-    """jnp.einsum whose result carries the compute sharding of ``out_axes`` (logical names);
-    ``preferred_element_type=jnp.float32`` accumulates and returns float32 from bf16 inputs."""
-    mesh = current_mesh()
-    out_sharding = None if mesh is None else logical_to_spec(out_axes, mesh)
-    return jnp.einsum(eq, a, b, out_sharding=out_sharding, preferred_element_type=preferred_element_type)
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        self.scale = sharded_param(None, (dim,), ("norm",), 1.0, jnp.float32, init="ones")
-        self.eps = eps
-
-    def __call__(self, x_BSD: jax.Array) -> jax.Array:
-        x32 = x_BSD.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (x32 * compute_value(self.scale, ("norm",))[None, None, :]).astype(x_BSD.dtype)
-
-
-def rope(x_BSNH: jax.Array, positions_BS: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half form, computed in float32."""
-    half = x_BSNH.shape[-1] // 2
-    freq_H = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BSH = positions_BS.astype(jnp.float32)[..., None] * freq_H[None, None, :]
-    sin, cos = jnp.sin(angle_BSH)[:, :, None, :], jnp.cos(angle_BSH)[:, :, None, :]
-    x1, x2 = jnp.split(x_BSNH.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSNH.dtype)
-
-
-class Attention(nnx.Module):
-    IN_AXES = ("embed", "heads", "head_dim")
-    OUT_AXES = ("heads", "head_dim", "embed")
-
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        d, n = cfg.d_model, cfg.num_heads
-        h = d // n
-        pdtype = jnp.dtype(cfg.param_dtype)
-        self.wq = sharded_param(rngs.params(), (d, n, h), self.IN_AXES, d**-0.5, pdtype)
-        self.wk = sharded_param(rngs.params(), (d, n, h), self.IN_AXES, d**-0.5, pdtype)
-        self.wv = sharded_param(rngs.params(), (d, n, h), self.IN_AXES, d**-0.5, pdtype)
-        self.wo = sharded_param(rngs.params(), (n, h, d), self.OUT_AXES, d**-0.5, pdtype)
-        self.theta = cfg.rope_theta
-
-    def project_qkv(self, x_BSD, positions_BS):
-        dtype = x_BSD.dtype
-        heads = ("batch", "seq", "act_heads", None)
-        q = einsum("bsd,dnh->bsnh", x_BSD, compute_value(self.wq, self.IN_AXES).astype(dtype), heads)
-        k = einsum("bsd,dnh->bsnh", x_BSD, compute_value(self.wk, self.IN_AXES).astype(dtype), heads)
-        v = einsum("bsd,dnh->bsnh", x_BSD, compute_value(self.wv, self.IN_AXES).astype(dtype), heads)
-        return rope(q, positions_BS, self.theta), rope(k, positions_BS, self.theta), v
-
-    def attend(self, q_BSNH, k_BPNH, v_BPNH, mask_BSP):
-        """softmax(q k^T / sqrt(H) + mask) v, output projection; float32 softmax."""
-        scale = q_BSNH.shape[-1] ** -0.5
-        logits = einsum("bsnh,bpnh->bnsp", q_BSNH, k_BPNH, ("batch", "act_heads", "seq", None), jnp.float32)
-        logits = jnp.where(mask_BSP[:, None], logits * scale, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v_BPNH.dtype)
-        out_BSNH = einsum("bnsp,bpnh->bsnh", probs, v_BPNH, ("batch", "seq", "act_heads", None))
-        wo = compute_value(self.wo, self.OUT_AXES).astype(out_BSNH.dtype)
-        return einsum("bsnh,nhd->bsd", out_BSNH, wo, ("batch", "seq", "act_embed"))
-
-    def __call__(self, x_BSD, positions_BS, cache=None):
-        """Causal self-attention. With ``cache`` ({"k","v"}: [B,P,N,H]) the new keys and values
-        are written at ``positions`` (one start index for the batch) and the queries attend to
-        every cached position up to their own; returns (y, new cache or None)."""
-        q, k, v = self.project_qkv(x_BSD, positions_BS)
-        if cache is None:
-            s = x_BSD.shape[1]
-            mask_BSP = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (x_BSD.shape[0], s, s))
-            return self.attend(q, k, v, mask_BSP), None
-        start = positions_BS[0, 0]
-        k_BPNH = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
-        v_BPNH = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
-        p = k_BPNH.shape[1]
-        mask_BSP = jnp.arange(p)[None, None, :] <= positions_BS[:, :, None]
-        return self.attend(q, k_BPNH, v_BPNH, mask_BSP), {"k": k_BPNH, "v": v_BPNH}
-
-
-class DenseFFN(nnx.Module):
-    IN_AXES = ("embed", "mlp")
-    OUT_AXES = ("mlp", "embed")
-
-    def __init__(self, cfg: FFNConfig, *, rngs: nnx.Rngs):
-        d, f = cfg.d_model, cfg.d_ff
-        pdtype = jnp.dtype(cfg.param_dtype)
-        self.wi = sharded_param(rngs.params(), (d, f), self.IN_AXES, d**-0.5, pdtype)
-        self.wg = sharded_param(rngs.params(), (d, f), self.IN_AXES, d**-0.5, pdtype) if cfg.gated else None
-        self.wo = sharded_param(rngs.params(), (f, d), self.OUT_AXES, f**-0.5, pdtype)
-        self.act = ACTIVATION_FNS[cfg.activation]
-
-    def __call__(self, x_BSD):
-        dtype = x_BSD.dtype
-        hidden = ("batch", "seq", "act_mlp")
-        h_BSF = einsum("bsd,df->bsf", x_BSD, compute_value(self.wi, self.IN_AXES).astype(dtype), hidden)
-        if self.wg is not None:
-            g_BSF = einsum("bsd,df->bsf", x_BSD, compute_value(self.wg, self.IN_AXES).astype(dtype), hidden)
-            h_BSF = self.act(g_BSF) * h_BSF
-        else:
-            h_BSF = self.act(h_BSF)
-        wo = compute_value(self.wo, self.OUT_AXES).astype(dtype)
-        return einsum("bsf,fd->bsd", h_BSF, wo, ("batch", "seq", "act_embed"))
-
-
-class Block(nnx.Module):
-    def __init__(self, cfg: TransformerConfig, index: int, *, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.ffn_norm = RMSNorm(cfg.d_model)
-        self.is_moe = cfg.is_moe_block(index)
-        if self.is_moe:  # its fixed evaluation draws are seeded by the block index: layers draw independently
-            self.ffn = MoEFeedForward(cfg.moe, cfg.ffn(expert=True), rngs=rngs, layer=index, vocab_size=cfg.vocab_size)
-        else:
-            self.ffn = DenseFFN(cfg.ffn(), rngs=rngs)
-
-    def __call__(self, x_BSD, positions_BS, token_ids_BS, cache=None, prev_token_ids_BS=None):
-        attn_BSD, new_cache = self.attn(self.attn_norm(x_BSD), positions_BS, cache)
-        x_BSD = x_BSD + attn_BSD
-        h_BSD = self.ffn_norm(x_BSD)
-        if self.is_moe:  # cached decoding never drops: its steps hold one token per sequence
-            y_BSD, aux = self.ffn(
-                h_BSD, token_ids_BS, positions_BS=positions_BS, prev_token_ids_BS=prev_token_ids_BS,
-                no_drops=cache is not None,
-            )
-        else:
-            y_BSD, aux = self.ffn(h_BSD), None
-        return x_BSD + y_BSD, aux, new_cache
+__all__ = ["Block", "BlockStack", "DenseFFN", "RMSNorm", "Transformer", "combine_aux", "run_block"]
 
 
 class Transformer(nnx.Module):
@@ -176,7 +50,11 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         pdtype = jnp.dtype(cfg.param_dtype)
         self.embed = sharded_param(rngs.params(), (cfg.vocab_size, cfg.d_model), self.EMBED_AXES, 1.0, pdtype)
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        repeats = cfg.scan_repeats
+        # scanned: blocks 0 .. repeats*period-1 live in the stack; the rest (num_layers % period) in ``blocks``
+        self.stack = BlockStack(cfg, repeats, rngs=rngs) if repeats else nnx.data(None)
+        first = repeats * cfg.period
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(first, cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.d_model)
         self.unembed = (
             None
@@ -185,21 +63,34 @@ class Transformer(nnx.Module):
         )
 
     @property
+    def first_unscanned(self) -> int:
+        """The index of the first block in ``blocks`` (the ones before it are scanned)."""
+        return 0 if self.stack is None else self.stack.num_blocks
+
+    @property
     def num_moe_layers(self) -> int:
-        return sum(1 for b in self.blocks if b.is_moe)
+        return self.cfg.num_moe_layers
 
     def moe_layers(self) -> list[tuple[int, MoEFeedForward]]:
-        return [(i, b.ffn) for i, b in enumerate(self.blocks) if b.is_moe]
+        """``(block index, layer)`` of the unscanned MoE blocks (see ``each_moe_layer`` for all)."""
+        return [(i, b.ffn) for i, b in enumerate(self.blocks, self.first_unscanned) if b.is_moe]
+
+    def each_moe_layer(self, fn) -> None:
+        """``fn(index, layer)`` for every MoE layer in block order, scanned or not; what ``fn``
+        changes in the layer's state is kept (a scanned layer is a view of one repeat)."""
+        if self.stack is not None:
+            self.stack.each_block(lambda i, block: fn(i, block.ffn) if block.is_moe else None)
+        for i, layer in self.moe_layers():
+            fn(i, layer)
 
     @property
     def wants_token_counts(self) -> bool:
         """Whether a router learns from the training split's token counts before training (``fit_routers``)."""
-        return any(layer.router.wants_token_counts for _, layer in self.moe_layers())
+        return bool(self.cfg.moe_every) and self.cfg.moe.router_class.wants_token_counts
 
     def fit_routers(self, token_counts_V) -> None:
         """Before training: routers that learn from token counts (balanced_hash's table) do."""
-        for _, layer in self.moe_layers():
-            layer.router.fit(token_counts_V)
+        self.each_moe_layer(lambda _, layer: layer.router.fit(token_counts_V))
 
     def embed_tokens(self, tokens_BS):
         table = compute_value(self.embed, (None, None))  # gathered whole for the lookup
@@ -226,8 +117,7 @@ class Transformer(nnx.Module):
     def update_router_state(self, aux: dict) -> None:
         """Once per training step: each MoE layer's router state learns from that layer's load
         over the whole step (``aux["per_layer"]``; see ``MoEFeedForward.update_router_state``)."""
-        for i, layer in self.moe_layers():
-            layer.update_router_state(aux["per_layer"][f"layer{i}"]["expert_load"])
+        self.each_moe_layer(lambda i, layer: layer.update_router_state(aux["per_layer"][f"layer{i}"]["expert_load"]))
 
     def decode(self, tokens_BS, positions_BS, cache):
         """Incremental decoding with a KV cache (see ``init_cache``): ``logits_BSV, new_cache``.
@@ -240,13 +130,19 @@ class Transformer(nnx.Module):
         return logits_BSV, cache
 
     def init_cache(self, batch: int, max_len: int) -> dict:
-        """Empty keys/values [B, max_len, N, H] for every block, in the activation dtype, and the
-        token ids seen so far [B, max_len] (the bigram router reads the previous one)."""
+        """Empty keys/values [B, max_len, N, H] for every block, in the activation dtype (stacked
+        [R, B, max_len, N, H] per pattern position for scanned blocks), and the token ids seen so
+        far [B, max_len] (the bigram router reads the previous one)."""
         n = self.cfg.num_heads
         shape = (batch, max_len, n, self.cfg.d_model // n)
         dtype = jnp.dtype(self.cfg.dtype)
-        blocks = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in self.blocks]
-        return {"blocks": blocks, "tokens": jnp.zeros((batch, max_len), jnp.int32)}
+
+        def empty(lead=()):
+            return {"k": jnp.zeros(lead + shape, dtype), "v": jnp.zeros(lead + shape, dtype)}
+
+        stack = None if self.stack is None else [empty((self.stack.repeats,)) for _ in range(self.cfg.period)]
+        blocks = [empty() for _ in self.blocks]
+        return {"stack": stack, "blocks": blocks, "tokens": jnp.zeros((batch, max_len), jnp.int32)}
 
     def forward(self, tokens_BS, positions_BS=None, cache=None):
         if positions_BS is None:
@@ -261,16 +157,134 @@ class Transformer(nnx.Module):
             seen_BT = jax.lax.dynamic_update_slice(cache["tokens"], tokens_BS.astype(jnp.int32), (0, positions_BS[0, 0]))
             prev_BS = jnp.take_along_axis(seen_BT, jnp.maximum(positions_BS - 1, 0), axis=1)
             prev_BS = jnp.where(positions_BS > 0, prev_BS, NO_PREVIOUS_TOKEN)
-            new_cache = {"blocks": [], "tokens": seen_BT}
+            new_cache = {"stack": None, "blocks": [], "tokens": seen_BT}
         auxes = {}
-        for i, block in enumerate(self.blocks):
-            block_cache = None if cache is None else cache["blocks"][i]
-            x_BSD, aux, block_cache = block(x_BSD, positions_BS, tokens_BS, block_cache, prev_BS)
+        policy = self.cfg.remat
+        if self.stack is not None:
+            x_BSD, auxes, stack_cache = self.stack(
+                x_BSD, positions_BS, tokens_BS, None if cache is None else cache["stack"], prev_BS, policy
+            )
+            if cache is not None:
+                new_cache["stack"] = stack_cache
+        for i, block in enumerate(self.blocks, self.first_unscanned):
+            block_cache = None if cache is None else cache["blocks"][i - self.first_unscanned]
+            x_BSD, aux, block_cache = run_block(block, policy, x_BSD, positions_BS, tokens_BS, block_cache, prev_BS)
             if cache is not None:
                 new_cache["blocks"].append(block_cache)
             if aux is not None:
                 auxes[i] = aux
         return self.logits(x_BSD), combine_aux(auxes, self.cfg.moe.num_experts), new_cache
+
+
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy of ``model.remat`` (see ``moe.config.REMAT_POLICIES``)."""
+    policies = jax.checkpoint_policies
+    exchange = policies.save_only_these_names(EXCHANGED)
+    return {
+        "full": policies.nothing_saveable,
+        "save_dots": policies.checkpoint_dots,
+        "save_exchange": exchange,
+        "save_dots_exchange": policies.save_from_both_policies(policies.checkpoint_dots, exchange),
+    }[name]
+
+
+def run_block(block: Block, policy: str, *args, layer=None):
+    """``block(*args, layer=layer)``, rematerialised by ``policy`` ("none": called as it is).
+
+    Under remat the block runs as a pure function of its state, and the RNG counts it advanced
+    (random routers' streams) are written back, so the draws are the same with every policy."""
+    if policy == "none":
+        return block(*args, layer=layer)
+    graphdef, state = nnx.split(block)
+
+    def pure(state, args, layer):
+        b = nnx.merge(graphdef, state)
+        out = b(*args, layer=layer)
+        return out, nnx.state(b, nnx.RngCount)
+
+    out, counts = jax.checkpoint(pure, policy=remat_policy(policy), prevent_cse=False)(state, args, layer)
+    nnx.update(block, counts)
+    return out
+
+
+class BlockStack(nnx.Module):
+    """Blocks 0 .. R*P-1 as R repeats of the block pattern (P = ``cfg.period`` blocks, the last an
+    MoE block when ``moe_every`` = P): ``pattern[j]`` is the pattern's j-th block with every
+    variable stacked on a leading ``layers`` axis [R, ...]; block ``r*P + j`` is repeat r of it.
+
+    Built by one ``jax.lax.scan`` over the repeats (initialisation compiles one pattern, whatever
+    the depth) that draws from ``rngs`` exactly what building the blocks one by one draws, so a
+    scanned model starts from the same parameters as an unscanned one. Run by one ``jax.lax.scan``
+    (``__call__``) whose body is one pattern, rematerialised by ``model.remat``.
+    """
+
+    def __init__(self, cfg: TransformerConfig, repeats: int, *, rngs: nnx.Rngs):
+        period = cfg.period
+        rng_def, rng_state = nnx.split(rngs)
+        built = {}
+
+        def build(rng_state, _):
+            r = nnx.merge(rng_def, rng_state)
+            pattern = nnx.List([Block(cfg, j, rngs=r) for j in range(period)])
+            built["graphdef"], state = nnx.split(pattern)
+            return nnx.split(r)[1], state
+
+        rng_state, stacked = jax.lax.scan(build, rng_state, length=repeats)
+        nnx.update(rngs, rng_state)
+        self.pattern = nnx.merge(built["graphdef"], stacked)
+        for _, var in nnx.iter_graph(self.pattern):
+            if isinstance(var, nnx.Variable) and var.has_metadata("logical_axes"):
+                var.set_metadata("logical_axes", ("layers", *var.get_metadata("logical_axes")))
+                if var.has_metadata("out_sharding"):
+                    var.set_metadata("out_sharding", (None, *var.get_metadata("out_sharding")))
+        self.repeats, self.period = repeats, period
+
+    @property
+    def num_blocks(self) -> int:
+        return self.repeats * self.period
+
+    def each_block(self, fn) -> None:
+        """``fn(index, block)`` for every block in order, on a view of its repeat; what ``fn``
+        changes in the block's router state (``RouterState``) is written back into the stack."""
+        for j, stacked in enumerate(self.pattern):
+            graphdef, state = nnx.split(stacked)
+            for r in range(self.repeats):
+                block = nnx.merge(graphdef, jax.tree.map(lambda v: v[r], state))
+                fn(r * self.period + j, block)
+                whole = nnx.state(stacked, RouterState)
+                nnx.update(stacked, jax.tree.map(lambda w, one: w.at[r].set(one), whole, nnx.state(block, RouterState)))
+
+    def __call__(self, x_BSD, positions_BS, token_ids_BS, cache, prev_token_ids_BS, policy: str):
+        """(x, {block index: aux} of the MoE blocks, the new stacked cache or None)."""
+        graphdefs, states = zip(*(nnx.split(block) for block in self.pattern), strict=True)
+        period = self.period
+
+        def body(x_BSD, xs):
+            states, r, caches = xs
+            auxes, new_caches, counts = [], [], []
+            for j in range(period):
+                block = nnx.merge(graphdefs[j], states[j])
+                block_cache = None if caches is None else caches[j]
+                x_BSD, aux, block_cache = block(
+                    x_BSD, positions_BS, token_ids_BS, block_cache, prev_token_ids_BS, layer=r * period + j
+                )
+                auxes.append(aux)
+                new_caches.append(block_cache)
+                counts.append(nnx.state(block, nnx.RngCount))
+            return x_BSD, (auxes, None if caches is None else new_caches, counts)
+
+        if policy != "none":
+            body = jax.checkpoint(body, policy=remat_policy(policy), prevent_cse=False)
+        xs = (list(states), jnp.arange(self.repeats, dtype=jnp.int32), cache)
+        x_BSD, (auxes, new_cache, counts) = jax.lax.scan(body, x_BSD, xs)
+        for block, count in zip(self.pattern, counts, strict=True):
+            nnx.update(block, count)
+        out = {}
+        for r in range(self.repeats):
+            for j, aux in enumerate(auxes):
+                if aux is not None:
+                    out[r * period + j] = jax.tree.map(lambda a: a[r], aux)
+        return x_BSD, out, new_cache
 
 
 def load_imbalance(load_E: jax.Array) -> jax.Array:

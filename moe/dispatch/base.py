@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +47,20 @@ class LocalRoute(NamedTuple):
     single_expert: jax.Array | None = None  # int32 scalar: every token to this expert (THOR)
 
 
+# the name every exchanged buffer carries (``jax.ad_checkpoint.checkpoint_name``); the remat
+# policies "save_exchange" and "save_dots_exchange" keep these values for the backward pass
+EXCHANGED = "moe_exchanged"
+
+
 def psum_stat(value: jax.Array, plan: DispatchPlan) -> jax.Array:
     """A count summed over the devices that split the batch."""
     return jax.lax.psum(value, plan.stat_axes) if plan.stat_axes else value
+
+
+def all_to_all(buf: jax.Array, axis: str) -> jax.Array:
+    """A tiled all_to_all on dimension 0 whose result is named ``EXCHANGED`` (a remat policy can
+    keep it, so that the backward pass does not repeat the exchange)."""
+    return checkpoint_name(jax.lax.all_to_all(buf, axis, 0, 0, tiled=True), EXCHANGED)
 
 
 def exchange(buf_ECD: jax.Array, plan: DispatchPlan, forward: bool) -> jax.Array:
@@ -58,12 +70,11 @@ def exchange(buf_ECD: jax.Array, plan: DispatchPlan, forward: bool) -> jax.Array
         return buf_ECD
     if forward:
         e, c, d = buf_ECD.shape
-        buf_MLCD = buf_ECD.reshape(m, e // m, c, d)
-        buf_MLCD = jax.lax.all_to_all(buf_MLCD, plan.expert_axis, 0, 0, tiled=True)
+        buf_MLCD = all_to_all(buf_ECD.reshape(m, e // m, c, d), plan.expert_axis)
         return buf_MLCD.transpose(1, 0, 2, 3).reshape(e // m, m * c, d)
     el, mc, d = buf_ECD.shape
     buf_MLCD = buf_ECD.reshape(el, m, mc // m, d).transpose(1, 0, 2, 3)
-    buf_MLCD = jax.lax.all_to_all(buf_MLCD, plan.expert_axis, 0, 0, tiled=True)
+    buf_MLCD = all_to_all(buf_MLCD, plan.expert_axis)
     return buf_MLCD.reshape(el * m, mc // m, d)
 
 

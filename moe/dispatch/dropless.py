@@ -18,8 +18,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from moe.dispatch.base import DispatchPlan, LocalRoute, combine, move_rows
+from moe.dispatch.base import EXCHANGED, DispatchPlan, LocalRoute, all_to_all, combine, move_rows
 
 
 class SendLayout(NamedTuple):
@@ -93,7 +94,7 @@ def _exchange_rows(buf_MAD, counts_M, recv_counts_M, plan: DispatchPlan) -> jax.
     if plan.expert_axis is None or m == 1:
         return buf_MAD
     if not plan.ragged_exchange:
-        return jax.lax.all_to_all(buf_MAD, plan.expert_axis, 0, 0, tiled=True)
+        return all_to_all(buf_MAD, plan.expert_axis)
     offsets_M = jnp.arange(m, dtype=jnp.int32) * a
     me = jax.lax.axis_index(plan.expert_axis).astype(jnp.int32)
     out = jax.lax.ragged_all_to_all(
@@ -101,7 +102,7 @@ def _exchange_rows(buf_MAD, counts_M, recv_counts_M, plan: DispatchPlan) -> jax.
         offsets_M, counts_M.astype(jnp.int32), jnp.full((m,), me * a, jnp.int32), recv_counts_M.astype(jnp.int32),
         axis_name=plan.expert_axis,
     )
-    return out.reshape(m, a, d)
+    return checkpoint_name(out, EXCHANGED).reshape(m, a, d)
 
 
 def dropless_dispatch(x_BSD: jax.Array, route: LocalRoute, experts, plan: DispatchPlan):
@@ -118,7 +119,7 @@ def dropless_dispatch(x_BSD: jax.Array, route: LocalRoute, experts, plan: Dispat
         if plan.expert_axis is None or m == 1:
             recv_counts_ML = send.counts_ML
         else:
-            recv_counts_ML = jax.lax.all_to_all(send.counts_ML, plan.expert_axis, 0, 0, tiled=True)
+            recv_counts_ML = all_to_all(send.counts_ML, plan.expert_axis)
         recv = _recv_layout(recv_counts_ML, a)
         recv_MAD = _exchange_rows(buf_XD.reshape(m, a, d), send.dev_counts_M, recv.recv_totals_M, plan)
     with jax.named_scope("experts"):

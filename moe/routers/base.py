@@ -56,6 +56,9 @@ class RouteInput:
     prev_token_ids_BS: jax.Array | None = None  # bigram_hash; None = token_ids shifted right
     key: jax.Array | None = None  # an explicit key for this call's draws (else the router's stream)
     group_tokens: int = 0  # tokens per capacity group (expert_choice ranks within a group)
+    # keys the fixed evaluation draws instead of the router's own ``eval_seed`` (the block index;
+    # a traced int32 when the blocks are scanned); None = the router's
+    eval_seed: jax.Array | int | None = None
 
 
 class Router(nnx.Module):
@@ -96,11 +99,14 @@ class Router(nnx.Module):
         """Before training, from the training split's token counts (``wants_token_counts``)."""
 
     # ---------------------------------------------------------------- shared by the subclasses
-    def draw_key(self, key: jax.Array | None) -> jax.Array:
-        """The key of this call's draws: ``key``, else the fixed eval key, else the next from the stream."""
-        if key is not None:
-            return key
-        return jax.random.key(self.eval_seed) if self.deterministic else self.rngs()
+    def draw_key(self, inp: RouteInput) -> jax.Array:
+        """The key of this call's draws: ``inp.key``, else the fixed eval key (``inp.eval_seed`` or
+        the router's), else the next from the stream."""
+        if inp.key is not None:
+            return inp.key
+        if self.deterministic:
+            return jax.random.key(self.eval_seed if inp.eval_seed is None else inp.eval_seed)
+        return self.rngs()
 
 
 def top_k(scores_BSE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -38,7 +38,7 @@ class GShard(LearnedRouter):
         cls.need_k(cfg, 2, "the gshard router is top-2")
 
     def __call__(self, inp: RouteInput) -> Routing:
-        draw_key = self.draw_key(inp.key)
+        draw_key = self.draw_key(inp)
         jitter_key = None if inp.key is None else jax.random.fold_in(inp.key, 1)  # never the draw's key
         logits_BSE = self.logits(inp.x_BSD, jitter_key)
         return gshard_route(logits_BSE, draw_key, inp.positions_BS, self.cfg.gshard_threshold)

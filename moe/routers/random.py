@@ -26,7 +26,7 @@ class Random(Router):
     stochastic = True
 
     def __call__(self, inp: RouteInput) -> Routing:
-        return random_route(self.draw_key(inp.key), inp.positions_BS, self.cfg.num_experts, self.cfg.experts_per_token)
+        return random_route(self.draw_key(inp), inp.positions_BS, self.cfg.num_experts, self.cfg.experts_per_token)
 
 
 @register
@@ -41,7 +41,7 @@ class Thor(Random):
     def __call__(self, inp: RouteInput) -> Routing:
         if self.deterministic:
             return super().__call__(inp)
-        expert = thor_expert(self.draw_key(inp.key), self.cfg.num_experts)
+        expert = thor_expert(self.draw_key(inp), self.cfg.num_experts)
         return single_expert_route(expert, inp.positions_BS, self.cfg.num_experts)
 
 

@@ -17,6 +17,8 @@ def eval_main(argv=None) -> int:
     p.add_argument("--data_path", default=None,
                    help="score every file here (every token of a prepared folder) instead of the validation split")
     p.add_argument("--max_batches", type=int, default=0, help="stop after this many batches (0 = all)")
+    p.add_argument("--scan_layers", choices=("auto", "on", "off"), default=None,
+                   help="run the blocks scanned or unrolled, whichever way the run was trained (default: as trained)")
     common_args(p)
     from sharding.distributed import add_arguments
 
@@ -30,7 +32,7 @@ def eval_main(argv=None) -> int:
 
         from train.inference.evaluate import evaluate_run, load_run
 
-        loaded = load_run(args.workdir, args.step)
+        loaded = load_run(args.workdir, args.step, scan_layers=args.scan_layers)
         m = loaded.cfg.model
         if m.non_causal_routing:
             print(f"{prog}: note: {m.non_causal_message()}; this loss is not a causal language-model loss",

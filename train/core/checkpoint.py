@@ -129,6 +129,13 @@ def _abstract(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
+def _as_dicts(tree):
+    """Orbax's nested metadata as plain nested dicts (leaves keep their ``shape``)."""
+    if hasattr(tree, "items"):
+        return {k: _as_dicts(v) for k, v in tree.items()}
+    return tree
+
+
 # ---------------------------------------------------------------- the manager
 class Checkpoints:
     """Save and restore run state under ``directory`` (one Orbax CheckpointManager)."""
@@ -206,17 +213,22 @@ class Checkpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
         return out["meta"], out["data"]
 
-    def _stored_paths(self, step: int, item: str) -> set[str] | None:
+    def _stored(self, step: int, item: str):
+        """The nested metadata (shapes, dtypes) of what ``item`` of ``step`` stores, or None."""
         try:
-            return layout.paths(ocp.StandardCheckpointer().metadata(self.directory / str(step) / item).item_metadata)
+            return ocp.StandardCheckpointer().metadata(self.directory / str(step) / item).item_metadata
         except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself reports it
             return None
 
     def _restore(self, step: int, targets: dict) -> dict:
         """Restore nested-dict ``targets`` (today's layout) by item, whatever layout the step stores."""
         items, back = {}, {}
+        stored = {item: self._stored(step, item) for item in targets}
+        params = stored.get("params")
+        stored_stack = None if params is None else layout.stack_shape(_as_dicts(params))
         for item, target in targets.items():
-            target, back[item] = layout.legacy(target, self._stored_paths(step, item))
+            paths = None if stored[item] is None else layout.paths(stored[item])
+            target, back[item] = layout.legacy(target, paths, stored_stack)
             items[item] = ocp.args.StandardRestore(target)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return {item: back[item](out[item]) for item in targets}

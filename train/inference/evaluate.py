@@ -51,8 +51,10 @@ class LoadedRun:
         return nnx.merge(self.graphdef, self.params, self.model_state)
 
 
-def load_run(workdir: str | pathlib.Path, step: int | None = None, devices=None) -> LoadedRun:
-    """Parameters of ``step`` (default: the latest) in eval mode, placed on ``devices``."""
+def load_run(workdir: str | pathlib.Path, step: int | None = None, devices=None, scan_layers: str | None = None
+             ) -> LoadedRun:
+    """Parameters of ``step`` (default: the latest) in eval mode, placed on ``devices``;
+    ``scan_layers`` overrides the run's ``model.scan_layers`` (either layout reads either)."""
     workdir = pathlib.Path(workdir)
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.is_dir():
@@ -69,6 +71,8 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None, devices=None)
         meta, _ = checkpoints.read_meta(step)
         devices = list(jax.devices() if devices is None else devices)
         cfg = for_backend(from_dict(meta["config"]), devices[0].platform)
+        if scan_layers is not None:
+            cfg.model.scan_layers = scan_layers
         mesh = make_mesh(devices=devices, **inference_mesh_sizes(cfg, len(devices)))
         with mesh_and_rules(mesh, "ep"):
             abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(params=0, routing=1)))
