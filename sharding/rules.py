@@ -42,6 +42,7 @@ _EP: Rules = {
     "head_dim": None,
     "mlp": None,
     "norm": None,
+    "layers": None,  # the stacked layer axis of scanned blocks (model.scan_layers): never split
     # MoE parameters
     "experts": EXPERT_AXIS,
     "expert_embed": None,
@@ -122,3 +123,25 @@ def mesh_axis_of(logical_name: str, mesh, rules: str | None = None) -> str | Non
     if spec is None or isinstance(spec, str):
         return spec
     raise ValueError(f"logical axis {logical_name!r} maps to several mesh axes {spec}")
+
+
+def spread_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
+    """``spec`` with the mesh axes an array is replicated over added to one more of its dimensions,
+    so that it is split over every device it can be (ZeRO-1: optimizer moments and their update).
+
+    The free axes (those of ``mesh`` with size > 1 that ``spec`` does not use) go, as many as
+    divide it, on the largest dimension that ``spec`` leaves unsplit; an array with no such
+    dimension keeps ``spec``."""
+    entries = list(tuple(spec)) + [None] * (len(shape) - len(tuple(spec)))
+    used = {a for e in entries if e is not None for a in ((e,) if isinstance(e, str) else e)}
+    free = [a for a in mesh.axis_names if a not in used and mesh.shape[a] > 1]
+    for dim in sorted((i for i, e in enumerate(entries) if e is None), key=lambda i: -shape[i]):
+        axes, size = [], 1
+        for a in free:
+            if shape[dim] % (size * mesh.shape[a]) == 0:
+                axes.append(a)
+                size *= mesh.shape[a]
+        if axes:
+            entries[dim] = axes[0] if len(axes) == 1 else tuple(axes)
+            return P(*entries)
+    return spec

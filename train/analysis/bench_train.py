@@ -32,6 +32,7 @@ class TrainBenchConfig:
     batches: int = 4  # distinct prefetched batches, cycled
     max_bytes: int = 1_000_000  # training text read (only enough to fill the batches is needed)
     peak_size: int = 1024  # the matmul peak: [N, N] @ [N, N] per device
+    sharded_state: bool = False  # also time each swept MoE model with optimizer.sharded_state (ZeRO-1)
 
 
 def matmul_peak(mesh, dtype: str, n: int, repeats: int = 5) -> float:
@@ -103,6 +104,12 @@ def run(moe_cfg: Config, dense_cfg: Config, bench: TrainBenchConfig, log=print) 
             swept = copy.deepcopy(moe_cfg)
             swept.model.moe.num_experts = e
             configs[f"moe E={e}"] = swept
+    if bench.sharded_state:  # the same models with the optimizer state split over every device
+        for name, cfg in list(configs.items()):
+            if name != "dense" and not cfg.optimizer.sharded_state:
+                zero = copy.deepcopy(cfg)
+                zero.optimizer.sharded_state = True
+                configs[f"{name} sharded"] = zero
     models = []
     with tempfile.TemporaryDirectory(prefix="moe-bench-train-") as tmp:
         for name, cfg in configs.items():
@@ -126,10 +133,15 @@ def run(moe_cfg: Config, dense_cfg: Config, bench: TrainBenchConfig, log=print) 
         for m in models:
             m.trainer.close()
     by_name = {r["model"]: r for r in rows}
-    sweep = sorted((r for r in rows if r["model"] != "dense"), key=lambda r: r["experts"])
+    sweep = sorted((r for r in rows if r["model"] != "dense" and not r["model"].endswith(" sharded")),
+                   key=lambda r: r["experts"])
     smallest = sweep[0]
     for r in sweep:
         r["step_vs_smallest"] = r["step_ms"] / smallest["step_ms"]
+        sharded = by_name.get(f"{r['model']} sharded")
+        if sharded is not None:
+            r["sharded_step_ms"] = sharded["step_ms"]
+            r["sharded_vs_replicated"] = sharded["step_ms"] / r["step_ms"]
     return {
         "peak_flops": peak,
         "spec_peak_flops": spec_peak,
@@ -156,8 +168,13 @@ def markdown(result: dict, device: str, bench: TrainBenchConfig) -> str:
         for r in (moe, dense)
     )
     ratio = f"\nMoE / dense tokens/s: {result['moe_vs_dense_tokens_per_s']:.2f}\n\n"
-    sweep = "| experts | params | step (ms) | vs smallest E |\n|---:|---:|---:|---:|\n" + "".join(
-        f"| {r['experts']} | {r['params']:,} | {r['step_ms']:.1f} | {r['step_vs_smallest']:.2f} |\n"
-        for r in result["expert_sweep"]
-    )
+    sharded = "sharded_step_ms" in result["expert_sweep"][0]
+    sweep = ("| experts | params | step (ms) | vs smallest E |"
+             + (" step, sharded optimizer state (ms) | sharded / replicated |" if sharded else "")
+             + "\n|---:|---:|---:|---:|" + ("---:|---:|" if sharded else "") + "\n")
+    for r in result["expert_sweep"]:
+        sweep += f"| {r['experts']} | {r['params']:,} | {r['step_ms']:.1f} | {r['step_vs_smallest']:.2f} |"
+        if sharded:
+            sweep += f" {r['sharded_step_ms']:.1f} | {r['sharded_vs_replicated']:.2f} |"
+        sweep += "\n"
     return head + body + ratio + sweep

@@ -104,6 +104,8 @@ def bench_train_main(argv) -> int:
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--peak_size", type=int, default=d.peak_size, help="matmul size for the timed peak")
+    p.add_argument("--sharded_state", action="store_true",
+                   help="also time every MoE model with optimizer.sharded_state=True (ZeRO-1), side by side")
     _bench_outputs(p, "train")
     args, rest = p.parse_known_args(argv)
     overrides = split_overrides(rest, prog)  # --config.KEY=VALUE applies to both configs
@@ -123,7 +125,8 @@ def bench_train_main(argv) -> int:
 
     from train.analysis import bench_train
 
-    bench = TrainBenchConfig(experts=args.experts, steps=args.steps, repeats=args.repeats, peak_size=args.peak_size)
+    bench = TrainBenchConfig(experts=args.experts, steps=args.steps, repeats=args.repeats, peak_size=args.peak_size,
+                             sharded_state=args.sharded_state)
     result = bench_train.run(moe_cfg, dense_cfg, bench)
     print(bench_train.markdown(result, device, bench))
     write_json(args.json, {"device": device, "jax": jax.__version__, "config": vars(args), **result})

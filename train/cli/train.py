@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli.common import check_workdir, common_args, load_config, run_guarded, split_overrides, start_jax
+from train.cli.common import check_workdir, common_args, fail, load_config, run_guarded, split_overrides, start_jax
 
 
 def train_main(argv=None) -> int:
@@ -13,8 +13,13 @@ def train_main(argv=None) -> int:
     prog = "moe-train"
     p = argparse.ArgumentParser(prog=prog, description="Train a sparse MoE language model.")
     p.add_argument("--config", required=True, help="a configs/*.py file defining get_config()")
-    p.add_argument("--workdir", required=True, help="run folder: config, logs, checkpoints")
+    p.add_argument("--workdir", help="run folder: config, logs, checkpoints (not needed with --plan)")
     p.add_argument("--dry_run", action="store_true", help="validate and print the config and parameter counts")
+    p.add_argument("--plan", action="store_true",
+                   help="compile the training step ahead of time for the mesh (emulate it with --cpu_devices) and "
+                        "print what each device needs; the last line is JSON; exit 3 if it does not fit")
+    p.add_argument("--device_memory_gb", type=float, default=None,
+                   help="with --plan: the memory of one device (GiB) to check the plan against")
     p.add_argument("--skip_memory_check", action="store_true",
                    help="start even when a step's estimated memory exceeds what the devices have")
     common_args(p)
@@ -22,7 +27,12 @@ def train_main(argv=None) -> int:
 
     add_arguments(p)
     args, rest = p.parse_known_args(argv)
-    check_workdir(prog, args.workdir)
+    if args.device_memory_gb is not None and not (args.plan and args.device_memory_gb > 0):
+        fail(prog, f"--device_memory_gb={args.device_memory_gb}: must be > 0, and goes with --plan")
+    if not args.plan:
+        if not args.workdir:
+            fail(prog, "--workdir: required (a run folder for config, logs and checkpoints)")
+        check_workdir(prog, args.workdir)
     cfg = load_config(prog, args.config, split_overrides(rest, prog))
     start_jax(prog, args, distributed=True)
     return run_guarded(prog, args.verbose, lambda: _train(cfg, args))
@@ -33,20 +43,32 @@ def _dry_run(cfg, sizes) -> int:
     import jax
 
     from moe.costs import param_counts
-    from train.core.config import with_vocab
-    from train.data.tokenizers import ByteTokenizer
+    from train.core.plan import resolved_vocab
+    from train.data.prepared import is_prepared
 
-    resolved = cfg if cfg.model.vocab_size or cfg.data.tokenizer != "byte" else with_vocab(cfg, ByteTokenizer().vocab_size)
+    resolved = resolved_vocab(cfg)
     print(resolved.to_json())
     mesh = " x ".join(f"{k}={v}" for k, v in sizes.items())
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {mesh}; rules {cfg.mesh.rules}")
     note = ""
-    if not resolved.model.vocab_size:  # a BPE trained at start: at most data.bpe_vocab_size tokens
-        resolved = with_vocab(cfg, cfg.data.bpe_vocab_size)
+    if not (cfg.model.vocab_size or cfg.data.tokenizer == "byte" or cfg.data.tokenizer_path or is_prepared(cfg.data.path)):
         note = f" (vocabulary {resolved.model.vocab_size} from data.bpe_vocab_size; the trained BPE may be smaller)"
     counts = param_counts(resolved.model)
     print(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token{note}")
     return 0
+
+
+def _plan(cfg, device_memory_gb) -> int:
+    """``--plan``: the compiled step's memory per device and FLOPs; the last stdout line is JSON."""
+    import json
+
+    from train.core.plan import make_plan, parameter_line
+
+    print(parameter_line(cfg), flush=True)
+    plan = make_plan(cfg, device_memory_gb=device_memory_gb)
+    print("\n".join(plan.lines()))
+    print(json.dumps(plan.as_json()), flush=True)
+    return 3 if plan.fits is False else 0
 
 
 def _train(cfg, args) -> int:
@@ -59,6 +81,8 @@ def _train(cfg, args) -> int:
     sizes = validate_mesh(cfg, jax.device_count())
     if args.dry_run:
         return _dry_run(cfg, sizes)
+    if args.plan:
+        return _plan(cfg, args.device_memory_gb)
     from sharding.distributed import prefix
     from train.core.signals import StopSignals
 

@@ -16,7 +16,7 @@ import math
 import pathlib
 import sys
 
-from moe.config import ACTIVATIONS, DTYPES, FieldError, StrictFields
+from moe.config import ACTIVATIONS, DTYPES, REMAT_POLICIES, SCAN_MODES, FieldError, StrictFields
 from moe.config import TransformerConfig as ModelConfig
 from train.errors import ConfigError
 
@@ -53,6 +53,10 @@ class OptimizerConfig(StrictFields):
     b2: float = 0.95
     eps: float = 1e-8
     grad_clip_norm: float = 1.0  # 0 = no clipping
+    # ZeRO-1: split each parameter's Adam moments, and the update computed from them, over the mesh
+    # axes the parameter is replicated on (data, fsdp, expert, tensor); the new parameters are
+    # gathered back. The same numbers, less optimizer memory and update work per device.
+    sharded_state: bool = False
 
 
 @dataclasses.dataclass
@@ -248,6 +252,8 @@ def _validate_model(m: ModelConfig, need) -> None:
     need(m.dtype in DTYPES, "model.dtype", f"choose one of {', '.join(DTYPES)}")
     need(m.param_dtype in DTYPES, "model.param_dtype", f"choose one of {', '.join(DTYPES)}")
     need(m.rope_theta > 0, "model.rope_theta", "must be > 0")
+    need(m.scan_layers in SCAN_MODES, "model.scan_layers", f"choose one of {', '.join(SCAN_MODES)}")
+    need(m.remat in REMAT_POLICIES, "model.remat", f"choose one of {', '.join(REMAT_POLICIES)}")
     try:
         m.moe.check()
     except FieldError as e:
@@ -332,7 +338,7 @@ def fingerprint(obj) -> str:
 # Sections a resumed run may change; anything else must match the checkpoint.
 RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches",
              "peak_flops_per_device", "profile_steps", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
-             "train.step_timeout_s", "model.moe.ragged_exchange")
+             "train.step_timeout_s", "model.moe.ragged_exchange", "model.scan_layers", "model.remat")
 
 
 def check_compatible(meta: dict, saved: dict, where: pathlib.Path) -> None:

@@ -77,9 +77,10 @@ def activation_bytes(cfg: Config, batch_shards: int, tensor: int = 1) -> int:
     h = (e.expert_d_ff or m.d_ff) // tensor
     slots = e.capacity_factor * e.experts_per_token if e.dispatch == "capacity" else e.experts_per_token
     moe = 3 * e.num_experts * 4 + slots * (3 * d + glu * h) * act + e.experts_per_token * d * 4
-    layers = 0.0
-    for i in range(m.num_layers):
-        layers += attention + (moe if m.is_moe_block(i) else dense)
+    per_block = [attention + (moe if m.is_moe_block(i) else dense) for i in range(m.num_layers)]
+    layers = float(sum(per_block))
+    if m.remat == "full":  # each block keeps its input; one block's activations are rebuilt at a time
+        layers = m.num_layers * d * act + max(per_block)
     logits = 3 * v // tensor * 4  # float32 logits, their log-softmax and gradient
     return int(tokens * (layers + logits))
 

@@ -9,6 +9,7 @@ was found. ``train.core.loop.Trainer`` adds the training loop.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pathlib
 import time
 from typing import Callable
@@ -16,11 +17,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from moe.transformer import Transformer
 from sharding.mesh import make_mesh
-from sharding.rules import logical_to_spec, mesh_and_rules
+from sharding.rules import logical_to_spec, mesh_and_rules, spread_spec
 from train.core import metrics as metrics_lib
 from train.core.checkpoint import Checkpoints
 from train.core.config import Config, check_compatible, for_backend, validate, validate_mesh, with_vocab
@@ -28,7 +30,7 @@ from train.core.memory import check_fits, step_memory
 from train.core.optimizer import make_optimizer
 from train.core.step import TrainState, loss_for, make_eval_step, make_train_step, shardings_of, split_model
 from train.core.workdir import RunFolder, write_text_atomic
-from train.data.batches import TrainBatches
+from train.data.batches import TrainBatches, token_counts
 from train.data.prepared import open_run_data
 from train.errors import CheckpointError, ConfigError, WorkdirError
 
@@ -50,6 +52,61 @@ def take_run_folder(workdir: pathlib.Path, proc: int, nproc: int) -> RunFolder |
     if error is not None:
         raise error
     return folder
+
+
+def state_init(cfg: Config, tx):
+    """(graphdef, eval-mode graphdef, whether routers fit token counts, ``init() -> TrainState``)
+    for the model of ``cfg``; call under the run's mesh and rules. Nothing is allocated here."""
+    seed = cfg.train.seed
+
+    def build():
+        return Transformer(cfg.model, rngs=nnx.Rngs(params=seed, routing=seed + 1))
+
+    abstract_model = nnx.eval_shape(build)
+    graphdef, _, _ = split_model(abstract_model)
+    fits_routers = abstract_model.wants_token_counts
+    abstract_model.eval()
+    eval_graphdef, _, _ = split_model(abstract_model)
+
+    def init():
+        _, params, rest = split_model(build())
+        window = jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rest, window)
+
+    return graphdef, eval_graphdef, fits_routers, init
+
+
+def state_shardings(cfg: Config, abstract: TrainState, tx):
+    """(the shardings of the train state, the PartitionSpecs of the optimizer moments as a tree like
+    the parameters, or None). The moments follow their parameters unless
+    ``optimizer.sharded_state``, which splits them over every mesh axis a parameter is replicated
+    on as well (``sharding.rules.spread_spec``)."""
+    shardings = shardings_of(abstract)
+    if not cfg.optimizer.sharded_state:
+        return shardings, None
+    spread = jax.tree.map(lambda x, s: spread_spec(s.spec, x.shape, s.mesh), abstract.params, shardings.params)
+    named = jax.tree.map(lambda s, p: jax.sharding.NamedSharding(s.mesh, p), shardings.params, spread)
+    opt = optax.tree_map_params(tx, lambda _, sharding: sharding, shardings.opt_state, named,
+                                transform_non_params=lambda s: s)
+    return dataclasses.replace(shardings, opt_state=opt), spread
+
+
+def with_shardings(abstract, shardings):
+    """Abstract arrays carrying ``shardings``."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def jit_train_step(cfg: Config, graphdef, tx, schedule, state_shardings, batch_sharding, spread=None):
+    """The jitted training step ``(state, batch, stop) -> (state, metrics)``; the state is donated."""
+    step = make_train_step(graphdef, tx, schedule, cfg.train.grad_accum_steps, cfg.train.spike_sigma,
+                           loss_for(cfg.model), spread)
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.P())
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
 
 
 class TrainerSetup:
@@ -123,28 +180,14 @@ class TrainerSetup:
     # ---------------------------------------------------------------- state
     def _init_state(self):
         cfg = self.cfg
-        seed = cfg.train.seed
-
-        def build():
-            return Transformer(cfg.model, rngs=nnx.Rngs(params=seed, routing=seed + 1))
-
-        abstract_model = nnx.eval_shape(build)
-        self.graphdef, _, _ = split_model(abstract_model)
-        self.fits_routers = abstract_model.wants_token_counts
-        abstract_model.eval()
-        self.eval_graphdef, _, _ = split_model(abstract_model)
-
-        def init():
-            _, params, rest = split_model(build())
-            window = jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32)
-            return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), rest, window)
-
+        self.graphdef, self.eval_graphdef, self.fits_routers, init = state_init(cfg, self.tx)
         abstract = jax.eval_shape(init)
+        shardings, self.spread = state_shardings(cfg, abstract, self.tx)
         shards = self.sizes["data"] * self.sizes["fsdp"] * self.sizes["expert"]
-        self.step_memory = step_memory(cfg, abstract, shards, self.sizes["tensor"])
+        self.step_memory = step_memory(cfg, with_shardings(abstract, shardings), shards, self.sizes["tensor"])
         if self.memory_check:  # before anything is allocated
             check_fits(cfg, self.step_memory, self.devices)
-        self.state = jax.jit(init, out_shardings=shardings_of(abstract))()  # parameters born sharded
+        self.state = jax.jit(init, out_shardings=shardings)()  # parameters born sharded
         self.state_shardings = shardings_of(self.state)
 
     def _fit_routers(self) -> None:
@@ -153,7 +196,7 @@ class TrainerSetup:
         if not self.fits_routers:
             return
         v = self.cfg.model.vocab_size
-        counts = np.bincount(self.train_corpus.tokens, minlength=v)[:v]
+        counts = token_counts(self.train_corpus.tokens, v)  # block by block: a memory-mapped split stays on disk
         model = nnx.merge(self.graphdef, self.state.params, self.state.model_state)
         model.fit_routers(counts)
         _, _, rest = split_model(model)
@@ -208,15 +251,8 @@ class TrainerSetup:
         self.batch_spec = logical_to_spec(("batch", "seq"), self.mesh)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, self.batch_spec)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
-        step = make_train_step(
-            self.graphdef, self.tx, self.schedule, cfg.train.grad_accum_steps, cfg.train.spike_sigma,
-            loss_for(cfg.model),
-        )
-        self.jit_step = jax.jit(
-            step,
-            in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
-            out_shardings=(self.state_shardings, replicated),
-            donate_argnums=0,
+        self.jit_step = jit_train_step(
+            cfg, self.graphdef, self.tx, self.schedule, self.state_shardings, self.batch_sharding, self.spread
         )
         self.eval_step = jax.jit(
             make_eval_step(self.eval_graphdef),

@@ -152,18 +152,27 @@ def is_spike(ce, window, spike_sigma: float):
     return (n == window.shape[0]) & (ce > mean + spike_sigma * std)
 
 
-def guarded_update(state: TrainState, grads, total, ce, model_state, old_model_state, tx, spike_sigma: float):
+def guarded_update(state: TrainState, grads, total, ce, model_state, old_model_state, tx, spike_sigma: float,
+                   spread=None):
     """One optimizer update, skipped (parameters, optimizer and model state kept) when the loss or
-    gradient norm is not finite or (``spike_sigma`` > 0) the loss is a spike. Returns the new
-    state and (ok, finite, grad_norm)."""
+    gradient norm is not finite or (``spike_sigma`` > 0) the loss is a spike. ``spread``: the
+    PartitionSpecs (a tree like the parameters) of the optimizer moments when they are split
+    further than the parameters (``optimizer.sharded_state``). Returns the new state and (ok,
+    finite, grad_norm)."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     window = state.recent_losses
     ok = finite
     if spike_sigma > 0:
         ok = ok & ~is_spike(ce, window, spike_sigma)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    if spread is None:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+    else:  # ZeRO-1: the update on each device's slice of every parameter, then gathered back
+        grads, params = jax.sharding.reshard(grads, spread), jax.sharding.reshard(state.params, spread)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        params = jax.tree.map(lambda new, old: jax.sharding.reshard(new, jax.typeof(old).sharding.spec), params, state.params)
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731 - skip = keep the old state
     params = jax.tree.map(keep, params, state.params)
     opt_state = jax.tree.map(keep, opt_state, state.opt_state)
@@ -204,8 +213,9 @@ def step_metrics(ce, total, aux, ok, finite, grad_norm, learning_rate, stop) -> 
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    spike_sigma: float = 0.0, loss_fn: LossFn = lm_loss):
-    """``train_step(state, batch, stop) -> (state, metrics)``, to be jitted once."""
+                    spike_sigma: float = 0.0, loss_fn: LossFn = lm_loss, spread=None):
+    """``train_step(state, batch, stop) -> (state, metrics)``, to be jitted once; ``spread``: see
+    ``guarded_update``."""
 
     def train_step(state: TrainState, batch: dict, stop: jax.Array) -> tuple[TrainState, dict]:
         # a copy: the model built from state.model_state writes its updates (loss_free's bias)
@@ -216,7 +226,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
         )
         model_state = update_router_state(graphdef, state.params, model_state, aux)
         new_state, (ok, finite, grad_norm) = guarded_update(
-            state, grads, total, ce, model_state, old_model_state, tx, spike_sigma
+            state, grads, total, ce, model_state, old_model_state, tx, spike_sigma, spread
         )
         return new_state, step_metrics(ce, total, aux, ok, finite, grad_norm, schedule(state.step), stop)
 

@@ -1,0 +1,83 @@
+"""``moe-train --plan``: the ahead-of-time plan equals what the real training step holds, works
+for a mesh larger than the machine's devices, and says in one line when a run does not fit."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from test_train import tiny_config
+from train.cli import train_main
+from train.core.loop import Trainer
+from train.core.plan import make_plan
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KEYS = ("params_bytes", "optimizer_bytes", "temp_bytes", "total_bytes", "flops_per_step", "compile_s", "fits")
+
+
+def device0_bytes(tree) -> int:
+    """Bytes the arrays of ``tree`` hold on device 0 (what was actually allocated there)."""
+    device = jax.devices()[0]
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        data = jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+        total += sum(s.data.nbytes for s in data.addressable_shards if s.device == device)
+    return total
+
+
+def test_plan_equals_what_a_real_step_holds(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.model.num_layers, cfg.model.scan_layers, cfg.model.remat = 4, "on", "full"
+    plan = make_plan(cfg)
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        state = trainer.state
+        assert plan.params_bytes == device0_bytes(state.params)
+        assert plan.optimizer_bytes == device0_bytes(state.opt_state)
+        assert plan.model_state_bytes == device0_bytes(state.model_state)
+        with trainer.context():
+            batch = trainer.global_batch(next(trainer.batches))
+            compiled = trainer.jit_step.lower(state, batch, trainer.stop_flags(False)).compile()
+        real = compiled.memory_analysis()
+        assert plan.temp_bytes == real.temp_size_in_bytes
+        assert plan.total_bytes == (real.argument_size_in_bytes + real.output_size_in_bytes
+                                    - real.alias_size_in_bytes + real.temp_size_in_bytes)
+        assert plan.total_bytes > plan.params_bytes + plan.optimizer_bytes
+        tokens = cfg.train.batch_size * cfg.train.seq_len
+        assert plan.flops_per_step > 6 * tokens * 1000  # model FLOPs: at least 6 per active parameter and token
+    finally:
+        trainer.close()
+    assert plan.fits is None
+    small = make_plan(cfg, device_memory_gb=plan.total_bytes / 2**30 / 2)
+    assert small.fits is False and "does not fit" in small.lines()[-1]
+
+
+def test_plan_cli_prints_json_last_and_exits_0_without_a_limit(tmp_path, capsys):
+    args = [f"--config={ROOT / 'configs/default.py'}", "--plan", "--config.model.num_layers=2",
+            "--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.batch_size=8",
+            "--config.train.seq_len=16"]
+    assert train_main(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert all(k in result for k in KEYS) and result["fits"] is None
+    assert not (tmp_path / "run").exists()  # a plan needs and writes no workdir
+
+
+@pytest.mark.slow
+def test_plan_emulates_a_mesh_larger_than_the_machine_and_exits_3_when_it_does_not_fit():
+    """16 emulated devices (data=4 x expert=4) in a fresh process; 1 MiB per device cannot fit."""
+    cmd = [str(pathlib.Path(sys.executable).parent / "moe-train"), f"--config={ROOT / 'configs/default.py'}", "--plan", "--cpu_devices=16", "--config.mesh.data=4",
+            "--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.seq_len=32",
+            "--device_memory_gb=0.001"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""})
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["devices"] == 16 and result["mesh"]["data"] == 4 and result["fits"] is False
+    assert lines[-2].startswith("does not fit:") and "biggest part is" in lines[-2]
+    np.testing.assert_array_less(0, [result[k] for k in KEYS[:5]])
