@@ -4,7 +4,7 @@ plans of the GPU configs. Every figure comes from a fresh process; medians over 
     python scripts/bench_scaling.py depth   [--layers 4,16,48] [--repeats 1]
         2-step runs of configs/default.py at each depth, blocks unrolled and scanned: wall time to
         exit and peak RSS of the process, and the training step's compile time (``--plan``).
-    python scripts/bench_scaling.py remat   [--layers 16]
+    python scripts/bench_scaling.py remat   [--layers 16] [--batch 16,64]
         XLA's temporary bytes per device of the training step for every model.remat policy.
     python scripts/bench_scaling.py gpu
         ``moe-train --plan`` of configs/gpu_1b.py (8 devices) and configs/gpu_multihost.py (32).
@@ -69,15 +69,21 @@ def depth(layers: list[int], repeats: int) -> None:
                   f"{statistics.median(compiles):.1f} s |", flush=True)
 
 
-def remat(layers: int) -> None:
+def remat(layers: int, batches: list[int]) -> None:
     from moe.config import REMAT_POLICIES
 
-    print(f"| model.remat ({layers} layers, scanned) | temporaries per device | total per device |")
-    print("|---|---:|---:|")
-    for policy in REMAT_POLICIES:
-        p = plan("configs/default.py", f"--config.model.num_layers={layers}", "--config.model.scan_layers=on",
-                 f"--config.model.remat={policy}")
-        print(f"| {policy} | {p['temp_bytes'] / 2**20:.1f} MiB | {p['total_bytes'] / 2**20:.1f} MiB |", flush=True)
+    print(f"| model.remat ({layers} layers, scanned) | batch | temporaries per device | of which beyond the gradients "
+          "| vs none | total per device |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for batch in batches:
+        base = None
+        for policy in REMAT_POLICIES:
+            p = plan("configs/default.py", f"--config.model.num_layers={layers}", "--config.model.scan_layers=on",
+                     f"--config.model.remat={policy}", f"--config.train.batch_size={batch}")
+            base = base or p["temp_bytes"]
+            beyond = p["temp_bytes"] - p["gradient_bytes"]
+            print(f"| {policy} | {batch} x 128 | {p['temp_bytes'] / 2**20:.1f} MiB | {beyond / 2**20:.1f} MiB | "
+                  f"{p['temp_bytes'] / base:.2f} | {p['total_bytes'] / 2**20:.1f} MiB |", flush=True)
 
 
 def gpu() -> None:
@@ -92,11 +98,12 @@ def main() -> None:
     p.add_argument("part", choices=("depth", "remat", "gpu"))
     p.add_argument("--layers", default=None)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--batch", default="16,64", help="remat: global batch sizes (sequences of 128 tokens)")
     args = p.parse_args()
     if args.part == "depth":
         depth([int(v) for v in (args.layers or "4,16,48").split(",")], args.repeats)
     elif args.part == "remat":
-        remat(int(args.layers or 16))
+        remat(int(args.layers or 16), [int(v) for v in args.batch.split(",")])
     else:
         gpu()
 
