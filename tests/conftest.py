@@ -8,6 +8,14 @@ os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_c
 # Implicit rank promotion ([B, S] + [S] silently broadcasting) hides shape mistakes: make it an error,
 # here and in every moe-train/moe-eval subprocess a test starts.
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
+# One persistent compilation cache per test session, shared by the xdist workers (they inherit the
+# controller's environment) and every moe-train/moe-eval subprocess: a program compiled once in the
+# session (the same tiny config's step, over and over) is loaded, not compiled again. Fresh per
+# session, so each run still compiles everything once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="switchyard-test-jax-cache-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
