@@ -250,9 +250,13 @@ class BlockStack(nnx.Module):
             graphdef, state = nnx.split(stacked)
             for r in range(self.repeats):
                 block = nnx.merge(graphdef, jax.tree.map(lambda v: v[r], state))
+                before = jax.tree.leaves(nnx.state(block, RouterState))
                 fn(r * self.period + j, block)
+                after = nnx.state(block, RouterState)
+                if all(a is b for a, b in zip(before, jax.tree.leaves(after), strict=True)):
+                    continue  # fn changed nothing (a router with no per-step update): no copy of the stack
                 whole = nnx.state(stacked, RouterState)
-                nnx.update(stacked, jax.tree.map(lambda w, one: w.at[r].set(one), whole, nnx.state(block, RouterState)))
+                nnx.update(stacked, jax.tree.map(lambda w, one: w.at[r].set(one), whole, after))
 
     def __call__(self, x_BSD, positions_BS, token_ids_BS, cache, prev_token_ids_BS, policy: str):
         """(x, {block index: aux} of the MoE blocks, the new stacked cache or None)."""

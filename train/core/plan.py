@@ -126,8 +126,9 @@ def make_plan(cfg: Config, devices=None, device_memory_gb: float | None = None) 
     b, s = cfg.train.batch_size, cfg.train.seq_len
     with mesh_and_rules(mesh, cfg.mesh.rules):
         graphdef, _, _, init = state_init(cfg, tx)
-        shardings, spread = state_shardings(cfg, jax.eval_shape(init), tx)
-        abstract = with_shardings(jax.eval_shape(init), shardings)
+        abstract = jax.eval_shape(init)
+        shardings, spread = state_shardings(cfg, abstract, tx)
+        abstract = with_shardings(abstract, shardings)
         batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "seq"), mesh))
         step = jit_train_step(cfg, graphdef, tx, schedule, shardings, batch_sharding, spread)
         state = abstract
