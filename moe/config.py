@@ -35,6 +35,15 @@ SCAN_MIN_LAYERS = 8
 #   save_exchange   the MoE layer's all_to_all results, so the backward pass repeats no exchange
 #   save_dots_exchange  both of the above
 REMAT_POLICIES = ("none", "full", "save_dots", "save_exchange", "save_dots_exchange")
+# model.attention: "mha" multi-head attention with optional grouped keys/values (num_kv_heads < num_heads,
+# GQA), QK-norm and biases; "mla" DeepSeek's multi-head latent attention (model.mla)
+ATTENTIONS = ("mha", "mla")
+# model.qk_norm: RMSNorm of queries and keys before RoPE: "head" over each head's dimension (Qwen3),
+# "proj" over the whole projection (all heads together, OLMoE), "none"
+QK_NORMS = ("none", "head", "proj")
+# moe.norm_topk_prob: whether a learned router's k chosen gates are divided by their sum. "auto": when
+# k > 1 (Mixtral; Switch's k = 1 keeps its probability); "on" always; "off" never (Qwen2-MoE, OLMoE)
+NORM_TOPK = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +110,16 @@ class MoEConfig(StrictFields):
     # dropless: exchange only the real rows with ragged_all_to_all (GPU/TPU; XLA:CPU cannot run
     # it) instead of an all_to_all of the worst-case buffer. Set by the program for its backend.
     ragged_exchange: bool = False
+    norm_topk_prob: str = "auto"  # see NORM_TOPK
+    # shared experts: a dense FFN of this hidden width beside the routed experts, seen by every token
+    # (DeepSeek: n_shared_experts * expert width; Qwen2-MoE: shared_expert_intermediate_size); 0 = none
+    shared_d_ff: int = 0
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . w) (Qwen2-MoE)
+    # router "sigmoid" (DeepSeek-V3): experts in num_groups groups; a token picks its topk_groups best
+    # groups (by the sum of each group's two best scores) and its k experts among them
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0  # router "sigmoid": the gates are multiplied by this
 
     def check(self) -> MoEConfig:
         from moe.routers import ROUTERS
@@ -116,6 +135,16 @@ class MoEConfig(StrictFields):
             self._fail("dispatch", f"choose one of {', '.join(DISPATCHES)}")
         if self.capacity_priority not in CAPACITY_PRIORITIES:
             self._fail("capacity_priority", f"choose one of {', '.join(CAPACITY_PRIORITIES)}")
+        if self.norm_topk_prob not in NORM_TOPK:
+            self._fail("norm_topk_prob", f"choose one of {', '.join(NORM_TOPK)}")
+        if not isinstance(self.shared_d_ff, int) or isinstance(self.shared_d_ff, bool) or self.shared_d_ff < 0:
+            self._fail("shared_d_ff", "must be an integer >= 0 (0 = no shared experts)")
+        if not isinstance(self.shared_gate, bool):
+            self._fail("shared_gate", "must be True or False")
+        if self.shared_gate and not self.shared_d_ff:
+            self._fail("shared_gate", "gates the shared experts: set shared_d_ff > 0 too")
+        if not _positive_finite(self.routed_scaling):
+            self._fail("routed_scaling", "must be a number > 0")
         if self.experts_per_token > self.num_experts:
             self._fail("experts_per_token", f"cannot exceed num_experts={self.num_experts}")
         for name in ("capacity_factor", "gshard_threshold", "loss_free_gamma"):
@@ -176,6 +205,30 @@ class MoEConfig(StrictFields):
 
 
 @dataclasses.dataclass
+class MLAConfig(StrictFields):
+    """DeepSeek's multi-head latent attention (``model.attention="mla"``): queries through an optional
+    low-rank bottleneck, keys and values from one shared latent of ``kv_lora_rank`` (what the KV cache
+    keeps, with the RoPE key), each head's key a part without position (``nope_head_dim``) and a RoPE
+    part shared by all heads (``rope_head_dim``)."""
+
+    q_lora_rank: int = 0  # 0 = queries projected directly from the model width
+    kv_lora_rank: int = 64
+    nope_head_dim: int = 32
+    rope_head_dim: int = 16
+    v_head_dim: int = 32
+
+    def check(self) -> MLAConfig:
+        if not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0:
+            self._fail("q_lora_rank", "must be an integer >= 0 (0 = no query compression)")
+        for name in ("kv_lora_rank", "nope_head_dim", "rope_head_dim", "v_head_dim"):
+            if not _positive_int(getattr(self, name)):
+                self._fail(name, "must be a positive integer")
+        if self.rope_head_dim % 2:
+            self._fail("rope_head_dim", "must be even (RoPE)")
+        return self
+
+
+@dataclasses.dataclass
 class TransformerConfig(StrictFields):
     """A decoder-only language model; also the ``model`` section of the run config."""
 
@@ -183,10 +236,18 @@ class TransformerConfig(StrictFields):
     num_layers: int = 4
     d_model: int = 128
     num_heads: int = 4
+    num_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = num_heads
+    head_dim: int = 0  # 0 = d_model // num_heads
+    attention: str = "mha"  # see ATTENTIONS
+    mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)  # attention="mla" only
+    qk_norm: str = "none"  # see QK_NORMS
+    attn_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    norm_eps: float = 1e-6  # every RMSNorm's epsilon
     d_ff: int = 512  # hidden width of dense FFN blocks (and of experts unless moe.expert_d_ff)
     activation: str = "silu"
     gated: bool = True
     moe_every: int = 1  # every n-th block has an MoE FFN (blocks n-1, 2n-1, ...); 0 = dense model
+    first_dense_layers: int = 0  # the first n blocks are dense whatever moe_every says (DeepSeek)
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     # expert_choice or moe.capacity_priority="choice" let a token's output depend on later tokens:
     # refused for this causal language model unless set (for routing studies; the losses are then
@@ -201,13 +262,28 @@ class TransformerConfig(StrictFields):
     scan_layers: str = "auto"
     remat: str = "none"  # what a block keeps for its backward pass; see REMAT_POLICIES
 
-    def ffn(self, expert: bool = False) -> FFNConfig:
-        """The shape of the dense FFN blocks, or (``expert``) of each expert."""
-        d_ff = (self.moe.expert_d_ff or self.d_ff) if expert else self.d_ff
+    def ffn(self, expert: bool = False, shared: bool = False) -> FFNConfig:
+        """The shape of the dense FFN blocks, of each expert (``expert``), or of the shared experts."""
+        d_ff = (self.moe.expert_d_ff or self.d_ff) if expert else self.moe.shared_d_ff if shared else self.d_ff
         return FFNConfig(self.d_model, d_ff, self.activation, self.gated, self.dtype, self.param_dtype)
 
     def is_moe_block(self, index: int) -> bool:
-        return self.moe_every > 0 and (index + 1) % self.moe_every == 0
+        return self.moe_every > 0 and index >= self.first_dense_layers and (index + 1) % self.moe_every == 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_width(self) -> int:
+        """Each attention head's dimension (H): ``head_dim``, or d_model / num_heads."""
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def first_scanned(self) -> int:
+        """The first block of the scanned stack: blocks before it (the dense ``first_dense_layers``,
+        rounded up to a whole pattern) run unrolled."""
+        return -(-self.first_dense_layers // self.period) * self.period
 
     @property
     def num_moe_layers(self) -> int:
@@ -220,9 +296,9 @@ class TransformerConfig(StrictFields):
 
     @property
     def scan_repeats(self) -> int:
-        """How many times the block pattern is scanned (0 = every block unrolled). Blocks left
-        after the last whole repeat (``num_layers % period``) run unrolled after the scan."""
-        repeats = self.num_layers // self.period
+        """How many times the block pattern is scanned (0 = every block unrolled). Blocks before
+        ``first_scanned`` run unrolled before the scan, blocks left after the last whole repeat after it."""
+        repeats = (self.num_layers - self.first_scanned) // self.period
         if self.scan_layers == "off" or repeats < 2:
             return 0
         if self.scan_layers == "auto" and self.num_layers < SCAN_MIN_LAYERS:

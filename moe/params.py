@@ -22,12 +22,13 @@ class RouterState(nnx.Variable):
 def sharded_param(
     key, shape, logical_axes, std: float, dtype, mesh=None, init: str = "normal", kind: type = nnx.Param
 ) -> nnx.Variable:
-    """A normal(0, std) (or ``init="ones"``) variable created directly in its sharding
+    """A normal(0, std) (or ``init="ones"`` / ``"zeros"``, drawing nothing) variable created directly in its sharding
     (an ``nnx.Param`` unless ``kind`` says otherwise)."""
     mesh = current_mesh() if mesh is None else mesh
     spec = None if mesh is None else logical_to_spec(logical_axes, mesh)
-    if init == "ones":
-        value = jnp.ones(shape, dtype, device=None if spec is None else jax.sharding.NamedSharding(mesh, spec))
+    if init in ("ones", "zeros"):
+        fill = jnp.ones if init == "ones" else jnp.zeros
+        value = fill(shape, dtype, device=None if spec is None else jax.sharding.NamedSharding(mesh, spec))
     else:
         value = jax.random.normal(key, shape, dtype, out_sharding=spec) * jnp.asarray(std, dtype)
     meta = {} if spec is None else {"out_sharding": tuple(spec)}

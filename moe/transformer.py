@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe.attention import ATTENTION
 from moe.blocks import Block, DenseFFN, RMSNorm, einsum
 from moe.config import TransformerConfig
 from moe.dispatch.base import EXCHANGED
@@ -51,11 +52,13 @@ class Transformer(nnx.Module):
         pdtype = jnp.dtype(cfg.param_dtype)
         self.embed = sharded_param(rngs.params(), (cfg.vocab_size, cfg.d_model), self.EMBED_AXES, 1.0, pdtype)
         repeats = cfg.scan_repeats
-        # scanned: blocks 0 .. repeats*period-1 live in the stack; the rest (num_layers % period) in ``blocks``
-        self.stack = BlockStack(cfg, repeats, rngs=rngs) if repeats else nnx.data(None)
-        first = repeats * cfg.period
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(first, cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.d_model)
+        # scanned: blocks before ``first_scanned`` (the dense first layers) in ``head``, the next
+        # repeats*period in the stack, the rest in ``blocks``; unrolled: every block in ``blocks``
+        first = cfg.first_scanned if repeats else 0
+        self.head = nnx.List([Block(cfg, i, rngs=rngs) for i in range(first)])
+        self.stack = BlockStack(cfg, repeats, offset=first, rngs=rngs) if repeats else nnx.data(None)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(first + repeats * cfg.period, cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.unembed = (
             None
             if cfg.tie_embeddings
@@ -64,8 +67,12 @@ class Transformer(nnx.Module):
 
     @property
     def first_unscanned(self) -> int:
-        """The index of the first block in ``blocks`` (the ones before it are scanned)."""
-        return 0 if self.stack is None else self.stack.num_blocks
+        """The index of the first block in ``blocks`` (the ones before it are in ``head`` or scanned)."""
+        return 0 if self.stack is None else self.stack.offset + self.stack.num_blocks
+
+    def unrolled_blocks(self) -> list[tuple[int, Block]]:
+        """``(block index, block)`` of the blocks outside the stack (``head`` and ``blocks``)."""
+        return list(enumerate(self.head)) + list(enumerate(self.blocks, self.first_unscanned))
 
     @property
     def num_moe_layers(self) -> int:
@@ -73,7 +80,7 @@ class Transformer(nnx.Module):
 
     def moe_layers(self) -> list[tuple[int, MoEFeedForward]]:
         """``(block index, layer)`` of the unscanned MoE blocks (see ``each_moe_layer`` for all)."""
-        return [(i, b.ffn) for i, b in enumerate(self.blocks, self.first_unscanned) if b.is_moe]
+        return [(i, b.ffn) for i, b in self.unrolled_blocks() if b.is_moe]
 
     def each_moe_layer(self, fn) -> None:
         """``fn(index, layer)`` for every MoE layer in block order, scanned or not; what ``fn``
@@ -130,19 +137,18 @@ class Transformer(nnx.Module):
         return logits_BSV, cache
 
     def init_cache(self, batch: int, max_len: int) -> dict:
-        """Empty keys/values [B, max_len, N, H] for every block, in the activation dtype (stacked
-        [R, B, max_len, N, H] per pattern position for scanned blocks), and the token ids seen so
-        far [B, max_len] (the bigram router reads the previous one)."""
-        n = self.cfg.num_heads
-        shape = (batch, max_len, n, self.cfg.d_model // n)
-        dtype = jnp.dtype(self.cfg.dtype)
+        """Each block's empty attention cache in the activation dtype (``moe.attention``: keys and
+        values [B, max_len, J, H], or MLA's latent; stacked [R, ...] per pattern position for
+        scanned blocks), and the token ids seen so far [B, max_len] (the bigram router reads the
+        previous one)."""
+        cfg = self.cfg
 
         def empty(lead=()):
-            return {"k": jnp.zeros(lead + shape, dtype), "v": jnp.zeros(lead + shape, dtype)}
+            return ATTENTION[cfg.attention].empty_cache(cfg, batch, max_len, lead)
 
-        stack = None if self.stack is None else [empty((self.stack.repeats,)) for _ in range(self.cfg.period)]
-        blocks = [empty() for _ in self.blocks]
-        return {"stack": stack, "blocks": blocks, "tokens": jnp.zeros((batch, max_len), jnp.int32)}
+        stack = None if self.stack is None else [empty((self.stack.repeats,)) for _ in range(cfg.period)]
+        return {"head": [empty() for _ in self.head], "stack": stack, "blocks": [empty() for _ in self.blocks],
+                "tokens": jnp.zeros((batch, max_len), jnp.int32)}
 
     def forward(self, tokens_BS, positions_BS=None, cache=None):
         if positions_BS is None:
@@ -157,9 +163,16 @@ class Transformer(nnx.Module):
             seen_BT = jax.lax.dynamic_update_slice(cache["tokens"], tokens_BS.astype(jnp.int32), (0, positions_BS[0, 0]))
             prev_BS = jnp.take_along_axis(seen_BT, jnp.maximum(positions_BS - 1, 0), axis=1)
             prev_BS = jnp.where(positions_BS > 0, prev_BS, NO_PREVIOUS_TOKEN)
-            new_cache = {"stack": None, "blocks": [], "tokens": seen_BT}
+            new_cache = {"head": [], "stack": None, "blocks": [], "tokens": seen_BT}
         auxes = {}
         policy = self.cfg.remat
+        for i, block in enumerate(self.head):
+            block_cache = None if cache is None else cache["head"][i]
+            x_BSD, aux, block_cache = run_block(block, policy, x_BSD, positions_BS, tokens_BS, block_cache, prev_BS)
+            if cache is not None:
+                new_cache["head"].append(block_cache)
+            if aux is not None:
+                auxes[i] = aux
         if self.stack is not None:
             x_BSD, auxes, stack_cache = self.stack(
                 x_BSD, positions_BS, tokens_BS, None if cache is None else cache["stack"], prev_BS, policy
@@ -208,9 +221,10 @@ def run_block(block: Block, policy: str, *args, layer=None):
 
 
 class BlockStack(nnx.Module):
-    """Blocks 0 .. R*P-1 as R repeats of the block pattern (P = ``cfg.period`` blocks, the last an
-    MoE block when ``moe_every`` = P): ``pattern[j]`` is the pattern's j-th block with every
-    variable stacked on a leading ``layers`` axis [R, ...]; block ``r*P + j`` is repeat r of it.
+    """Blocks F .. F+R*P-1 (F = ``offset``, the unrolled dense first blocks) as R repeats of the
+    block pattern (P = ``cfg.period`` blocks, the last an MoE block when ``moe_every`` = P):
+    ``pattern[j]`` is the pattern's j-th block with every variable stacked on a leading ``layers``
+    axis [R, ...]; block ``F + r*P + j`` is repeat r of it.
 
     Built by one ``jax.lax.scan`` over the repeats (initialisation compiles one pattern, whatever
     the depth) that draws from ``rngs`` exactly what building the blocks one by one draws, so a
@@ -218,14 +232,14 @@ class BlockStack(nnx.Module):
     (``__call__``) whose body is one pattern, rematerialised by ``model.remat``.
     """
 
-    def __init__(self, cfg: TransformerConfig, repeats: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: TransformerConfig, repeats: int, *, offset: int = 0, rngs: nnx.Rngs):
         period = cfg.period
         rng_def, rng_state = nnx.split(rngs)
         built = {}
 
         def build(rng_state, _):
             r = nnx.merge(rng_def, rng_state)
-            pattern = nnx.List([Block(cfg, j, rngs=r) for j in range(period)])
+            pattern = nnx.List([Block(cfg, offset + j, rngs=r) for j in range(period)])
             built["graphdef"], state = nnx.split(pattern)
             return nnx.split(r)[1], state
 
@@ -237,7 +251,7 @@ class BlockStack(nnx.Module):
                 var.set_metadata("logical_axes", ("layers", *var.get_metadata("logical_axes")))
                 if var.has_metadata("out_sharding"):
                     var.set_metadata("out_sharding", (None, *var.get_metadata("out_sharding")))
-        self.repeats, self.period = repeats, period
+        self.repeats, self.period, self.offset = repeats, period, offset
 
     @property
     def num_blocks(self) -> int:
@@ -251,7 +265,7 @@ class BlockStack(nnx.Module):
             for r in range(self.repeats):
                 block = nnx.merge(graphdef, jax.tree.map(lambda v: v[r], state))
                 before = jax.tree.leaves(nnx.state(block, RouterState))
-                fn(r * self.period + j, block)
+                fn(self.offset + r * self.period + j, block)
                 after = nnx.state(block, RouterState)
                 if all(a is b for a, b in zip(before, jax.tree.leaves(after), strict=True)):
                     continue  # fn changed nothing (a router with no per-step update): no copy of the stack
@@ -261,7 +275,7 @@ class BlockStack(nnx.Module):
     def __call__(self, x_BSD, positions_BS, token_ids_BS, cache, prev_token_ids_BS, policy: str):
         """(x, {block index: aux} of the MoE blocks, the new stacked cache or None)."""
         graphdefs, states = zip(*(nnx.split(block) for block in self.pattern), strict=True)
-        period = self.period
+        period, offset = self.period, self.offset
 
         def body(x_BSD, xs):
             states, r, caches = xs
@@ -270,7 +284,7 @@ class BlockStack(nnx.Module):
                 block = nnx.merge(graphdefs[j], states[j])
                 block_cache = None if caches is None else caches[j]
                 x_BSD, aux, block_cache = block(
-                    x_BSD, positions_BS, token_ids_BS, block_cache, prev_token_ids_BS, layer=r * period + j
+                    x_BSD, positions_BS, token_ids_BS, block_cache, prev_token_ids_BS, layer=offset + r * period + j
                 )
                 auxes.append(aux)
                 new_caches.append(block_cache)
@@ -287,7 +301,7 @@ class BlockStack(nnx.Module):
         for r in range(self.repeats):
             for j, aux in enumerate(auxes):
                 if aux is not None:
-                    out[r * period + j] = jax.tree.map(lambda a: a[r], aux)
+                    out[offset + r * period + j] = jax.tree.map(lambda a: a[r], aux)
         return x_BSD, out, new_cache
 
 

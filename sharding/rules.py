@@ -33,13 +33,16 @@ _EP: Rules = {
     "seq": None,
     "act_embed": None,
     "act_heads": None,
+    "act_kv_heads": None,
     "act_mlp": None,
     "act_vocab": None,
     # dense parameters
     "vocab": None,
     "embed": None,
     "heads": None,
+    "kv_heads": None,  # key/value heads of grouped-query attention
     "head_dim": None,
+    "latent": None,  # the low-rank query/key-value latents of multi-head latent attention
     "mlp": None,
     "norm": None,
     "layers": None,  # the stacked layer axis of scanned blocks (model.scan_layers): never split
@@ -59,9 +62,11 @@ PRESETS: dict[str, Rules] = {
         **_EP,
         "mlp": TENSOR_AXIS,
         "heads": TENSOR_AXIS,
+        "kv_heads": TENSOR_AXIS,
         "vocab": TENSOR_AXIS,
         "expert_mlp": TENSOR_AXIS,
         "act_heads": TENSOR_AXIS,
+        "act_kv_heads": TENSOR_AXIS,
         "act_mlp": TENSOR_AXIS,
         "act_vocab": TENSOR_AXIS,
     },

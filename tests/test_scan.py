@@ -178,7 +178,7 @@ def test_layout_maps_scanned_and_unrolled_trees_both_ways():
     scanned = layout.scan(tree, period=2, repeats=2)
     np.testing.assert_array_equal(scanned["params"]["stack"]["pattern"]["1"]["attn"]["wq"], [[1, 1], [3, 3]])
     assert list(scanned["params"]["blocks"]) == ["0"] and scanned["params"]["blocks"]["0"]["attn"]["wq"][0] == 4
-    assert "stack" in scanned["opt"]["mu"] and layout.stack_shape(scanned) == (2, 2)
+    assert "stack" in scanned["opt"]["mu"] and layout.stack_shape(scanned) == (2, 2, 0)
     back = layout.unroll(scanned, period=2)
     jax.tree.map(np.testing.assert_array_equal, back, tree)
 

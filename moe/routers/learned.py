@@ -62,7 +62,7 @@ class TopK(LearnedRouter):
     name = "topk"
 
     def __call__(self, inp: RouteInput) -> Routing:
-        return topk_route(self.logits(inp.x_BSD, inp.key), self.cfg.experts_per_token)
+        return topk_route(self.logits(inp.x_BSD, inp.key), self.cfg.experts_per_token, self.cfg.norm_topk_prob)
 
 
 @register
@@ -71,14 +71,20 @@ class Frozen(TopK):
     frozen = True
 
 
-def topk_route(logits_BSE: jax.Array, k: int) -> Routing:
-    """Learned top-k routing from float32 router logits: k=1 gates by the probability (Switch),
-    k>1 renormalises the chosen probabilities (Mixtral)."""
+def renormalises(k: int, norm_topk_prob: str) -> bool:
+    """Whether the k chosen gates are divided by their sum (``MoEConfig.norm_topk_prob``)."""
+    return norm_topk_prob == "on" or (norm_topk_prob == "auto" and k > 1)
+
+
+def topk_route(logits_BSE: jax.Array, k: int, norm_topk_prob: str = "auto") -> Routing:
+    """Learned top-k routing from float32 router logits: the chosen probabilities gate, divided by
+    their sum by default when k > 1 (Mixtral; Switch's k = 1 keeps its probability), always with
+    ``norm_topk_prob="on"``, never with "off" (Qwen2-MoE, OLMoE)."""
     logits_BSE = logits_BSE.astype(jnp.float32)
     num_experts = logits_BSE.shape[-1]
     probs_BSE = jax.nn.softmax(logits_BSE, axis=-1)
     gates_BSK, ids_BSK = top_k(probs_BSE, k)
-    if k > 1:
+    if renormalises(k, norm_topk_prob):
         gates_BSK = gates_BSK / jnp.sum(gates_BSK, axis=-1, keepdims=True)
     load_E = expert_load(ids_BSK, num_experts)
     return Routing(

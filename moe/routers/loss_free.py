@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from moe.params import RouterState
 from moe.routers import register
 from moe.routers.base import RouteInput, Routing, expert_load, router_entropy, router_z_loss, top_k
-from moe.routers.learned import LearnedRouter
+from moe.routers.learned import LearnedRouter, renormalises
 
 
 @register
@@ -28,21 +28,23 @@ class LossFree(LearnedRouter):
         self.bias = RouterState(jnp.zeros((cfg.num_experts,), jnp.float32), logical_axes=(None,))
 
     def __call__(self, inp: RouteInput) -> Routing:
-        return loss_free_route(self.logits(inp.x_BSD, inp.key), self.bias[...], self.cfg.experts_per_token)
+        return loss_free_route(self.logits(inp.x_BSD, inp.key), self.bias[...], self.cfg.experts_per_token,
+                               self.cfg.norm_topk_prob)
 
     def update(self, expert_load_E: jax.Array) -> None:
         self.bias[...] = loss_free_bias_update(self.bias[...], expert_load_E, self.cfg.loss_free_gamma)
 
 
-def loss_free_route(logits_BSE: jax.Array, bias_E: jax.Array, k: int) -> Routing:
-    """Top-k of (probabilities + bias), gated by the probabilities alone (renormalised for k > 1).
+def loss_free_route(logits_BSE: jax.Array, bias_E: jax.Array, k: int, norm_topk_prob: str = "auto") -> Routing:
+    """Top-k of (probabilities + bias), gated by the probabilities alone (renormalised as
+    ``norm_topk_prob`` says: by default for k > 1).
     The bias carries no gradient; ``aux_loss`` is 0 (balance comes from the bias)."""
     logits_BSE = logits_BSE.astype(jnp.float32)
     num_experts = logits_BSE.shape[-1]
     probs_BSE = jax.nn.softmax(logits_BSE, axis=-1)
     _, ids_BSK = top_k(jax.lax.stop_gradient(probs_BSE) + jax.lax.stop_gradient(bias_E)[None, None, :], k)
     gates_BSK = jnp.take_along_axis(probs_BSE, ids_BSK, axis=-1)
-    if k > 1:
+    if renormalises(k, norm_topk_prob):
         gates_BSK = gates_BSK / jnp.sum(gates_BSK, axis=-1, keepdims=True)
     return Routing(
         expert_ids=ids_BSK,

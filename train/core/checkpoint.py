@@ -226,9 +226,10 @@ class Checkpoints:
         stored = {item: self._stored(step, item) for item in targets}
         params = stored.get("params")
         stored_stack = None if params is None else layout.stack_shape(_as_dicts(params))
+        target_stack = layout.stack_shape(targets["params"]) if "params" in targets else None
         for item, target in targets.items():
             paths = None if stored[item] is None else layout.paths(stored[item])
-            target, back[item] = layout.legacy(target, paths, stored_stack)
+            target, back[item] = layout.legacy(target, paths, stored_stack, target_stack)
             items[item] = ocp.args.StandardRestore(target)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return {item: back[item](out[item]) for item in targets}

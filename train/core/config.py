@@ -16,7 +16,7 @@ import math
 import pathlib
 import sys
 
-from moe.config import ACTIVATIONS, DTYPES, REMAT_POLICIES, SCAN_MODES, FieldError, StrictFields
+from moe.config import ACTIVATIONS, ATTENTIONS, DTYPES, QK_NORMS, REMAT_POLICIES, SCAN_MODES, FieldError, StrictFields
 from moe.config import TransformerConfig as ModelConfig
 from train.errors import ConfigError
 
@@ -245,8 +245,26 @@ def _validate_model(m: ModelConfig, need) -> None:
     for key in ("num_layers", "d_model", "num_heads", "d_ff"):
         need(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
     need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
-    need(m.d_model % m.num_heads == 0, "model.d_model", f"must be divisible by model.num_heads={m.num_heads}")
-    need((m.d_model // m.num_heads) % 2 == 0, "model.num_heads", "head dimension d_model/num_heads must be even (RoPE)")
+    need(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0 = d_model / num_heads)")
+    if not m.head_dim:
+        need(m.d_model % m.num_heads == 0, "model.d_model", f"must be divisible by model.num_heads={m.num_heads}")
+        need((m.d_model // m.num_heads) % 2 == 0, "model.num_heads", "head dimension d_model/num_heads must be even (RoPE)")
+    else:
+        need(m.head_dim % 2 == 0, "model.head_dim", "must be even (RoPE)")
+    need(m.num_kv_heads >= 0 and m.num_heads % max(m.num_kv_heads, 1) == 0, "model.num_kv_heads",
+         f"must divide model.num_heads={m.num_heads} (0 = num_heads)")
+    need(m.attention in ATTENTIONS, "model.attention", f"choose one of {', '.join(ATTENTIONS)}")
+    need(m.qk_norm in QK_NORMS, "model.qk_norm", f"choose one of {', '.join(QK_NORMS)}")
+    need(m.attention == "mha" or (m.qk_norm == "none" and not m.attn_bias and not m.num_kv_heads),
+         "model.attention", "mla has its own key/value layout: leave qk_norm, attn_bias and num_kv_heads unset")
+    need(m.norm_eps > 0 and math.isfinite(m.norm_eps), "model.norm_eps", "must be > 0")
+    need(type(m.first_dense_layers) is int and 0 <= m.first_dense_layers <= m.num_layers, "model.first_dense_layers",
+         f"must be an integer in [0, model.num_layers={m.num_layers}]")
+    if m.attention == "mla":
+        try:
+            m.mla.check()
+        except FieldError as e:
+            raise ConfigError(f"config.model.mla.{e.field}={e.value!r}: {e.why}") from None
     need(m.moe_every >= 0, "model.moe_every", "must be >= 0 (0 = dense model)")
     need(m.activation in ACTIVATIONS, "model.activation", f"choose one of {', '.join(ACTIVATIONS)}")
     need(m.dtype in DTYPES, "model.dtype", f"choose one of {', '.join(DTYPES)}")
@@ -285,7 +303,7 @@ def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
                 f"config.mesh.tensor={sizes['tensor']}: mesh.rules={cfg.mesh.rules} shards nothing over the tensor "
                 "axis, so its devices would all repeat the same work; use mesh.rules=ep+tp or fsdp+tp, or mesh.tensor=1"
             )
-        for key in ("d_ff", "num_heads"):
+        for key in ("d_ff", "num_heads", "num_kv_heads"):
             if getattr(m, key) % sizes["tensor"]:
                 raise ConfigError(f"config.model.{key}={getattr(m, key)}: not divisible by mesh.tensor={sizes['tensor']}")
         if m.moe_every and m.moe.expert_d_ff % sizes["tensor"]:

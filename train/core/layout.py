@@ -9,8 +9,10 @@ Layouts:
     ``ffn/router/table``, ``ffn/router/rngs``.
 And, in any version since scanning, the blocks are stored either way (``model.scan_layers``):
   * unrolled: ``blocks/{i}/...`` for every block i;
-  * scanned: ``stack/pattern/{j}/...`` with a leading [R] axis for blocks r*P + j (P blocks in the
-    pattern, R repeats), then ``blocks/{t}/...`` for block R*P + t (the blocks after the last repeat).
+  * scanned: ``head/{i}/...`` for the first F blocks (the dense first layers, rounded up to a whole
+    pattern; absent when F = 0), ``stack/pattern/{j}/...`` with a leading [R] axis for blocks
+    F + r*P + j (P blocks in the pattern, R repeats), then ``blocks/{t}/...`` for block F + R*P + t
+    (the blocks after the last repeat).
 A restore builds its target in today's layout; ``legacy`` finds the layout whose paths match what
 a checkpoint stores and converts both ways, so a run written scanned evaluates, samples and
 resumes unrolled, and the reverse.
@@ -110,45 +112,50 @@ def _stack(xs: list):
     return jnp.stack(xs)
 
 
-def unroll(tree: dict, period: int) -> dict:
-    """Scanned model nodes -> unrolled ones (``blocks/{i}`` for every block)."""
+def unroll(tree: dict, period: int, offset: int = 0) -> dict:
+    """Scanned model nodes -> unrolled ones (``blocks/{i}`` for every block); ``offset``: F."""
 
     def one(node):
         if "stack" not in node:
             return node
         pattern = node["stack"]["pattern"]
         repeats = jax.tree.leaves(pattern)[0].shape[0]
-        blocks = {}
+        blocks = dict(node.get("head", {}))
         for j, sub in pattern.items():
             for r in range(repeats):
-                blocks[str(r * period + int(j))] = jax.tree.map(lambda x, r=r: _take(x, r), sub)
+                blocks[str(offset + r * period + int(j))] = jax.tree.map(lambda x, r=r: _take(x, r), sub)
         for t, sub in node.get("blocks", {}).items():
-            blocks[str(repeats * period + int(t))] = sub
-        out = {k: v for k, v in node.items() if k not in ("stack", "blocks")}
+            blocks[str(offset + repeats * period + int(t))] = sub
+        out = {k: v for k, v in node.items() if k not in ("head", "stack", "blocks")}
         return {**out, "blocks": dict(sorted(blocks.items(), key=lambda kv: int(kv[0])))}
 
     return _map_models(tree, one)
 
 
-def scan(tree: dict, period: int, repeats: int) -> dict:
-    """Unrolled model nodes -> scanned ones: blocks r*P + j stacked as ``stack/pattern/{j}``."""
+def scan(tree: dict, period: int, repeats: int, offset: int = 0) -> dict:
+    """Unrolled model nodes -> scanned ones: blocks before ``offset`` as ``head/{i}``, blocks
+    offset + r*P + j stacked as ``stack/pattern/{j}``, the rest as ``blocks/{t}``."""
 
     def one(node):
         if "stack" in node:
             return node
-        scanned, tail = {}, {}
+        head, scanned, tail = {}, {}, {}
         for i, sub in node.get("blocks", {}).items():
             i = int(i)
-            if i < repeats * period:
-                scanned.setdefault(i % period, {})[i // period] = sub
+            if i < offset:
+                head[str(i)] = sub
+            elif i < offset + repeats * period:
+                scanned.setdefault((i - offset) % period, {})[(i - offset) // period] = sub
             else:
-                tail[str(i - repeats * period)] = sub
+                tail[str(i - offset - repeats * period)] = sub
         pattern = {}
         for j, subs in sorted(scanned.items()):
             if sorted(subs) != list(range(repeats)):
-                raise ValueError(f"blocks {[r * period + j for r in range(repeats)]} are not all stored")
+                raise ValueError(f"blocks {[offset + r * period + j for r in range(repeats)]} are not all stored")
             pattern[str(j)] = jax.tree.map(lambda *xs: _stack(list(xs)), *[subs[r] for r in range(repeats)])
         out = {k: v for k, v in node.items() if k != "blocks"}
+        if head:
+            out["head"] = head
         if pattern:
             out["stack"] = {"pattern": pattern}
         if tail:
@@ -158,15 +165,16 @@ def scan(tree: dict, period: int, repeats: int) -> dict:
     return _map_models(tree, one)
 
 
-def stack_shape(tree: dict) -> tuple[int, int] | None:
-    """(pattern positions P seen, repeats R) of the first scanned model node in ``tree``, or None.
-    In a parameter tree every pattern position is present, so P is the pattern's length."""
+def stack_shape(tree: dict) -> tuple[int, int, int] | None:
+    """(pattern positions P seen, repeats R, head blocks F) of the first scanned model node in
+    ``tree``, or None. In a parameter tree every block is present, so P is the pattern's length and
+    F the number of blocks before the stack."""
     found = []
 
     def one(node):
         if "stack" in node and not found:
             pattern = node["stack"]["pattern"]
-            found.append((len(pattern), jax.tree.leaves(pattern)[0].shape[0]))
+            found.append((len(pattern), jax.tree.leaves(pattern)[0].shape[0], len(node.get("head", {}))))
         return node
 
     _map_models(tree, one)
@@ -180,26 +188,27 @@ def _placed_like(tree, like):
     )
 
 
-def legacy(target: dict, stored_paths: set[str] | None, stored_stack: tuple[int, int] | None = None
-           ) -> tuple[dict, Callable[[dict], dict]]:
+def legacy(target: dict, stored_paths: set[str] | None, stored_stack: tuple[int, int, int] | None = None,
+           target_stack: tuple[int, int, int] | None = None) -> tuple[dict, Callable[[dict], dict]]:
     """(the target in the layout the checkpoint stores, a function bringing what is read back to
     today's layout). Today's layout when the paths match, or when none matches (the restore then
     names the difference). ``stored_stack``: (P, R) of the checkpoint's scanned blocks (from its
-    parameters' shapes), needed to read a scanned checkpoint into an unrolled model."""
+    parameters' shapes), needed to read a scanned checkpoint into an unrolled model; ``target_stack``
+    likewise for the target (default: from ``target``, exact for parameter trees)."""
     if stored_paths is None or paths(target) == stored_paths:
         return target, lambda tree: tree
     old = to_v1(target)
     if paths(old) == stored_paths:
         return old, to_v2
-    ours = stack_shape(target)
-    if ours is not None:  # scanned today, stored unrolled
-        period, repeats = ours
-        old = unroll(target, period)
+    ours = stack_shape(target) if target_stack is None else target_stack
+    if ours is not None and stack_shape(target) is not None:  # scanned today, stored unrolled
+        period, repeats, offset = ours
+        old = unroll(target, period, offset)
         if paths(old) == stored_paths:
-            return old, lambda tree: _placed_like(scan(tree, period, repeats), target)
+            return old, lambda tree: _placed_like(scan(tree, period, repeats, offset), target)
     elif stored_stack is not None:  # unrolled today, stored scanned
-        period, repeats = stored_stack
-        old = scan(target, period, repeats)
+        period, repeats, offset = stored_stack
+        old = scan(target, period, repeats, offset)
         if paths(old) == stored_paths:
-            return old, lambda tree: _placed_like(unroll(tree, period), target)
+            return old, lambda tree: _placed_like(unroll(tree, period, offset), target)
     return target, lambda tree: tree

@@ -1,0 +1,203 @@
+"""``moe-import``: a local Hugging Face model folder -> a Switchyard workdir (config, tokenizer,
+checkpoint 0) that ``moe-eval``, ``moe-generate`` and ``moe-train --config.train.init_from`` read.
+
+Streaming: the safetensors files are memory-mapped and each block's tensors are converted, placed and
+written on their own (Orbax partial saves, one block at a time), so host memory holds about one
+block, never the model. Everything is checked first (the architecture and its settings, every
+tensor's presence and shape, the tokenizer): a problem is one line naming it and nothing is written.
+The workdir is built under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train.errors import DataError, WorkdirError
+from train.interop.archs import InteropError, Tensor, from_hf_config, tensors
+from train.interop.safetensors import SafetensorsFolder
+
+# files of the model folder kept beside the checkpoint (``hf/``) and written back by ``moe-export``
+HF_EXTRAS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}  # float16 is read into float32
+
+
+def read_hf_config(hf_dir: pathlib.Path) -> dict:
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise DataError(f"--hf_dir={hf_dir}: no such folder")
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"--hf_dir={hf_dir}: no config.json") from None
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def plan_import(hf_dir: pathlib.Path):
+    """(architecture, run Config, tensor table, the open folder, the tokenizer) after every check."""
+    from train.core.config import Config, validate
+    from train.data.tokenizers import BPETokenizer
+
+    hf = read_hf_config(hf_dir)
+    arch, model = from_hf_config(hf, where=str(hf_dir / "config.json"))
+    dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    if dtype not in HF_DTYPES:
+        raise InteropError(f"{hf_dir / 'config.json'}: dtype={dtype!r}: not supported ({', '.join(HF_DTYPES)})")
+    model.dtype = model.param_dtype = HF_DTYPES[dtype]
+    tokenizer_file = hf_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise DataError(f"--hf_dir={hf_dir}: no tokenizer.json (Switchyard reads the tokenizer from it)")
+    tokenizer = BPETokenizer.load(tokenizer_file, flag=str(tokenizer_file))
+    if tokenizer.vocab_size > model.vocab_size:
+        raise InteropError(f"{tokenizer_file}: {tokenizer.vocab_size} tokens (with <pad>, <bos>, <eos>) exceed the "
+                           f"model's vocab_size={model.vocab_size}")
+    cfg = Config(model=model)
+    cfg.data.tokenizer = "bpe"
+    validate(cfg)
+    folder = SafetensorsFolder(hf_dir)
+    table = tensors(arch, model, interleaved=bool(hf.get("rope_interleave", True)))
+    for t in table:
+        for name in t.names:
+            if name not in folder:
+                raise InteropError(f"{hf_dir}: tensor {name} is missing ({arch}, needed for {t.path})")
+            if folder.shape(name) != t.hf_shape:
+                raise InteropError(f"{hf_dir}: tensor {name} has shape {list(folder.shape(name))}, "
+                                   f"expected {list(t.hf_shape)} ({arch})")
+    return arch, cfg, table, folder, tokenizer
+
+
+def _reader(folder: SafetensorsFolder, t: Tensor, dtype):
+    """``callback(index) -> the slice of the Switchyard array`` (``jax.make_array_from_callback``),
+    reading only the experts the slice covers."""
+
+    def read(index):
+        if t.stacked:
+            experts = range(*index[0].indices(len(t.names)))
+            block = np.stack([t.to_ours(np.asarray(folder[t.names[e]])) for e in experts])
+            return block[(slice(None),) + tuple(index[1:])].astype(dtype)
+        return np.asarray(t.to_ours(np.asarray(folder[t.names[0]])))[index].astype(dtype)
+
+    return read
+
+
+def _nested_set(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, log=print) -> dict:
+    """Convert ``hf_dir`` into a new Switchyard ``workdir``; returns a summary (arch, parameters, seconds)."""
+    import orbax.checkpoint as ocp
+    import orbax.checkpoint.experimental.v1 as ocp_v1
+
+    from moe.transformer import Transformer
+    from sharding.mesh import make_mesh
+    from sharding.rules import mesh_and_rules
+    from train.core.checkpoint import Checkpoints, _abstract, to_nested
+    from train.core.step import shardings_of, split_model
+
+    start = time.perf_counter()
+    hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise WorkdirError(f"--workdir={workdir}: exists and is not empty; import into a new folder")
+    arch, cfg, table, folder, tokenizer = plan_import(hf_dir)
+    log(f"moe-import: {arch} from {hf_dir}: {cfg.model.num_layers} layers, d_model {cfg.model.d_model}, "
+        f"{cfg.model.moe.num_experts} experts (top-{cfg.model.moe.experts_per_token}), {cfg.model.param_dtype}")
+    tmp = workdir.with_name(f".{workdir.name}.importing-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        unrolled = dataclasses.replace(cfg.model, scan_layers="off")  # written unrolled; any layout restores it
+        mesh = make_mesh(devices=jax.devices()[:1], data=1, expert=1)  # one copy of every array
+        with mesh_and_rules(mesh, "ep"):
+            abstract = nnx.eval_shape(lambda: Transformer(unrolled, rngs=nnx.Rngs(params=0, routing=1)))
+            _, params, model_state = split_model(abstract)
+            def placed(tree):  # the abstract shardings on this concrete mesh
+                return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s.spec), shardings_of(tree))
+
+            target = {"params": to_nested(_abstract(params, placed(params))),
+                      "model_state": to_nested(_abstract(model_state, placed(model_state)))}
+            by_path = {t.path: t for t in table}
+            n_params = _write_params(ocp_v1, tmp / "params", target["params"], by_path, folder, log)
+            # the small model state (router biases, RNG streams): initial values, then what the folder holds
+            state = jax.jit(lambda: to_nested(split_model(
+                Transformer(unrolled, rngs=nnx.Rngs(params=0, routing=1)))[2]))()
+            for t in table:
+                if t.item == "model_state":
+                    leaf = _lookup(target["model_state"], t.path)
+                    _nested_set(state, t.path, jax.make_array_from_callback(
+                        leaf.shape, leaf.sharding, _reader(folder, t, leaf.dtype)))
+        meta = {"config": cfg.to_dict(), "data_fingerprint": "imported", "imported_from": {"arch": arch, "hf_dir": str(hf_dir)}}
+        checkpoints = Checkpoints(tmp / "checkpoints", keep=1)
+        try:
+            items = {"train": ocp.args.StandardSave({"step": jnp.zeros((), jnp.int32), "model_state": state}),
+                     "meta": ocp.args.JsonSave(meta), "data": ocp.args.JsonSave({})}
+            checkpoints.manager.save(0, args=ocp.args.Composite(**items))
+            checkpoints.manager.wait_until_finished()
+        finally:
+            checkpoints.close()
+        (tmp / "params" / "state").rename(tmp / "checkpoints" / "0" / "params")
+        shutil.rmtree(tmp / "params")
+        (tmp / "hf").mkdir()
+        for name in HF_EXTRAS:
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, tmp / "hf" / name)
+        tokenizer.save(tmp / "tokenizer.json")
+        (tmp / "config.json").write_text(cfg.to_json())
+        (tmp / "imported.json").write_text(json.dumps({"arch": arch, "hf_dir": str(hf_dir.resolve())}, indent=2))
+        folder.close()
+        if workdir.exists():
+            workdir.rmdir()
+        tmp.rename(workdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - start
+    log(f"moe-import: wrote {workdir} ({n_params:,} parameters) in {seconds:.1f} s")
+    return {"arch": arch, "parameters": n_params, "seconds": seconds, "workdir": str(workdir)}
+
+
+def _lookup(tree: dict, path: str):
+    for p in path.split("/"):
+        tree = tree[p]
+    return tree
+
+
+def _write_params(ocp_v1, where: pathlib.Path, target: dict, by_path: dict, folder, log) -> int:
+    """Each block's parameters (then the rest) built from the folder and saved on their own."""
+    groups = [("blocks", b) for b in sorted(target.get("blocks", {}), key=int)] + [(k, None) for k in target if k != "blocks"]
+    total = 0
+    for i, (key, block) in enumerate(groups):
+        sub = target[key] if block is None else target[key][block]
+        prefix = key if block is None else f"{key}/{block}"
+        built: dict = {}
+
+        def build(node, path):
+            nonlocal total
+            if isinstance(node, dict):
+                return {k: build(v, f"{path}/{k}") for k, v in node.items()}
+            if path not in by_path:
+                raise InteropError(f"no Hugging Face tensor is mapped to Switchyard's {path}")
+            total += int(np.prod(node.shape))
+            return jax.make_array_from_callback(node.shape, node.sharding, _reader(folder, by_path[path], node.dtype))
+
+        built = build(sub, prefix)
+        piece = {key: built} if block is None else {key: {block: built}}
+        ocp_v1.partial.save(where, piece)
+        del built, piece
+        if block is not None and (i + 1) % max(1, len(groups) // 10) == 0:
+            log(f"moe-import: block {int(block) + 1}/{len(target['blocks'])} written")
+    ocp_v1.partial.finalize(where)
+    return total
