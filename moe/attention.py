@@ -71,8 +71,11 @@ def causal_mask(x_BSD: jax.Array, positions_BS: jax.Array, keys: int | None) -> 
 
 def write_cache(cache_BP: jax.Array, new_BS: jax.Array, positions_BS: jax.Array) -> jax.Array:
     """``new`` written into the cache at the batch's start position (axis 1)."""
-    start = (0, positions_BS[0, 0]) + (0,) * (cache_BP.ndim - 2)
-    return jax.lax.dynamic_update_slice(cache_BP, new_BS.astype(cache_BP.dtype), start)
+    start = (0, jnp.min(positions_BS)) + (0,) * (cache_BP.ndim - 2)
+    new_BS = new_BS.astype(cache_BP.dtype)
+    if current_mesh() is not None:  # the update takes the cache's sharding (the batch split over the mesh or not)
+        new_BS = jax.sharding.reshard(new_BS, jax.typeof(cache_BP).sharding.spec)
+    return jax.lax.dynamic_update_slice(cache_BP, new_BS, start)
 
 
 def attend(q_BSNH, k_BPJH, v_BPJH, mask_BSP, scale: float) -> jax.Array:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.attention import ATTENTION
+from moe.attention import ATTENTION, write_cache
 from moe.blocks import Block, DenseFFN, RMSNorm, einsum
 from moe.config import TransformerConfig
 from moe.dispatch.base import EXCHANGED
@@ -142,13 +142,21 @@ class Transformer(nnx.Module):
         scanned blocks), and the token ids seen so far [B, max_len] (the bigram router reads the
         previous one)."""
         cfg = self.cfg
+        mesh = current_mesh()
+        batch_spec = None if mesh is None else logical_to_spec(("batch",), mesh)[0]
+
+        def split(x, axis):  # the batch rows over the mesh's batch axes, as the activations
+            if mesh is None:
+                return x
+            return jax.sharding.reshard(x, jax.P(*([None] * axis + [batch_spec] + [None] * (x.ndim - axis - 1))))
 
         def empty(lead=()):
-            return ATTENTION[cfg.attention].empty_cache(cfg, batch, max_len, lead)
+            leaves = ATTENTION[cfg.attention].empty_cache(cfg, batch, max_len, lead)
+            return jax.tree.map(lambda x: split(x, len(lead)), leaves)
 
         stack = None if self.stack is None else [empty((self.stack.repeats,)) for _ in range(cfg.period)]
         return {"head": [empty() for _ in self.head], "stack": stack, "blocks": [empty() for _ in self.blocks],
-                "tokens": jnp.zeros((batch, max_len), jnp.int32)}
+                "tokens": split(jnp.zeros((batch, max_len), jnp.int32), 0)}
 
     def forward(self, tokens_BS, positions_BS=None, cache=None):
         if positions_BS is None:
@@ -160,7 +168,7 @@ class Transformer(nnx.Module):
         x_BSD = self.embed_tokens(tokens_BS)
         prev_BS, new_cache = None, None
         if cache is not None:  # the previous token of each new position comes from the cache
-            seen_BT = jax.lax.dynamic_update_slice(cache["tokens"], tokens_BS.astype(jnp.int32), (0, positions_BS[0, 0]))
+            seen_BT = write_cache(cache["tokens"], tokens_BS.astype(jnp.int32), positions_BS)
             prev_BS = jnp.take_along_axis(seen_BT, jnp.maximum(positions_BS - 1, 0), axis=1)
             prev_BS = jnp.where(positions_BS > 0, prev_BS, NO_PREVIOUS_TOKEN)
             new_cache = {"head": [], "stack": None, "blocks": [], "tokens": seen_BT}

@@ -41,6 +41,9 @@ class TrainConfig(StrictFields):
     spike_sigma: float = 0.0  # skip an update whose loss exceeds mean + sigma * std of the last window (0 = off)
     spike_window: int = 50
     step_timeout_s: float = 0.0  # multi-process: stop if a step makes no progress this long (0 = 900 s there, off alone)
+    # a workdir (e.g. from moe-import) whose latest checkpoint's parameters start this run (fine-tuning);
+    # its tokenizer.json is used when the run has none. Ignored once this run has a checkpoint of its own.
+    init_from: str = ""
 
 
 @dataclasses.dataclass
@@ -98,9 +101,15 @@ class Config(StrictFields):
 
 # ---------------------------------------------------------------- loading and overrides
 def load_config_file(path: str) -> Config:
+    """A ``configs/*.py`` file's ``get_config()``, or a run's saved ``config.json`` (e.g. an imported model's)."""
     file = pathlib.Path(path)
     if not file.is_file():
         raise ConfigError(f"--config={path}: no such file")
+    if file.suffix == ".json":
+        try:
+            return from_dict(json.loads(file.read_text()))
+        except ValueError as e:
+            raise ConfigError(f"--config={path}: not a saved config ({str(e).splitlines()[0][:200]})") from None
     spec = importlib.util.spec_from_file_location(f"switchyard_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(file.resolve().parent))  # a config may import its sibling configs
@@ -227,6 +236,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(d.max_bytes >= 0, "data.max_bytes", "must be >= 0 (0 = all)")
     if d.tokenizer_path:
         need(pathlib.Path(d.tokenizer_path).is_file(), "data.tokenizer_path", "no such file")
+    if t.init_from:
+        need((pathlib.Path(t.init_from) / "checkpoints").is_dir(), "train.init_from", "no checkpoints folder there")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(cfg.log_every_steps >= 1, "log_every_steps", "must be >= 1")
@@ -356,7 +367,7 @@ def fingerprint(obj) -> str:
 # Sections a resumed run may change; anything else must match the checkpoint.
 RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches",
              "peak_flops_per_device", "profile_steps", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
-             "train.step_timeout_s", "model.moe.ragged_exchange", "model.scan_layers", "model.remat")
+             "train.step_timeout_s", "train.init_from", "model.moe.ragged_exchange", "model.scan_layers", "model.remat")
 
 
 def check_compatible(meta: dict, saved: dict, where: pathlib.Path) -> None:

@@ -141,6 +141,7 @@ class TrainerSetup:
     def _build(self, cfg: Config, log) -> None:
         self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=cfg.train.steps, enabled=self.proc == 0)
         self.log = log or self.writer.log
+        self._take_init_tokenizer(cfg)
         # raw text read and tokenized here, or a prepared folder memory-mapped (its settings in force)
         data = open_run_data(cfg.data, self.workdir, write=self.proc == 0, log=self.log)
         self.tokenizer, self.train_corpus, self.val_corpus = data.tokenizer, data.train, data.validation
@@ -231,11 +232,50 @@ class TrainerSetup:
             self.batches.set_state(data_state)
             self.log(f"resumed from {where}")
             return
+        if self.cfg.train.init_from and not self.checkpoints.set_aside_steps():
+            self._init_from(pathlib.Path(self.cfg.train.init_from))
+            return
         if self.checkpoints.set_aside_steps():
             raise CheckpointError(
                 f"{self.checkpoints.directory}: no checkpoint can be restored (set aside: "
                 f"{', '.join(self.checkpoints.set_aside_steps())}); move them away to start afresh"
             )
+
+    def _take_init_tokenizer(self, cfg: Config) -> None:
+        """Fine-tuning (``train.init_from``) a BPE model with no tokenizer of its own: the initial run's."""
+        source = pathlib.Path(cfg.train.init_from or ".") / "tokenizer.json"
+        mine = self.workdir / "tokenizer.json"
+        if (cfg.train.init_from and cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_path and source.is_file()
+                and not mine.exists() and self.proc == 0):
+            write_text_atomic(mine, source.read_text(encoding="utf-8"))
+
+    def _init_from(self, source: pathlib.Path) -> None:
+        """Parameters (and the router state, where it is the same kind) from ``source``'s latest
+        checkpoint, on this run's mesh; the optimizer starts afresh at step 0."""
+        checkpoints = Checkpoints(source / "checkpoints", read_only=True)
+        field = f"config.train.init_from={source}"
+        try:
+            step = checkpoints.latest_step()
+            if step is None:
+                raise ConfigError(f"{field}: no complete checkpoint")
+            try:
+                params, _, _ = checkpoints.restore_params(step, self.state.params, self.state_shardings.params)
+            except Exception as e:  # noqa: BLE001 - a different model: name it in one line
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise ConfigError(f"{field}: its parameters do not fit this model ({first}); use its config "
+                                  f"(--config={source}/config.json) with the overrides the model allows") from None
+            self.state.params = params
+            try:
+                _, model_state, _ = checkpoints.restore_params(
+                    step, self.state.params, self.state_shardings.params, self.state.model_state,
+                    self.state_shardings.model_state)
+                self.state.model_state = model_state
+                kept = "parameters and router state"
+            except Exception:  # noqa: BLE001 - another router: its state starts afresh
+                kept = "parameters (router state starts afresh: another router)"
+        finally:
+            checkpoints.close()
+        self.log(f"initialised from {source / 'checkpoints' / str(step)}: {kept}")
 
     def save_checkpoint(self, step: int, *, force: bool = False) -> None:
         """Start an asynchronous save; the loop is blocked only for the device-to-host copy."""

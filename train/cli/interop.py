@@ -1,0 +1,64 @@
+"""moe-import / moe-export: Hugging Face model folders in and out (``train.interop``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from train.cli.common import check_workdir, common_args, run_guarded, start_jax
+
+
+def import_main(argv=None) -> int:
+    """moe-import --hf_dir=DIR --workdir=W: a Switchyard workdir from a local Hugging Face model."""
+    prog = "moe-import"
+    p = argparse.ArgumentParser(prog=prog, description=(
+        "Convert a local Hugging Face MoE model folder (config.json, safetensors, tokenizer.json) of "
+        "mixtral, qwen2_moe, qwen3_moe, olmoe or deepseek_v3 into a Switchyard workdir (checkpoint 0)."))
+    p.add_argument("--hf_dir", required=True, help="the model folder (as save_pretrained writes it)")
+    p.add_argument("--workdir", required=True, help="a new folder for the Switchyard run")
+    common_args(p)
+    args = p.parse_args(argv)
+    check_workdir(prog, args.workdir)
+    args.cpu_devices = 1  # the conversion places each array once
+    start_jax(prog, args)
+
+    def run() -> int:
+        from train.interop.hf_import import import_model
+
+        summary = import_model(args.hf_dir, args.workdir, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(json.dumps(summary), flush=True)
+        return 0
+
+    return run_guarded(prog, args.verbose, run)
+
+
+def export_main(argv=None) -> int:
+    """moe-export --workdir=W --hf_dir=OUT [--step=N]: a Hugging Face model folder from a checkpoint."""
+    from train.interop.archs import ARCHITECTURES
+
+    prog = "moe-export"
+    p = argparse.ArgumentParser(prog=prog, description=(
+        "Write a checkpoint as a Hugging Face model folder (safetensors shards, config.json, tokenizer) "
+        "that transformers.AutoModelForCausalLM.from_pretrained loads."))
+    p.add_argument("--workdir", required=True, help="the Switchyard run to export")
+    p.add_argument("--hf_dir", required=True, help="a new folder for the Hugging Face model")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="",
+                   help="the Hugging Face architecture (default: the one imported from, else inferred from the model)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="", help="tensor dtype (default: the parameters')")
+    p.add_argument("--max_shard_gb", type=float, default=2.0, help="largest safetensors file (GiB)")
+    common_args(p)
+    args = p.parse_args(argv)
+    check_workdir(prog, args.workdir)
+    start_jax(prog, args)
+
+    def run() -> int:
+        from train.interop.hf_export import export_model
+
+        summary = export_model(args.workdir, args.hf_dir, step=args.step, arch=args.arch, dtype=args.dtype,
+                               max_shard_gb=args.max_shard_gb, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(json.dumps(summary), flush=True)
+        return 0
+
+    return run_guarded(prog, args.verbose, run)

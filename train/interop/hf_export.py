@@ -1,0 +1,100 @@
+"""``moe-export``: a Switchyard checkpoint -> a Hugging Face model folder (safetensors shards,
+``config.json``, the tokenizer) that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+Any checkpoint of an exportable model: trained with expert parallelism on any mesh, scanned or
+unrolled (it is read unrolled, on this process's devices). The architecture is the one the workdir
+was imported from, else inferred from the model's pieces (``--arch`` to choose); a model the
+architecture cannot express (a router, shared experts, tied embeddings it lacks) is refused with one
+line naming the field, before anything is written. The folder is written under a temporary name
+and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+
+from train.errors import WorkdirError
+from train.interop.archs import ARCHITECTURES, InteropError, infer_architecture, tensors, to_hf_config
+from train.interop.hf_import import HF_EXTRAS
+from train.interop.safetensors import write_shards
+
+EXPORT_DTYPES = ("float32", "bfloat16")
+
+
+def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, arch: str = "",
+                 dtype: str = "", max_shard_gb: float = 2.0, log=print) -> dict:
+    from train.inference.evaluate import load_run
+
+    workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise WorkdirError(f"--hf_dir={out}: exists and is not empty; export into a new folder")
+    if arch and arch not in ARCHITECTURES:
+        raise InteropError(f"--arch={arch}: choose one of {', '.join(ARCHITECTURES)}")
+    if dtype and dtype not in EXPORT_DTYPES:
+        raise InteropError(f"--dtype={dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
+    if not max_shard_gb > 0:
+        raise InteropError(f"--max_shard_gb={max_shard_gb}: must be > 0")
+    imported = workdir / "imported.json"
+    if not arch:
+        arch = json.loads(imported.read_text())["arch"] if imported.is_file() else ""
+    run = load_run(workdir, step, scan_layers="off")  # one block at a time in the unrolled layout
+    cfg = run.cfg.model
+    arch = arch or infer_architecture(cfg)
+    dtype = dtype or cfg.param_dtype
+    hf_config = to_hf_config(arch, cfg, dtype)
+    table = tensors(arch, cfg)
+    params = _nested(run.params)
+    state = _nested(run.model_state)
+    np_dtype = np.dtype(jax.numpy.dtype(dtype))
+    plan = [(name, t.hf_shape, np_dtype) for t in table for name in t.names]
+
+    def produce():
+        for t in table:
+            value = np.asarray(jax.device_get(_lookup(params if t.item == "params" else state, t.path)))
+            if t.stacked:
+                for e, name in enumerate(t.names):
+                    yield name, t.to_hf(value[e])
+            else:
+                yield t.names[0], t.to_hf(value)
+
+    tmp = out.with_name(f".{out.name}.exporting-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files = write_shards(tmp, plan, produce, int(max_shard_gb * (1 << 30)))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        extras = workdir / "hf"
+        for name in HF_EXTRAS:
+            if (extras / name).is_file():
+                shutil.copyfile(extras / name, tmp / name)
+        if not (tmp / "tokenizer.json").is_file() and (workdir / "tokenizer.json").is_file():
+            shutil.copyfile(workdir / "tokenizer.json", tmp / "tokenizer.json")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n = sum(int(np.prod(t.shape)) for t in table if t.item == "params")
+    log(f"moe-export: {arch} step {run.step} of {workdir} -> {out} ({len(files)} safetensors file(s), {n:,} parameters, {dtype})")
+    return {"arch": arch, "step": run.step, "files": files, "parameters": n}
+
+
+def _nested(state) -> dict:
+    from train.core.checkpoint import to_nested
+
+    return to_nested(state)
+
+
+def _lookup(tree: dict, path: str):
+    for p in path.split("/"):
+        if p not in tree:
+            raise InteropError(f"the checkpoint has no {path} (is it a model of this architecture?)")
+        tree = tree[p]
+    return tree
