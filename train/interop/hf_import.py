@@ -1,9 +1,9 @@
 """``moe-import``: a local Hugging Face model folder -> a Switchyard workdir (config, tokenizer,
 checkpoint 0) that ``moe-eval``, ``moe-generate`` and ``moe-train --config.train.init_from`` read.
 
-Streaming: the safetensors files are memory-mapped and each block's tensors are converted, placed and
-written on their own (Orbax partial saves, one block at a time), so host memory holds about one
-block, never the model. Everything is checked first (the architecture and its settings, every
+Streaming: tensors are read one at a time from the safetensors files, converted, placed and written
+a few at a time (Orbax partial saves of at most 64 MiB, or one larger tensor), so host memory holds
+about one tensor of the model, never the model. Everything is checked first (the architecture and its settings, every
 tensor's presence and shape, the tokenizer): a problem is one line naming it and nothing is written.
 The workdir is built under a temporary name and renamed into place when complete.
 """
@@ -83,9 +83,15 @@ def _reader(folder: SafetensorsFolder, t: Tensor, dtype):
     def read(index):
         if t.stacked:
             experts = range(*index[0].indices(len(t.names)))
-            block = np.stack([t.to_ours(np.asarray(folder[t.names[e]])) for e in experts])
-            return block[(slice(None),) + tuple(index[1:])].astype(dtype)
-        return np.asarray(t.to_ours(np.asarray(folder[t.names[0]])))[index].astype(dtype)
+            rest = tuple(index[1:])
+            out = None
+            for i, e in enumerate(experts):  # one expert's tensor in memory at a time
+                one = t.to_ours(folder[t.names[e]])[rest]
+                if out is None:
+                    out = np.empty((len(experts), *one.shape), dtype)
+                out[i] = one
+            return out
+        return np.asarray(t.to_ours(folder[t.names[0]]))[index].astype(dtype, copy=False)
 
     return read
 
@@ -157,7 +163,6 @@ def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, log=p
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "config.json").write_text(cfg.to_json())
         (tmp / "imported.json").write_text(json.dumps({"arch": arch, "hf_dir": str(hf_dir.resolve())}, indent=2))
-        folder.close()
         if workdir.exists():
             workdir.rmdir()
         tmp.rename(workdir)
@@ -175,29 +180,45 @@ def _lookup(tree: dict, path: str):
     return tree
 
 
-def _write_params(ocp_v1, where: pathlib.Path, target: dict, by_path: dict, folder, log) -> int:
-    """Each block's parameters (then the rest) built from the folder and saved on their own."""
-    groups = [("blocks", b) for b in sorted(target.get("blocks", {}), key=int)] + [(k, None) for k in target if k != "blocks"]
-    total = 0
-    for i, (key, block) in enumerate(groups):
-        sub = target[key] if block is None else target[key][block]
-        prefix = key if block is None else f"{key}/{block}"
-        built: dict = {}
+def _leaves(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _leaves(v, path + "/")
+        else:
+            yield path, v
 
-        def build(node, path):
-            nonlocal total
-            if isinstance(node, dict):
-                return {k: build(v, f"{path}/{k}") for k, v in node.items()}
-            if path not in by_path:
-                raise InteropError(f"no Hugging Face tensor is mapped to Switchyard's {path}")
-            total += int(np.prod(node.shape))
-            return jax.make_array_from_callback(node.shape, node.sharding, _reader(folder, by_path[path], node.dtype))
 
-        built = build(sub, prefix)
-        piece = {key: built} if block is None else {key: {block: built}}
-        ocp_v1.partial.save(where, piece)
-        del built, piece
-        if block is not None and (i + 1) % max(1, len(groups) // 10) == 0:
-            log(f"moe-import: block {int(block) + 1}/{len(target['blocks'])} written")
+def _write_params(ocp_v1, where: pathlib.Path, target: dict, by_path: dict, folder, log,
+                  batch_bytes: int = 64 << 20) -> int:
+    """The parameters built from the folder and saved a few at a time (Orbax partial saves of at
+    most ``batch_bytes``, or one larger array): host memory holds one batch, never the model."""
+    leaves = list(_leaves(target))
+    for path, _ in leaves:
+        if path not in by_path:
+            raise InteropError(f"no Hugging Face tensor is mapped to Switchyard's {path}")
+    total, pending, pending_bytes, done_blocks = 0, {}, 0, set()
+    blocks = len(target.get("blocks", {}))
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+            ocp_v1.partial.save(where, pending)
+        pending, pending_bytes = {}, 0
+
+    for path, leaf in leaves:
+        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        if pending and pending_bytes + nbytes > batch_bytes:
+            flush()
+        _nested_set(pending, path, jax.make_array_from_callback(
+            leaf.shape, leaf.sharding, _reader(folder, by_path[path], leaf.dtype)))
+        pending_bytes += nbytes
+        total += int(np.prod(leaf.shape))
+        parts = path.split("/")
+        if parts[0] == "blocks" and parts[1] not in done_blocks:
+            done_blocks.add(parts[1])
+            if len(done_blocks) % max(1, blocks // 10) == 0:
+                log(f"moe-import: block {len(done_blocks)}/{blocks}")
+    flush()
     ocp_v1.partial.finalize(where)
     return total

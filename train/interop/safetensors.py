@@ -1,9 +1,9 @@
 """The safetensors format, read lazily and written tensor by tensor, with numpy alone.
 
 A ``.safetensors`` file is an 8-byte little-endian header length, a JSON header naming each
-tensor's dtype, shape and byte range, then the raw bytes. Reading memory-maps the file, so a tensor
-is paged in only when (and as far as) it is converted; writing plans every shard's header first and
-then streams the tensors in, so neither needs a whole model in memory.
+tensor's dtype, shape and byte range, then the raw bytes. Reading takes one tensor's bytes at a
+time; writing plans every shard's header first and then streams the tensors in, so neither needs a
+whole model in memory.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ INDEX = "model.safetensors.index.json"
 
 class SafetensorsFolder:
     """Every tensor of a Hugging Face model folder (``model.safetensors`` or the shards its index
-    names), each read on demand: ``folder[name]`` is a read-only memory-mapped array."""
+    names), each read on demand: ``folder[name]`` reads that tensor alone."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = pathlib.Path(folder)
@@ -40,7 +40,6 @@ class SafetensorsFolder:
             for name, info in header.items():
                 if name != "__metadata__":
                     self.where[name] = (file, info, start)
-        self._maps: dict[pathlib.Path, np.memmap] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -52,15 +51,15 @@ class SafetensorsFolder:
         return np.dtype(DTYPES[self.where[name][1]["dtype"]])
 
     def __getitem__(self, name: str) -> np.ndarray:
+        """The tensor, read from its file into memory of its own (freed with the array: a memory map
+        would keep every page read resident in this process for as long as the map lives)."""
         file, info, start = self.where[name]
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
         begin, end = info["data_offsets"]
-        raw = self._maps[file][start + begin : start + end]
-        return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
-
-    def close(self) -> None:
-        self._maps.clear()
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        with open(file, "rb") as f:
+            f.seek(start + begin)
+            raw = np.fromfile(f, dtype=dtype, count=(end - begin) // dtype.itemsize)
+        return raw.reshape(info["shape"])
 
 
 def read_header(file: pathlib.Path) -> tuple[dict, int]:
