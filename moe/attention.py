@@ -237,6 +237,8 @@ class LatentAttention(nnx.Module):
                     ("batch", "seq", "act_heads", None))
         k_nope, v_BPNH = kv[..., : self.nope], kv[..., self.nope:]
         k_rot = jnp.broadcast_to(k_rot_BPO[:, :, None, :].astype(dtype), k_nope.shape[:3] + (self.rope_dim,))
+        if current_mesh() is not None:  # the shared key joins every head where the heads are (split over tensor)
+            k_rot = jax.sharding.reshard(k_rot, jax.typeof(k_nope).sharding.spec)
         k_BPNH = jnp.concatenate([k_nope, k_rot], axis=-1)
         scale = (self.nope + self.rope_dim) ** -0.5
         out = attend(q_BSNH, k_BPNH, v_BPNH, causal_mask(x_BSD, positions_BS, keys), scale)

@@ -35,14 +35,14 @@ def hf_config(arch: str):
     raise ValueError(arch)
 
 
-def make_tokenizer(path: pathlib.Path) -> None:
-    """A byte-level BPE of fewer than VOCAB tokens with <pad>, <bos>, <eos> (ids 0, 1, 2)."""
+def make_tokenizer(path: pathlib.Path, specials=("<pad>", "<bos>", "<eos>")) -> None:
+    """A byte-level BPE of fewer than VOCAB tokens with ``specials`` at ids 0, 1, 2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<pad>", "<bos>", "<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=list(specials),
                                   initial_alphabet=[], show_progress=False)
     text = ["def f(x):\n    return x + 1\n", "the quick brown fox jumps over the lazy dog", "import os\nimport sys\n"] * 20
     tok.train_from_iterator(text, trainer)

@@ -33,6 +33,49 @@ def test_family_configs_validate_and_infer_their_architecture(family):
     assert counts["active"] < counts["total"]
     assert infer_architecture(cfg.model) == family
     assert to_hf_config(family, cfg.model, "float32")["model_type"] == family
+    # the FLOPs count the attention projections this model really has (GQA, head_dim, MLA)
+    from flax import nnx
+
+    from moe.costs import attention_shape
+    from moe.transformer import Transformer
+
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves_with_path(nnx.state(model.blocks[0].attn, nnx.Param))
+    weights = sum(int(np.prod(x.shape)) for path, x in leaves if str(path[0].key).startswith("w"))
+    assert attention_shape(cfg.model)[0] == weights
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_is_layout_invariant(family):
+    """GQA, QK-norm, biases, shared experts, MLA, the sigmoid router: the same logits unsharded and with
+    heads/hidden split over ``tensor`` (ep+tp, fsdp+tp), experts over ``expert``, weights over ``fsdp``."""
+    import sys
+
+    from flax import nnx
+
+    from moe.transformer import Transformer
+    from sharding.mesh import make_mesh
+    from sharding.rules import mesh_and_rules
+
+    sys.path.insert(0, str(ROOT / "configs"))
+    from _families import tiny
+
+    cfg = tiny(family).model
+    cfg.vocab_size, cfg.num_layers, cfg.d_model, cfg.d_ff = 256, 2, 64, 128
+    cfg.first_dense_layers = min(cfg.first_dense_layers, 1)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (4, 16)))
+    ref = Transformer(cfg, rngs=nnx.Rngs(params=0, routing=1))
+    ref.eval()
+    forward = nnx.jit(lambda model, tokens: model(tokens)[0])  # one compile per layout (eager ops crawl on a mesh)
+    want = forward(ref, tokens)
+    for rules, sizes in (("ep+tp", dict(data=1, expert=2, tensor=2)), ("fsdp+tp", dict(data=1, fsdp=2, expert=1, tensor=2))):
+        mesh = make_mesh(devices=jax.devices()[:4], **sizes)
+        with mesh_and_rules(mesh, rules):
+            model = Transformer(cfg, rngs=nnx.Rngs(params=0, routing=1))
+            model.eval()
+            batch = jax.P(tuple(a for a in ("data", "fsdp", "expert") if a in sizes))
+            got = forward(model, jax.device_put(tokens, jax.sharding.NamedSharding(mesh, batch)))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5, err_msg=f"{family} {rules}")
 
 
 @pytest.mark.slow

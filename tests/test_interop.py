@@ -199,3 +199,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     proc = _cli("import_main", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={tmp_path / 'w3'}", check=False)
     assert proc.returncode == 2 and gone in proc.stderr and "shape" in proc.stderr, proc.stderr
     assert not (tmp_path / "w3").exists()
+
+
+def test_import_uses_the_models_own_special_tokens(tmp_path):
+    """A tokenizer with Llama-style <unk>, <s>, </s> (and a vocabulary as large as the model's) is taken
+    as it is: config.json's pad/bos/eos ids name the tokens, nothing is appended."""
+    from train.data.tokenizers import build_tokenizer
+    from train.interop.hf_import import plan_import
+
+    hf_models.make_model("mixtral", tmp_path / "hf")
+    hf_models.make_tokenizer(tmp_path / "hf" / "tokenizer.json", specials=("<unk>", "<s>", "</s>"))
+    _, cfg, _, _, tokenizer = plan_import(tmp_path / "hf")
+    assert cfg.data.special_tokens == "<unk>,<s>,</s>"
+    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
+    assert tokenizer.vocab_size == hf_models.VOCAB - 8
+    cfg.data.tokenizer_path = str(tmp_path / "hf" / "tokenizer.json")  # how a run reads it (data.special_tokens kept)
+    again = build_tokenizer(cfg.data, None, lambda: iter(()))
+    assert (again.eos_id, again.vocab_size) == (2, tokenizer.vocab_size)

@@ -70,6 +70,9 @@ class DataConfig(StrictFields):
     bpe_vocab_size: int = 2048
     validation_fraction: float = 0.05  # share of files held out for validation
     max_bytes: int = 0  # read at most this many bytes of text (0 = all)
+    # bpe: the pad, bos and eos tokens as "PAD,BOS,EOS" (an imported model's own, e.g. "</s>,<s>,</s>");
+    # "" = <pad>,<bos>,<eos>, appended to a tokenizer.json that lacks them
+    special_tokens: str = ""
 
 
 @dataclasses.dataclass
@@ -234,6 +237,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(d.bpe_vocab_size >= 300, "data.bpe_vocab_size", "must be >= 300")
     need(0 < d.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
     need(d.max_bytes >= 0, "data.max_bytes", "must be >= 0 (0 = all)")
+    need(not d.special_tokens or (len(d.special_tokens.split(",")) == 3 and all(d.special_tokens.split(","))),
+         "data.special_tokens", "three comma-separated tokens PAD,BOS,EOS (or empty)")
     if d.tokenizer_path:
         need(pathlib.Path(d.tokenizer_path).is_file(), "data.tokenizer_path", "no such file")
     if t.init_from:
@@ -375,8 +380,9 @@ def check_compatible(meta: dict, saved: dict, where: pathlib.Path) -> None:
     if saved.get("data_fingerprint") != meta["data_fingerprint"]:
         raise ConfigError(f"config.data: the data differ from those of the checkpoint {where}; use a new --workdir")
     now, then = _flatten(upgrade(meta["config"])), _flatten(upgrade(saved.get("config", {})))
+    defaults = _flatten(Config().to_dict())  # a field the checkpoint predates had its default value then
     for key in sorted(set(now) | set(then)):
-        if key.startswith(RESUMABLE) or now.get(key) == then.get(key):
+        if key.startswith(RESUMABLE) or now.get(key) == then.get(key, defaults.get(key)):
             continue
         raise ConfigError(
             f"config.{key}={now.get(key)!r}: differs from the checkpoint {where} ({then.get(key)!r}); "

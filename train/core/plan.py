@@ -111,7 +111,9 @@ def resolved_vocab(cfg: Config) -> Config:
     if cfg.data.tokenizer == "byte":
         return with_vocab(cfg, ByteTokenizer().vocab_size)
     if cfg.data.tokenizer_path:
-        return with_vocab(cfg, BPETokenizer.load(cfg.data.tokenizer_path).vocab_size)
+        from train.data.tokenizers import special_tokens
+
+        return with_vocab(cfg, BPETokenizer.load(cfg.data.tokenizer_path, specials=special_tokens(cfg.data)).vocab_size)
     return with_vocab(cfg, cfg.data.bpe_vocab_size)
 
 

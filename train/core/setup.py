@@ -242,12 +242,18 @@ class TrainerSetup:
             )
 
     def _take_init_tokenizer(self, cfg: Config) -> None:
-        """Fine-tuning (``train.init_from``) a BPE model with no tokenizer of its own: the initial run's."""
-        source = pathlib.Path(cfg.train.init_from or ".") / "tokenizer.json"
-        mine = self.workdir / "tokenizer.json"
-        if (cfg.train.init_from and cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_path and source.is_file()
-                and not mine.exists() and self.proc == 0):
-            write_text_atomic(mine, source.read_text(encoding="utf-8"))
+        """Fine-tuning (``train.init_from``) a BPE model with no tokenizer of its own: the initial run's,
+        and the Hugging Face files an import kept (``hf/``, ``imported.json``: what ``moe-export`` writes back)."""
+        if not cfg.train.init_from or self.proc != 0:
+            return
+        source = pathlib.Path(cfg.train.init_from)
+        wanted = ["imported.json"] + [f"hf/{p.name}" for p in sorted((source / "hf").glob("*")) if p.is_file()]
+        if cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_path:
+            wanted.append("tokenizer.json")
+        for name in wanted:
+            if (source / name).is_file() and not (self.workdir / name).exists():
+                (self.workdir / name).parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.workdir / name, (source / name).read_text(encoding="utf-8"))
 
     def _init_from(self, source: pathlib.Path) -> None:
         """Parameters (and the router state, where it is the same kind) from ``source``'s latest

@@ -302,7 +302,14 @@ def file_digests(path: str, where: str = "") -> list[list[str]]:
     return [[n, d] for n, d in zip(_relative_names(files), digests, strict=True)]
 
 
+# DataConfig fields added after runs were fingerprinted: left out of the hash while at this default value
+UNFINGERPRINTED_DEFAULTS = {"special_tokens": ""}
+
+
 def data_fingerprint(cfg: DataConfig) -> str:
     """Short stable hash of the files (relative paths, sizes, both ends' contents) and the data settings."""
     settings = dataclasses.asdict(cfg)  # path, max_bytes, validation_fraction, tokenizer, ...
+    for name, default in UNFINGERPRINTED_DEFAULTS.items():  # fields added later: at their default, runs keep their hash
+        if settings.get(name) == default:
+            settings.pop(name)
     return fingerprint({**settings, "files": file_digests(cfg.path)})

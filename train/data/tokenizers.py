@@ -84,12 +84,14 @@ class BPETokenizer(Tokenizer):
 
     name = "bpe"
 
-    def __init__(self, tokenizer) -> None:  # tokenizers.Tokenizer
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-        if missing:  # a tokenizer.json from elsewhere: append our special tokens at the end
+    def __init__(self, tokenizer, specials: Sequence[str] = SPECIAL_TOKENS) -> None:  # tokenizers.Tokenizer
+        """``specials``: the (pad, bos, eos) tokens; those the vocabulary lacks are appended at its end
+        (a tokenizer.json from elsewhere; an imported model names its own, ``data.special_tokens``)."""
+        missing = [t for t in dict.fromkeys(specials) if tokenizer.token_to_id(t) is None]
+        if missing:
             tokenizer.add_special_tokens(missing)
         self._tok = tokenizer
-        self.pad_id, self.bos_id, self.eos_id = (int(tokenizer.token_to_id(t)) for t in SPECIAL_TOKENS)
+        self.pad_id, self.bos_id, self.eos_id = (int(tokenizer.token_to_id(t)) for t in specials)
         self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> np.ndarray:
@@ -118,7 +120,8 @@ class BPETokenizer(Tokenizer):
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, flag: str = "data.tokenizer_path") -> BPETokenizer:
+    def load(cls, path: str | os.PathLike, flag: str = "data.tokenizer_path",
+             specials: Sequence[str] = SPECIAL_TOKENS) -> BPETokenizer:
         """Load a ``tokenizer.json``; a missing or unreadable file raises ``DataError`` naming ``flag``."""
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -129,7 +132,7 @@ class BPETokenizer(Tokenizer):
             tokenizer = HFTokenizer.from_file(str(path))
         except Exception as e:  # corrupt JSON, unknown model type, unreadable file
             raise DataError(f"{flag}={path}: not a valid tokenizer.json ({_first_line(e)})") from e
-        return cls(tokenizer)
+        return cls(tokenizer, specials)
 
     @classmethod
     def from_json(cls, text: str) -> BPETokenizer:
@@ -190,11 +193,18 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_tokenizer_file(path: str | os.PathLike, flag: str = "data.tokenizer_path") -> Tokenizer:
-    """A pretrained tokenizer from a local file: SentencePiece for ``*.model``, else a ``tokenizer.json``."""
+def load_tokenizer_file(path: str | os.PathLike, flag: str = "data.tokenizer_path",
+                        specials: Sequence[str] = SPECIAL_TOKENS) -> Tokenizer:
+    """A pretrained tokenizer from a local file: SentencePiece for ``*.model``, else a ``tokenizer.json``
+    (with ``specials`` as its pad, bos and eos tokens)."""
     if pathlib.Path(path).suffix.lower() == ".model":
         return SentencePieceTokenizer.load(path, flag)
-    return BPETokenizer.load(path, flag)
+    return BPETokenizer.load(path, flag, specials)
+
+
+def special_tokens(cfg: DataConfig) -> tuple[str, ...]:
+    """The (pad, bos, eos) tokens of a BPE run: ``data.special_tokens``, else Switchyard's own."""
+    return tuple(cfg.special_tokens.split(",")) if cfg.special_tokens else SPECIAL_TOKENS
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -238,10 +248,10 @@ def build_tokenizer(
     if cfg.tokenizer != "bpe":
         raise ValueError(f"data.tokenizer={cfg.tokenizer!r}: choose byte or bpe")
     if cfg.tokenizer_path:
-        return load_tokenizer_file(cfg.tokenizer_path)
+        return load_tokenizer_file(cfg.tokenizer_path, specials=special_tokens(cfg))
     saved = pathlib.Path(workdir) / "tokenizer.json" if workdir is not None else None
     if saved is not None and saved.exists():
-        return BPETokenizer.load(saved)
+        return BPETokenizer.load(saved, specials=special_tokens(cfg))
     if saved is not None and saved.with_suffix(".model").exists():
         return SentencePieceTokenizer.load(saved.with_suffix(".model"))
     tokenizer = train_bpe(train_texts(), cfg.bpe_vocab_size)

@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 
 from moe.config import MLAConfig, MoEConfig, TransformerConfig
+from moe.routers.learned import Frozen, TopK
+from moe.routers.sigmoid import Sigmoid
 from train.errors import ConfigError
 
 
@@ -44,12 +46,14 @@ def _refuse(hf: dict, key: str, ok: Callable, why: str, where: str) -> None:
 
 
 def rope_theta(hf: dict, where: str) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    kind = params.get("rope_type", "default") if params else (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
-        raise InteropError(f"{where}: rope scaling {kind!r}: not supported (plain RoPE only)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    """The RoPE base; scaled RoPE (YaRN, linear, dynamic...) is refused. ``rope_parameters`` is
+    transformers 5's name, ``rope_scaling`` / ``rope_theta`` older configs'."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = hf.get(key) or {}
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise InteropError(f"{where}: {key}.rope_type={kind!r}: not supported (plain RoPE only)")
+    return float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10_000.0)))
 
 
 def from_hf_config(hf: dict, where: str = "config.json") -> tuple[str, TransformerConfig]:
@@ -73,7 +77,7 @@ def from_hf_config(hf: dict, where: str = "config.json") -> tuple[str, Transform
     head_dim = hf.get("head_dim")
     if arch != "deepseek_v3" and head_dim and head_dim != cfg.d_model // heads:
         cfg.head_dim = int(head_dim)
-    moe = MoEConfig(experts_per_token=int(_get(hf, "num_experts_per_tok", where=where)), router="topk",
+    moe = MoEConfig(experts_per_token=int(_get(hf, "num_experts_per_tok", where=where)), router=TopK.name,
                     aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)), z_loss_coef=0.0)
     if arch == "mixtral":
         moe.num_experts = int(_get(hf, "num_local_experts", where=where))
@@ -104,7 +108,8 @@ def from_hf_config(hf: dict, where: str = "config.json") -> tuple[str, Transform
     else:  # deepseek_v3
         _refuse(hf, "attention_bias", lambda v: not v, "attention biases are not supported", where)
         _refuse(hf, "moe_layer_freq", lambda v: v == 1, "only an MoE layer in every block after the dense ones", where)
-        _refuse(hf, "scoring_func", lambda v: v == "sigmoid", "only sigmoid scores are supported", where)
+        # DeepSeek's scoring_func and the router computing it share the name
+        _refuse(hf, "scoring_func", lambda v: v == Sigmoid.name, "only sigmoid scores are supported", where)
         _refuse(hf, "topk_method", lambda v: v == "noaux_tc", "only noaux_tc (group-limited, biased) routing", where)
         cfg.attention = "mla"
         cfg.mla = MLAConfig(q_lora_rank=int(hf.get("q_lora_rank") or 0), kv_lora_rank=int(_get(hf, "kv_lora_rank", where=where)),
@@ -115,7 +120,7 @@ def from_hf_config(hf: dict, where: str = "config.json") -> tuple[str, Transform
         moe.num_experts = int(_get(hf, "n_routed_experts", where=where))
         moe.expert_d_ff = int(_get(hf, "moe_intermediate_size", where=where))
         moe.shared_d_ff = int(hf.get("n_shared_experts") or 0) * moe.expert_d_ff
-        moe.router, moe.aux_loss_coef = "sigmoid", 1e-4
+        moe.router, moe.aux_loss_coef = Sigmoid.name, 1e-4
         moe.num_groups, moe.topk_groups = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
         moe.routed_scaling = float(hf.get("routed_scaling_factor", 1.0))
         moe.norm_topk_prob = "on" if hf.get("norm_topk_prob", True) else "off"
@@ -155,7 +160,7 @@ def to_hf_config(arch: str, cfg: TransformerConfig, dtype: str) -> dict:
     need(not cfg.tie_embeddings, "tie_embeddings", "tied embeddings have no Hugging Face equivalent here")
     need(cfg.activation == "silu" and cfg.gated, "activation", "the architectures use SwiGLU (silu, gated)")
     norm = m.norm_topk_prob == "on" or (m.norm_topk_prob == "auto" and m.experts_per_token > 1)
-    routers = ("sigmoid",) if arch == "deepseek_v3" else ("topk", "frozen")
+    routers = (Sigmoid.name,) if arch == "deepseek_v3" else (TopK.name, Frozen.name)
     need(m.router in routers, "moe.router", f"{arch} routes with {' or '.join(routers)}")
     need(arch == "deepseek_v3" or not m.shared_d_ff or arch == "qwen2_moe", "moe.shared_d_ff",
          f"{arch} has no shared experts")
@@ -199,7 +204,7 @@ def to_hf_config(arch: str, cfg: TransformerConfig, dtype: str) -> dict:
                    n_group=m.num_groups, topk_group=m.topk_groups, routed_scaling_factor=m.routed_scaling,
                    norm_topk_prob=norm, q_lora_rank=d.q_lora_rank or None, kv_lora_rank=d.kv_lora_rank,
                    qk_nope_head_dim=d.nope_head_dim, qk_rope_head_dim=d.rope_head_dim, v_head_dim=d.v_head_dim,
-                   head_dim=d.rope_head_dim, rope_interleave=True, attention_bias=False, scoring_func="sigmoid",
+                   head_dim=d.rope_head_dim, rope_interleave=True, attention_bias=False, scoring_func=Sigmoid.name,
                    topk_method="noaux_tc")
     return out
 

@@ -57,12 +57,16 @@ def plan_import(hf_dir: pathlib.Path):
     tokenizer_file = hf_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise DataError(f"--hf_dir={hf_dir}: no tokenizer.json (Switchyard reads the tokenizer from it)")
-    tokenizer = BPETokenizer.load(tokenizer_file, flag=str(tokenizer_file))
+    specials = model_specials(hf, tokenizer_file)
+    tokenizer = BPETokenizer.load(tokenizer_file, flag=str(tokenizer_file), **({"specials": specials} if specials else {}))
     if tokenizer.vocab_size > model.vocab_size:
         raise InteropError(f"{tokenizer_file}: {tokenizer.vocab_size} tokens (with <pad>, <bos>, <eos>) exceed the "
                            f"model's vocab_size={model.vocab_size}")
     cfg = Config(model=model)
-    cfg.data.tokenizer = "bpe"
+    cfg.data.tokenizer, cfg.data.special_tokens = "bpe", ",".join(specials)
+    # fine-tuning defaults (override on the command line): a small learning rate, every device on the batch
+    cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps, cfg.optimizer.weight_decay = 1e-5, 10, 0.0
+    cfg.mesh.data, cfg.mesh.expert = -1, 1
     validate(cfg)
     folder = SafetensorsFolder(hf_dir)
     table = tensors(arch, model, interleaved=bool(hf.get("rope_interleave", True)))
@@ -74,6 +78,26 @@ def plan_import(hf_dir: pathlib.Path):
                 raise InteropError(f"{hf_dir}: tensor {name} has shape {list(folder.shape(name))}, "
                                    f"expected {list(t.hf_shape)} ({arch})")
     return arch, cfg, table, folder, tokenizer
+
+
+def model_specials(hf: dict, tokenizer_file: pathlib.Path) -> tuple[str, ...]:
+    """The model's own (pad, bos, eos) tokens from ``config.json``'s ids (pad and bos default to eos),
+    or () when it names no end-of-sequence token (Switchyard's <pad>, <bos>, <eos> are then appended)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        raw = HFTokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # noqa: BLE001 - unreadable: BPETokenizer.load names the file
+        raise DataError(f"{tokenizer_file}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+
+    def token(key):
+        ids = hf.get(key)
+        ids = ids[0] if isinstance(ids, list) and ids else ids
+        return raw.id_to_token(ids) if isinstance(ids, int) else None
+
+    eos = token("eos_token_id")
+    specials = (token("pad_token_id") or eos, token("bos_token_id") or eos, eos)
+    return specials if eos and not any("," in t for t in specials) else ()
 
 
 def _reader(folder: SafetensorsFolder, t: Tensor, dtype):

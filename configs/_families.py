@@ -1,5 +1,5 @@
 """Small from-scratch versions of today's MoE families, sharing the laptop run's data and schedule
-(``configs/<family>_tiny.py`` each pick one). Each exports to its Hugging Face architecture
+(``configs/<family>_tiny.py`` each pick one; a leading underscore: a helper, not a config). Each exports to its Hugging Face architecture
 (``moe-export``) after training.
 
   mixtral      GQA, 8 experts top-2, renormalised gates
