@@ -134,7 +134,9 @@ def greedy_on_mesh(run, prompt, n):
 def test_export_round_trip(arch, imported, tmp_path):
     model, _, workdir = imported[arch]
     export_model(workdir, tmp_path / "out", log=lambda m: None)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == arch
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == arch
+    assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (0, 1, 2)  # the model's own
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     with torch.no_grad():
         x = torch.tensor(TOKENS)

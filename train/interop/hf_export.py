@@ -48,6 +48,7 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: in
     arch = arch or infer_architecture(cfg)
     dtype = dtype or cfg.param_dtype
     hf_config = to_hf_config(arch, cfg, dtype)
+    hf_config.update(special_token_ids(run))
     table = tensors(arch, cfg)
     params = _nested(run.params)
     state = _nested(run.model_state)
@@ -84,6 +85,17 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: in
     n = sum(int(np.prod(t.shape)) for t in table if t.item == "params")
     log(f"moe-export: {arch} step {run.step} of {workdir} -> {out} ({len(files)} safetensors file(s), {n:,} parameters, {dtype})")
     return {"arch": arch, "step": run.step, "files": files, "parameters": n}
+
+
+def special_token_ids(run) -> dict:
+    """``bos_token_id``, ``eos_token_id``, ``pad_token_id`` of the run's tokenizer (the imported
+    model's own for an import), so that generation in ``transformers`` stops where Switchyard's does."""
+    from train.data.tokenizers import build_tokenizer
+
+    if run.cfg.data.tokenizer == "bpe" and not (run.cfg.data.tokenizer_path or (run.workdir / "tokenizer.json").is_file()):
+        return {}
+    tokenizer = build_tokenizer(run.cfg.data, run.workdir, lambda: iter(()))
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
 
 
 def _nested(state) -> dict:
