@@ -23,14 +23,12 @@ def import_main(argv=None) -> int:
     args.cpu_devices = 1  # the conversion places each array once
     start_jax(prog, args)
 
-    def run() -> int:
+    def run(log):
         from train.interop.hf_import import import_model
 
-        summary = import_model(args.hf_dir, args.workdir, log=lambda m: print(m, file=sys.stderr, flush=True))
-        print(json.dumps(summary), flush=True)
-        return 0
+        return import_model(args.hf_dir, args.workdir, log=log)
 
-    return run_guarded(prog, args.verbose, run)
+    return _run(prog, args, run)
 
 
 def export_main(argv=None) -> int:
@@ -53,11 +51,20 @@ def export_main(argv=None) -> int:
     check_workdir(prog, args.workdir)
     start_jax(prog, args)
 
-    def run() -> int:
+    def run(log):
         from train.interop.hf_export import export_model
 
-        summary = export_model(args.workdir, args.hf_dir, step=args.step, arch=args.arch, dtype=args.dtype,
-                               max_shard_gb=args.max_shard_gb, log=lambda m: print(m, file=sys.stderr, flush=True))
+        return export_model(args.workdir, args.hf_dir, step=args.step, arch=args.arch, dtype=args.dtype,
+                            max_shard_gb=args.max_shard_gb, log=log)
+
+    return _run(prog, args, run)
+
+
+def _run(prog: str, args, convert) -> int:
+    """``convert(log)`` guarded (one-line errors), progress on stderr, its summary as the last stdout line (JSON)."""
+
+    def run() -> int:
+        summary = convert(lambda m: print(m, file=sys.stderr, flush=True))
         print(json.dumps(summary), flush=True)
         return 0
 

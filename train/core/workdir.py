@@ -13,6 +13,7 @@ created it), for a run that stops before its first step: the folder is then as i
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -123,3 +124,27 @@ def write_text_atomic(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def require_new_folder(path: pathlib.Path, flag: str) -> None:
+    """``WorkdirError`` unless ``path`` is absent or an empty folder (an output that must not mix with old files)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise WorkdirError(f"{flag}={path}: exists and is not empty; write into a new folder")
+
+
+@contextlib.contextmanager
+def staged_folder(path: pathlib.Path, flag: str):
+    """A temporary sibling folder to write ``path``'s contents into: renamed to ``path`` when the block
+    completes, removed when it fails, so ``path`` never exists half-written."""
+    require_new_folder(path, flag)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -19,9 +19,10 @@ import shutil
 import jax
 import numpy as np
 
-from train.errors import WorkdirError
+from train.core.checkpoint import to_nested
+from train.core.workdir import require_new_folder, staged_folder
 from train.interop.archs import ARCHITECTURES, InteropError, infer_architecture, tensors, to_hf_config
-from train.interop.hf_import import HF_EXTRAS
+from train.interop.hf_import import HF_EXTRAS, lookup
 from train.interop.safetensors import write_shards
 
 EXPORT_DTYPES = ("float32", "bfloat16")
@@ -32,8 +33,7 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: in
     from train.inference.evaluate import load_run
 
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise WorkdirError(f"--hf_dir={out}: exists and is not empty; export into a new folder")
+    require_new_folder(out, "--hf_dir")  # before the checkpoint is read
     if arch and arch not in ARCHITECTURES:
         raise InteropError(f"--arch={arch}: choose one of {', '.join(ARCHITECTURES)}")
     if dtype and dtype not in EXPORT_DTYPES:
@@ -50,24 +50,20 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: in
     hf_config = to_hf_config(arch, cfg, dtype)
     hf_config.update(special_token_ids(run))
     table = tensors(arch, cfg)
-    params = _nested(run.params)
-    state = _nested(run.model_state)
+    params, state = to_nested(run.params), to_nested(run.model_state)
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
     plan = [(name, t.hf_shape, np_dtype) for t in table for name in t.names]
 
     def produce():
         for t in table:
-            value = np.asarray(jax.device_get(_lookup(params if t.item == "params" else state, t.path)))
+            value = np.asarray(jax.device_get(lookup(params if t.item == "params" else state, t.path)))
             if t.stacked:
                 for e, name in enumerate(t.names):
                     yield name, t.to_hf(value[e])
             else:
                 yield t.names[0], t.to_hf(value)
 
-    tmp = out.with_name(f".{out.name}.exporting-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out, "--hf_dir") as tmp:
         files = write_shards(tmp, plan, produce, int(max_shard_gb * (1 << 30)))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         extras = workdir / "hf"
@@ -76,12 +72,6 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: in
                 shutil.copyfile(extras / name, tmp / name)
         if not (tmp / "tokenizer.json").is_file() and (workdir / "tokenizer.json").is_file():
             shutil.copyfile(workdir / "tokenizer.json", tmp / "tokenizer.json")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(int(np.prod(t.shape)) for t in table if t.item == "params")
     log(f"moe-export: {arch} step {run.step} of {workdir} -> {out} ({len(files)} safetensors file(s), {n:,} parameters, {dtype})")
     return {"arch": arch, "step": run.step, "files": files, "parameters": n}
@@ -96,17 +86,3 @@ def special_token_ids(run) -> dict:
         return {}
     tokenizer = build_tokenizer(run.cfg.data, run.workdir, lambda: iter(()))
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-
-
-def _nested(state) -> dict:
-    from train.core.checkpoint import to_nested
-
-    return to_nested(state)
-
-
-def _lookup(tree: dict, path: str):
-    for p in path.split("/"):
-        if p not in tree:
-            raise InteropError(f"the checkpoint has no {path} (is it a model of this architecture?)")
-        tree = tree[p]
-    return tree

@@ -5,7 +5,7 @@ Streaming: tensors are read one at a time from the safetensors files, converted,
 a few at a time (Orbax partial saves of at most 64 MiB, or one larger tensor), so host memory holds
 about one tensor of the model, never the model. Everything is checked first (the architecture and its settings, every
 tensor's presence and shape, the tokenizer): a problem is one line naming it and nothing is written.
-The workdir is built under a temporary name and renamed into place when complete.
+The workdir is built under a temporary name and renamed into place when complete (``staged_folder``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.errors import DataError, WorkdirError
+from train.core.workdir import require_new_folder, staged_folder
+from train.errors import DataError
 from train.interop.archs import InteropError, Tensor, from_hf_config, tensors
 from train.interop.safetensors import SafetensorsFolder
 
@@ -140,20 +141,17 @@ def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, log=p
 
     start = time.perf_counter()
     hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
-    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
-        raise WorkdirError(f"--workdir={workdir}: exists and is not empty; import into a new folder")
+    require_new_folder(workdir, "--workdir")  # before the checks that read the folder
     arch, cfg, table, folder, tokenizer = plan_import(hf_dir)
     log(f"moe-import: {arch} from {hf_dir}: {cfg.model.num_layers} layers, d_model {cfg.model.d_model}, "
         f"{cfg.model.moe.num_experts} experts (top-{cfg.model.moe.experts_per_token}), {cfg.model.param_dtype}")
-    tmp = workdir.with_name(f".{workdir.name}.importing-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(workdir, "--workdir") as tmp:
         unrolled = dataclasses.replace(cfg.model, scan_layers="off")  # written unrolled; any layout restores it
         mesh = make_mesh(devices=jax.devices()[:1], data=1, expert=1)  # one copy of every array
         with mesh_and_rules(mesh, "ep"):
             abstract = nnx.eval_shape(lambda: Transformer(unrolled, rngs=nnx.Rngs(params=0, routing=1)))
             _, params, model_state = split_model(abstract)
+
             def placed(tree):  # the abstract shardings on this concrete mesh
                 return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s.spec), shardings_of(tree))
 
@@ -166,7 +164,7 @@ def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, log=p
                 Transformer(unrolled, rngs=nnx.Rngs(params=0, routing=1)))[2]))()
             for t in table:
                 if t.item == "model_state":
-                    leaf = _lookup(target["model_state"], t.path)
+                    leaf = lookup(target["model_state"], t.path)
                     _nested_set(state, t.path, jax.make_array_from_callback(
                         leaf.shape, leaf.sharding, _reader(folder, t, leaf.dtype)))
         meta = {"config": cfg.to_dict(), "data_fingerprint": "imported", "imported_from": {"arch": arch, "hf_dir": str(hf_dir)}}
@@ -187,19 +185,16 @@ def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, log=p
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "config.json").write_text(cfg.to_json())
         (tmp / "imported.json").write_text(json.dumps({"arch": arch, "hf_dir": str(hf_dir.resolve())}, indent=2))
-        if workdir.exists():
-            workdir.rmdir()
-        tmp.rename(workdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - start
     log(f"moe-import: wrote {workdir} ({n_params:,} parameters) in {seconds:.1f} s")
     return {"arch": arch, "parameters": n_params, "seconds": seconds, "workdir": str(workdir)}
 
 
-def _lookup(tree: dict, path: str):
+def lookup(tree: dict, path: str):
+    """The leaf at ``path`` ("blocks/3/attn/wq") of a nested dict; ``InteropError`` when it is absent."""
     for p in path.split("/"):
+        if p not in tree:
+            raise InteropError(f"the checkpoint has no {path} (is it a model of this architecture?)")
         tree = tree[p]
     return tree
 
