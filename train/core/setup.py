@@ -264,21 +264,21 @@ class TrainerSetup:
             step = checkpoints.latest_step()
             if step is None:
                 raise ConfigError(f"{field}: no complete checkpoint")
-            try:
-                params, _, _ = checkpoints.restore_params(step, self.state.params, self.state_shardings.params)
-            except Exception as e:  # noqa: BLE001 - a different model: name it in one line
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise ConfigError(f"{field}: its parameters do not fit this model ({first}); use its config "
-                                  f"(--config={source}/config.json) with the overrides the model allows") from None
+            like, shardings = self.state.params, self.state_shardings.params
+            try:  # parameters and router state together; the parameters alone for another router
+                params, model_state, _ = checkpoints.restore_params(
+                    step, like, shardings, self.state.model_state, self.state_shardings.model_state)
+                self.state.model_state, kept = model_state, "parameters and router state"
+            except Exception:  # noqa: BLE001 - the parameters' own restore below names what differs
+                params, kept = None, "parameters (router state starts afresh: another router)"
+            if params is None:
+                try:
+                    params, _, _ = checkpoints.restore_params(step, like, shardings)
+                except Exception as e:  # noqa: BLE001 - a different model: name it in one line
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    raise ConfigError(f"{field}: its parameters do not fit this model ({first}); use its config "
+                                      f"(--config={source}/config.json) with the overrides the model allows") from None
             self.state.params = params
-            try:
-                _, model_state, _ = checkpoints.restore_params(
-                    step, self.state.params, self.state_shardings.params, self.state.model_state,
-                    self.state_shardings.model_state)
-                self.state.model_state = model_state
-                kept = "parameters and router state"
-            except Exception:  # noqa: BLE001 - another router: its state starts afresh
-                kept = "parameters (router state starts afresh: another router)"
         finally:
             checkpoints.close()
         self.log(f"initialised from {source / 'checkpoints' / str(step)}: {kept}")
