@@ -40,7 +40,8 @@ class MoEFeedForward(nnx.Module):
     ``aux`` holds float32 scalars ``aux_loss`` (``aux_loss_coef * E * sum_i f_i P_i``) and
     ``z_loss`` (``z_loss_coef * mean logsumexp^2``), 0 where the router has none, ``router_loss``
     (their sum, ready to add to the training loss), ``dropped_fraction`` and ``router_entropy``,
-    and ``expert_load`` [E]; all over the global batch. ``layer.eval()`` switches off router
+    and ``expert_load`` [E]; all over the global batch; ``top_expert`` [B,S] int32 is each token's
+    first expert (E where none took it). ``layer.eval()`` switches off router
     jitter, fixes the random routers' draws (THOR routes per token then), and uses
     ``eval_capacity_factor``; ``layer.train()`` switches back.
     """
@@ -187,12 +188,14 @@ class MoEFeedForward(nnx.Module):
         # id E (gshard's unused second choice, expert_choice's untaken slot) is not an assignment
         total = jnp.maximum(jnp.sum(r.expert_ids < cfg.num_experts), 1).astype(jnp.float32)
         aux_loss, z_loss = cfg.aux_loss_coef * r.aux_loss, cfg.z_loss_coef * r.z_loss  # with their coefficients
+        router_loss = aux_loss + z_loss
         return {
             "aux_loss": aux_loss,
             "z_loss": z_loss,
-            "router_loss": aux_loss + z_loss,
+            "router_loss": router_loss,
             # expert_choice: experts never overflow; the tokens no expert took are its drops
             "dropped_fraction": dropped / total if r.unrouted_fraction is None else r.unrouted_fraction,
             "expert_load": r.expert_load,
             "router_entropy": r.router_entropy,
+            "top_expert": r.expert_ids[..., 0],  # [B,S] int32: each token's first expert (router telemetry)
         }

@@ -326,11 +326,13 @@ def combine_aux(auxes: dict[int, dict], num_experts: int) -> dict:
     so a coefficient means the same at any depth. The statistics (``dropped_fraction``,
     ``router_entropy``, ``expert_load``) are averaged; ``load_imbalance`` is the mean over layers
     of each layer's; ``per_layer[f"layer{i}"]`` holds, for the MoE block with index i, that
-    layer's aux_loss, z_loss, expert_load, dropped_fraction, router_entropy and load_imbalance."""
+    layer's aux_loss, z_loss, expert_load, dropped_fraction, router_entropy and load_imbalance;
+    ``top_expert[f"layer{i}"]`` its [B,S] first expert per token (the router telemetry's probe reads
+    it; a training step drops it)."""
     zero = jnp.zeros((), jnp.float32)
     if not auxes:
         out = {k: (jnp.zeros((num_experts,), jnp.float32) if k == "expert_load" else zero) for k in AUX_KEYS}
-        return {**out, "load_imbalance": zero, "per_layer": {}}
+        return {**out, "load_imbalance": zero, "per_layer": {}, "top_expert": {}}
     layers = list(auxes.values())
     out = {k: sum(a[k] for a in layers) for k in LOSS_KEYS}
     out.update({k: sum(a[k] for a in layers) / len(layers) for k in STAT_KEYS})
@@ -346,4 +348,5 @@ def combine_aux(auxes: dict[int, dict], num_experts: int) -> dict:
         for i, a in auxes.items()
     }
     out["load_imbalance"] = sum(v["load_imbalance"] for v in per_layer.values()) / len(per_layer)
-    return {**out, "per_layer": per_layer}
+    top_expert = {f"layer{i}": a["top_expert"] for i, a in auxes.items()}
+    return {**out, "per_layer": per_layer, "top_expert": top_expert}

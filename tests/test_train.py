@@ -171,6 +171,23 @@ def test_moe_train_cli_end_to_end(tmp_path, capsys, caplog):
     assert last["moe/layer1/load_imbalance"] == pytest.approx(8 * max(last["moe/layer1/expert_load"]), rel=1e-5)
     assert last["moe/load_imbalance"] == pytest.approx(last["moe/layer1/load_imbalance"])
     assert last["moe/layer1/router_entropy"] == pytest.approx(last["moe/router_entropy"])
+    # router health: H(expert | token) at every logged step, churn from the second; and the last
+    # row's value is the routing of the saved parameters on the first validation batch
+    assert "moe/churn" not in train_rows[0] and all(0 <= r["moe/layer1/churn"] <= 1 for r in train_rows[1:])
+    assert all(0 < r["moe/layer1/token_entropy"] <= np.log(8) for r in train_rows)
+    from train.core.telemetry import token_entropy
+    from train.data.batches import eval_batches
+    from train.data.prepared import open_eval_data
+    from train.inference.evaluate import load_run
+
+    run = load_run(workdir)
+    _, corpus = open_eval_data(run.cfg.data, workdir, None)
+    probe = next(iter(eval_batches(corpus.tokens, 16, 8, 1)))
+    with run.context():
+        model = run.model()
+        routes = jax.jit(lambda m, t: m(t)[1]["top_expert"])(model, jnp.asarray(probe["inputs"]))
+    assert token_entropy(np.asarray(routes["layer1"]), probe["inputs"], 8) == pytest.approx(
+        last["moe/layer1/token_entropy"], abs=1e-9)
     evals = [r for r in rows if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 3] and all(np.isfinite(r["loss"]) for r in evals)
     saved = json.loads((workdir / "config.json").read_text())

@@ -4,6 +4,8 @@
 * ``expert_load.png``: one heatmap per MoE layer, expert x step, the share of assignments each
   expert received (``moe/layer<i>/expert_load``); a balanced router is one flat colour.
 * ``dropped.png``: the dropped fraction over training, overall and per MoE layer.
+* ``routing_health.png``: the router telemetry (``train.core.telemetry``): routing churn between
+  logged steps and H(expert | token id), the mean over MoE layers and each layer.
 
 A resumed run that logged a step twice keeps the later row; an unreadable line is skipped.
 """
@@ -97,20 +99,42 @@ def plot_expert_load(metrics_file: pathlib.Path, out: pathlib.Path, rows) -> boo
     return True
 
 
-def plot_dropped(metrics_file: pathlib.Path, out: pathlib.Path, rows) -> bool:
-    overall = read_series(metrics_file, "moe/dropped_fraction", rows).get("train")
+def _overall_and_layers(ax, metrics_file: pathlib.Path, rows, key: str, label: str) -> bool:
+    """``moe/<key>`` (thick) and each layer's ``moe/<layer>/<key>`` against step on ``ax``."""
+    overall = read_series(metrics_file, f"moe/{key}", rows).get("train")
     if not overall:
         return False
-    fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.plot(*overall, color="black", linewidth=1.5, label="all MoE layers")
     for name in moe_layers(rows):
-        layer = read_series(metrics_file, f"moe/{name}/dropped_fraction", rows).get("train")
+        layer = read_series(metrics_file, f"moe/{name}/{key}", rows).get("train")
         if layer:
             ax.plot(*layer, linewidth=0.8, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("dropped fraction")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return True
+
+
+def plot_dropped(metrics_file: pathlib.Path, out: pathlib.Path, rows) -> bool:
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    if not _overall_and_layers(ax, metrics_file, rows, "dropped_fraction", "dropped fraction"):
+        plt.close(fig)
+        return False
+    ax.set_xlabel("step")
+    _save(fig, out)
+    return True
+
+
+def plot_routing_health(metrics_file: pathlib.Path, out: pathlib.Path, rows) -> bool:
+    """Churn and H(expert | token id) against step; False when the run logged no router probe."""
+    fig, (ax_churn, ax_entropy) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    if not _overall_and_layers(ax_entropy, metrics_file, rows, "token_entropy", "H(expert | token id), nats"):
+        plt.close(fig)
+        return False
+    if not _overall_and_layers(ax_churn, metrics_file, rows, "churn", "routing churn"):
+        ax_churn.text(0.5, 0.5, "one probe only: no churn yet", ha="center", va="center", transform=ax_churn.transAxes)
+    ax_churn.set_title(f"router health on a fixed batch: {metrics_file.parent.name}")
+    ax_entropy.set_xlabel("step")
     _save(fig, out)
     return True
 
@@ -132,4 +156,6 @@ def plot_run(workdir: pathlib.Path, out_dir: pathlib.Path) -> list[pathlib.Path]
         written.append(out_dir / "expert_load.png")
     if plot_dropped(metrics_file, out_dir / "dropped.png", rows):
         written.append(out_dir / "dropped.png")
+    if plot_routing_health(metrics_file, out_dir / "routing_health.png", rows):
+        written.append(out_dir / "routing_health.png")
     return written

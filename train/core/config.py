@@ -94,6 +94,9 @@ class Config(StrictFields):
     eval_batches: int = 8  # validation batches per evaluation
     peak_flops_per_device: float = 0.0  # for MFU; 0 = guess from the device kind
     profile_steps: int = 0  # > 0: jax.profiler trace of this many steps after warm-up into WORKDIR/profile
+    # router health at every logged step: routing churn and H(expert | token id) per MoE layer, from one
+    # fixed validation batch (train.core.telemetry); MoE models with a deterministic router
+    router_probe: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -76,6 +76,7 @@ class StepLog:
             return
         step, dev_metrics = pending
         host = jax.device_get(dev_metrics)  # waits for that step only
+        routes = host.pop("top_expert", None)  # the router probe's, on logged steps
         self.watchdog.beat(step)
         self.trainer.steps_done += 1
         now = time.perf_counter()
@@ -89,7 +90,9 @@ class StepLog:
         self.nonfinite_run = self.nonfinite_run + 1 if host["nonfinite"] else 0
         self.clock.step_done(now)
         cfg = self.trainer.cfg
-        if (step + 1) % cfg.log_every_steps == 0 or step + 1 == self.end or skipped:
+        if routes is not None:
+            host.update(self.trainer.probe.metrics(routes))
+        if self.logs(step) or skipped:
             self._write(step + 1, host, None if skipped else now)
         if skipped:
             what = "non-finite loss or gradient" if host["nonfinite"] else "loss spike"
@@ -101,6 +104,10 @@ class StepLog:
                 f"(train.max_nonfinite_steps={limit}); stopped without saving a checkpoint. "
                 f"The last good checkpoint is in {self.trainer.checkpoints.directory}"
             )
+
+    def logs(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) writes a row on schedule."""
+        return (step + 1) % self.trainer.cfg.log_every_steps == 0 or step + 1 == self.end
 
     def _write(self, step: int, host: dict, now: float | None) -> None:
         row = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in host.items()}
@@ -169,6 +176,8 @@ class Trainer(TrainerSetup):
             profiler.maybe_start(step + 1, warm=step > start_step, previous=self.state)  # after the compiling step
             with profiler.annotate(step + 1):
                 self.state, dev_metrics = self.jit_step(self.state, batch, self.stop_flags(signals.requested))
+            if log.logs(step) and self.probe is not None:  # router telemetry of the state this step made
+                dev_metrics = {**dev_metrics, "top_expert": self.routing_probe()}
             profiler.step_done((self.state, dev_metrics))
             log.read(pending)
             pending = (step, dev_metrics)

@@ -30,7 +30,8 @@ from train.core.memory import check_fits, step_memory
 from train.core.optimizer import make_optimizer
 from train.core.step import TrainState, loss_for, make_eval_step, make_train_step, shardings_of, split_model
 from train.core.workdir import RunFolder, write_text_atomic
-from train.data.batches import TrainBatches, token_counts
+from train.core.telemetry import RoutingProbe
+from train.data.batches import TrainBatches, eval_batches, token_counts
 from train.data.prepared import open_run_data
 from train.errors import CheckpointError, ConfigError, WorkdirError
 
@@ -160,6 +161,7 @@ class TrainerSetup:
             self._fit_routers()
             self._compile()
             self._check_process_rows()
+            self._make_probe()
             self._maybe_resume()
         if self.proc == 0:  # only once the checkpoints (if any) are known to match it
             write_text_atomic(self.workdir / "config.json", cfg.to_json())
@@ -305,6 +307,25 @@ class TrainerSetup:
             in_shardings=(self.state_shardings.params, self.state_shardings.model_state, self.batch_sharding),
             out_shardings=replicated,
         )
+
+    def _make_probe(self) -> None:
+        """The router telemetry's fixed batch (the first validation batch), or None: no probe."""
+        cfg = self.cfg
+        self.probe = self.probe_batch = None
+        moe = cfg.model.moe
+        if not cfg.router_probe or not cfg.model.moe_every or moe.router_class.stochastic:
+            return
+        t = cfg.train
+        full = next(iter(eval_batches(self.val_corpus.tokens, t.seq_len, t.batch_size, 1)))  # the global batch
+        rows = slice(self.proc * t.batch_size // self.nproc, (self.proc + 1) * t.batch_size // self.nproc)
+        self.probe_batch = self.global_batch({k: v[rows] for k, v in full.items()})
+        self.probe = RoutingProbe(full["inputs"], moe.num_experts, full["weights"] > 0)
+
+    def routing_probe(self):
+        """Dispatch the probe on the current state: {"layer<i>": [B,S] device ids}, or None."""
+        if self.probe is None:
+            return None
+        return self.eval_step(self.state.params, self.state.model_state, self.probe_batch)["top_expert"]
 
     def stop_flags(self, requested: bool) -> jax.Array:
         """The [B, 1] stop input of a step: this process's rows carry its own flag (made once each)."""

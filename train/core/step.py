@@ -68,6 +68,7 @@ def _forward(model: Transformer, batch: dict, weights=None):
     if weights is None:
         weights = jnp.ones(batch["targets"].shape, jnp.float32)
     logits, aux = model(batch["inputs"])
+    aux = {k: v for k, v in aux.items() if k != "top_expert"}  # token ids for telemetry: not a statistic to average
     nll_sum, count = cross_entropy(logits, batch["targets"], weights)
     return logits, aux, nll_sum / jnp.maximum(count, 1.0), weights
 
@@ -235,13 +236,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
 
 # ---------------------------------------------------------------- evaluation
 def make_eval_step(eval_graphdef):
-    """eval_step(params, model_state, batch) -> sums for a token-weighted mean over many batches."""
+    """eval_step(params, model_state, batch) -> sums for a token-weighted mean over many batches, and
+    ``top_expert`` ({"layer<i>": [B,S] first expert per token}: the router telemetry's probe)."""
 
     def eval_step(params, model_state, batch):
         model = nnx.merge(eval_graphdef, params, model_state)
         logits, aux = model(batch["inputs"])
         nll_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
-        return {"nll_sum": nll_sum, "tokens": count, "moe/dropped_fraction": aux["dropped_fraction"]}
+        return {"nll_sum": nll_sum, "tokens": count, "moe/dropped_fraction": aux["dropped_fraction"],
+                "top_expert": aux["top_expert"]}
 
     return eval_step
 
