@@ -1,7 +1,7 @@
 """The routing study: the same model, data, seed, steps and active FLOPs under every router.
 
     python scripts/routing_study.py [--quick] [--out runs/routing_study] [--steps N] [--routers a,b,...]
-                                    [--config.KEY=VALUE ...]   # passed to every moe-train
+                                    [--seeds N] [--config.KEY=VALUE ...]   # passed to every moe-train
 
 Trains ``configs/default.py`` (and its dense baseline) once per router with ``moe-train``, scores
 each final checkpoint with ``moe-eval`` on the validation split, and writes into OUT:
@@ -11,6 +11,12 @@ reported and the study goes on. ``--quick`` (fewer steps and bytes) takes about 
 2 cores. Top-2 routers (gshard) use experts half as wide, so every variant has the same active
 FLOPs per token. ``expert_choice`` is not in the study: it routes by later tokens, so its loss
 is not a causal language-model loss and would not compare.
+
+``--seeds N`` trains every variant N times (``train.seed`` 0..N-1: initialisation, data order and
+routing draws all change) into ``OUT/<variant>/seed<i>`` and reports the mean and the spread
+(sample standard deviation, and the range) over seeds, so a difference can be told from noise.
+Every variant also reports its router health at the end of training, from the run's own
+telemetry (``moe/churn``, ``moe/token_entropy``; see the README).
 """
 
 from __future__ import annotations
@@ -46,12 +52,14 @@ VARIANTS = {
     "thor": ("configs/default.py", ["--config.model.moe.router=thor"]),
     # THOR with its consistency loss: two forward passes per step (same active FLOPs per pass)
     "thor_cr": ("configs/default.py", ["--config.model.moe.router=thor", "--config.model.moe.thor_consistency=1.0"]),
+    # StableMoE: learned routing, then the distilled token -> expert table frozen (model.moe.stable_freeze_step)
+    "stable": ("configs/default.py", ["--config.model.moe.router=stable"]),
 }
 
 
-def run_variant(name: str, out: pathlib.Path, common: list[str], cpu_devices: int, log) -> dict:
+def run_variant(name: str, workdir: pathlib.Path, common: list[str], cpu_devices: int, log) -> dict:
+    """Train and score one variant into ``workdir``: its row, or ``{"name", "error"}``."""
     config, overrides = VARIANTS[name]
-    workdir = out / name
     python = sys.executable
     train = [python, "-m", "train", f"--config={ROOT / config}", f"--workdir={workdir}",
              f"--cpu_devices={cpu_devices}", *common, *overrides]
@@ -71,18 +79,46 @@ def run_variant(name: str, out: pathlib.Path, common: list[str], cpu_devices: in
     rows = read_rows(workdir / "metrics.jsonl")
     train_rows = [rows["train"][s] for s in sorted(rows.get("train", {}))]
     late = train_rows[len(train_rows) * 4 // 5:] or train_rows  # the last fifth of training
-    imbalance = [r["moe/load_imbalance"] for r in late if "moe/load_imbalance" in r]
-    dropped = [r["moe/dropped_fraction"] for r in late if "moe/dropped_fraction" in r]
+
+    def late_mean(key):
+        values = [r[key] for r in late if isinstance(r.get(key), (int, float))]
+        return statistics.mean(values) if values and name != "dense" else None
+
     row = {
         "name": name,
         "eval_loss": result["loss"],
         "bits_per_byte": result["bits_per_byte"],
-        "load_imbalance": statistics.mean(imbalance) if imbalance and name != "dense" else None,
-        "dropped_fraction": statistics.mean(dropped) if dropped and name != "dense" else None,
+        "load_imbalance": late_mean("moe/load_imbalance"),
+        "dropped_fraction": late_mean("moe/dropped_fraction"),
+        "churn": late_mean("moe/churn"),
+        "token_entropy": late_mean("moe/token_entropy"),
         "tokens_per_sec": summary.get("tokens_per_sec"),
         "minutes": (time.perf_counter() - start) / 60,
     }
-    log(f"{name}: eval loss {row['eval_loss']:.4f}, {row['bits_per_byte']:.3f} bits/byte ({row['minutes']:.1f} min)")
+    log(f"{workdir.relative_to(workdir.parents[1]) if name != workdir.name else name}: eval loss "
+        f"{row['eval_loss']:.4f}, {row['bits_per_byte']:.3f} bits/byte ({row['minutes']:.1f} min)")
+    return row
+
+
+NUMBERS = ("eval_loss", "bits_per_byte", "load_imbalance", "dropped_fraction", "churn", "token_entropy", "tokens_per_sec")
+
+
+def aggregate(name: str, runs: list[dict]) -> dict:
+    """One variant's row over its seeds: the mean of every number, and the eval loss's spread
+    (sample standard deviation ``eval_loss_std``, 0 for one seed; ``eval_loss_min``/``_max``);
+    ``seeds`` keeps every seed's own row. A seed that failed fails the variant."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return {"name": name, "error": failed[0]["error"], "seeds": runs}
+    row: dict = {"name": name}
+    for key in NUMBERS:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = statistics.mean(values) if values else None
+    losses = [r["eval_loss"] for r in runs]
+    row["eval_loss_std"] = statistics.stdev(losses) if len(losses) > 1 else 0.0
+    row["eval_loss_min"], row["eval_loss_max"] = min(losses), max(losses)
+    row["minutes"] = sum(r["minutes"] for r in runs)
+    row["seeds"] = runs
     return row
 
 
@@ -90,19 +126,42 @@ def _fmt(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def markdown(rows: list[dict], steps: int) -> str:
-    head = (f"{steps} steps of `configs/default.py` per variant (same data, seed and active FLOPs per token); "
-            "validation loss from `moe-eval` on the whole validation split; load imbalance (max/mean expert load) "
-            "and dropped fraction averaged over the last fifth of training\n\n"
-            "| variant | eval loss | bits/byte | load max/mean | dropped | tokens/s |\n|---|---:|---:|---:|---:|---:|\n")
+def markdown(rows: list[dict], steps: int, seeds: int) -> str:
+    same = "same data, seed" if seeds == 1 else f"{seeds} seeds each; same data order per seed"
+    loss = "eval loss" if seeds == 1 else "eval loss (mean ± std)"
+    head = (f"{steps} steps of `configs/default.py` per variant ({same} and active FLOPs per token); "
+            "validation loss from `moe-eval` on the whole validation split; load imbalance (max/mean expert load), "
+            "dropped fraction, routing churn and H(expert | token) averaged over the last fifth of training"
+            f"{'' if seeds == 1 else '; every column but the spread is a mean over seeds'}\n\n"
+            f"| variant | {loss} | {'' if seeds == 1 else 'min..max | '}bits/byte | load max/mean | dropped | churn "
+            f"| H(e\\|tok) | tokens/s |\n|---|---:|{'' if seeds == 1 else '---:|'}---:|---:|---:|---:|---:|---:|\n")
     body = ""
     for r in rows:
         if "error" in r:
-            body += f"| {r['name']} | failed ({r['error']}) | | | | |\n"
+            body += f"| {r['name']} | failed ({r['error']}) |{'' if seeds == 1 else ' |'} | | | | | |\n"
             continue
-        body += (f"| {r['name']} | {r['eval_loss']:.4f} | {r['bits_per_byte']:.3f} | {_fmt(r['load_imbalance'], '{:.2f}')} "
-                 f"| {_fmt(r['dropped_fraction'], '{:.3f}')} | {_fmt(r['tokens_per_sec'], '{:,.0f}')} |\n")
+        loss = f"{r['eval_loss']:.4f}" + ("" if seeds == 1 else f" ± {r['eval_loss_std']:.4f}")
+        spread = "" if seeds == 1 else f"{r['eval_loss_min']:.4f}..{r['eval_loss_max']:.4f} | "
+        body += (f"| {r['name']} | {loss} | {spread}{r['bits_per_byte']:.3f} | {_fmt(r['load_imbalance'], '{:.2f}')} "
+                 f"| {_fmt(r['dropped_fraction'], '{:.3f}')} | {_fmt(r['churn'], '{:.3f}')} "
+                 f"| {_fmt(r['token_entropy'], '{:.3f}')} | {_fmt(r['tokens_per_sec'], '{:,.0f}')} |\n")
     return head + body
+
+
+def workdir_of(out: pathlib.Path, name: str, seed: int, seeds: int) -> pathlib.Path:
+    return out / name if seeds == 1 else out / name / f"seed{seed}"
+
+
+def mean_loss_curve(out: pathlib.Path, row: dict):
+    """(steps, training loss averaged over the variant's seeds at the steps they all logged)."""
+    seeds = len(row["seeds"])
+    curves = [read_series(workdir_of(out, row["name"], i, seeds) / "metrics.jsonl", "loss").get("train")
+              for i in range(seeds)]
+    if not all(curves):
+        return None
+    steps = sorted(set.intersection(*(set(c[0]) for c in curves)))
+    values = [dict(zip(*c)) for c in curves]
+    return steps, [statistics.mean(v[s] for v in values) for s in steps]
 
 
 def plots(rows: list[dict], out: pathlib.Path) -> None:
@@ -114,7 +173,7 @@ def plots(rows: list[dict], out: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     palette = plt.get_cmap("tab20").colors  # dark shades first, then light ones: 20 distinct lines
     for n, r in enumerate(rows):
-        series = read_series(out / r["name"] / "metrics.jsonl", "loss").get("train") if "error" not in r else None
+        series = mean_loss_curve(out, r) if "error" not in r else None
         if series:
             steps, losses = series
             smooth = [statistics.mean(losses[max(0, i - 4):i + 1]) for i in range(len(losses))]
@@ -129,10 +188,10 @@ def plots(rows: list[dict], out: pathlib.Path) -> None:
     plt.close(fig)
     ok = [r for r in rows if "error" not in r]
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.bar([r["name"] for r in ok], [r["eval_loss"] for r in ok],
+    ax.bar([r["name"] for r in ok], [r["eval_loss"] for r in ok], yerr=[r["eval_loss_std"] for r in ok], capsize=3,
            color=["grey" if r["name"] == "dense" else "tab:blue" for r in ok])
     low = min(r["eval_loss"] for r in ok)
-    ax.set_ylim(low * 0.97, max(r["eval_loss"] for r in ok) * 1.01)
+    ax.set_ylim(low * 0.97, max(r["eval_loss"] + r["eval_loss_std"] for r in ok) * 1.01)
     ax.set_ylabel("validation loss")
     ax.tick_params(axis="x", rotation=30)
     ax.grid(alpha=0.3, axis="y")
@@ -147,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="about 10 minutes on 2 cores")
     p.add_argument("--steps", type=int, default=0, help="training steps per variant (default 600, quick 150)")
     p.add_argument("--routers", default=",".join(VARIANTS), help="comma-separated variants to run")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant (train.seed 0..N-1); mean and spread")
     p.add_argument("--cpu_devices", type=int, default=8)
     args, extra = p.parse_known_args(argv)
     bad = [a for a in extra if not a.startswith("--config.")]
@@ -156,6 +216,8 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"--routers: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.seeds < 1:
+        p.error(f"--seeds={args.seeds}: must be at least 1")
     steps = args.steps or (150 if args.quick else 600)
     common = [f"--config.train.steps={steps}", "--config.eval_every_steps=0", "--config.checkpoint.every_steps=0",
               "--config.log_every_steps=5", f"--config.optimizer.warmup_steps={max(1, steps // 20)}"]
@@ -164,8 +226,17 @@ def main(argv=None) -> int:
     common += extra
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_variant(name, out, common, args.cpu_devices, lambda m: print(m, flush=True)) for name in names]
-    table = markdown(rows, steps)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    rows = []
+    for name in names:
+        runs = [run_variant(name, workdir_of(out, name, seed, args.seeds),
+                            [*common, f"--config.train.seed={seed}"] if args.seeds > 1 else common, args.cpu_devices, log)
+                for seed in range(args.seeds)]
+        rows.append(aggregate(name, runs))
+        if args.seeds > 1 and "error" not in rows[-1]:
+            r = rows[-1]
+            log(f"{name}: eval loss {r['eval_loss']:.4f} ± {r['eval_loss_std']:.4f} over {args.seeds} seeds")
+    table = markdown(rows, steps, args.seeds)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     if any("error" not in r for r in rows):

@@ -91,10 +91,23 @@ def test_routing_study_trains_evaluates_and_tabulates_each_variant(tmp_path):
                                   "--config.checkpoint"))]
     out = tmp_path / "study"
     done = subprocess.run([sys.executable, str(root / "scripts/routing_study.py"), "--routers", "hash",
-                           "--steps", "2", "--out", str(out), *tiny], cwd=root, capture_output=True, text=True)
+                           "--steps", "2", "--seeds", "2", "--out", str(out), *tiny,
+                           "--config.log_every_steps=1"], cwd=root, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["hash"]
-    assert rows[0]["eval_loss"] > 0 and rows[0]["bits_per_byte"] > 0 and rows[0]["load_imbalance"] >= 1
-    assert "| hash |" in (out / "results.md").read_text()
+    row, seeds = rows[0], rows[0]["seeds"]
+    assert row["eval_loss"] > 0 and row["bits_per_byte"] > 0 and row["load_imbalance"] >= 1
+    # two seeds (two initialisations and data orders): their mean, spread and range
+    losses = [s["eval_loss"] for s in seeds]
+    assert len(seeds) == 2 and losses[0] != losses[1]
+    assert row["eval_loss"] == pytest.approx(sum(losses) / 2)
+    assert row["eval_loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / 2 ** 0.5)
+    assert (row["eval_loss_min"], row["eval_loss_max"]) == (min(losses), max(losses))
+    for i in (0, 1):
+        assert json.loads((out / "hash" / f"seed{i}" / "config.json").read_text())["train"]["seed"] == i
+    # a hash router routes by token id alone: H(expert | token) 0, churn 0
+    assert row["token_entropy"] == 0.0 and row["churn"] == 0.0
+    assert f"| hash | {row['eval_loss']:.4f} ± {row['eval_loss_std']:.4f} |" in (out / "results.md").read_text()
     assert (out / "loss.png").stat().st_size > 0 and (out / "eval.png").stat().st_size > 0
