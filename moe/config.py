@@ -83,7 +83,7 @@ class MoEConfig(StrictFields):
     experts_per_token: int = 1
     expert_d_ff: int = 0  # hidden width of each expert; 0 = the model's d_ff
     # one of moe.routers.ROUTERS: "topk", "frozen", "gshard", "loss_free", "expert_choice", "hash",
-    # "balanced_hash", "bigram_hash", "random", "thor" (see the README's router list)
+    # "balanced_hash", "bigram_hash", "random", "thor", "sigmoid", "stable" (see the README's router list)
     router: str = "topk"
     # "capacity": fixed slots per expert, overflow dropped (the static-shape classic);
     # "dropless": every assignment is computed (worst-case buffer or ragged_all_to_all, grouped matmul)
@@ -104,6 +104,9 @@ class MoEConfig(StrictFields):
     hash_seed: int = 0  # seeds the hash routers' token -> expert tables
     gshard_threshold: float = 0.2  # gshard: the second expert is used with probability min(1, g2 / this)
     loss_free_gamma: float = 1e-3  # loss_free: bias step per training step toward equal load
+    # stable (StableMoE): training steps of stage 1 (the learned router routes, and a token -> expert table
+    # is distilled from its choices); from this step on the frozen table routes and the router only gates
+    stable_freeze_step: int = 100
     # thor: weight of THOR's consistency loss, the symmetric KL between the predictions of two
     # forward passes through independently drawn experts (0 = one pass, no consistency loss)
     thor_consistency: float = 0.0
@@ -150,6 +153,9 @@ class MoEConfig(StrictFields):
         for name in ("capacity_factor", "gshard_threshold", "loss_free_gamma"):
             if not _positive_finite(getattr(self, name)):
                 self._fail(name, "must be a number > 0")
+        if not isinstance(self.stable_freeze_step, int) or isinstance(self.stable_freeze_step, bool) \
+                or self.stable_freeze_step < 0:
+            self._fail("stable_freeze_step", "must be an integer >= 0 (a training step)")
         if not _finite(self.eval_capacity_factor) or self.eval_capacity_factor < 0:
             self._fail("eval_capacity_factor", "must be a number >= 0 (0 = no drops)")
         if not isinstance(self.capacity_group_size, int) or self.capacity_group_size < 0:

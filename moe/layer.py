@@ -188,7 +188,7 @@ class MoEFeedForward(nnx.Module):
         # id E (gshard's unused second choice, expert_choice's untaken slot) is not an assignment
         total = jnp.maximum(jnp.sum(r.expert_ids < cfg.num_experts), 1).astype(jnp.float32)
         aux_loss, z_loss = cfg.aux_loss_coef * r.aux_loss, cfg.z_loss_coef * r.z_loss  # with their coefficients
-        router_loss = aux_loss + z_loss
+        router_loss = aux_loss + z_loss if r.distill_loss is None else aux_loss + z_loss + r.distill_loss
         return {
             "aux_loss": aux_loss,
             "z_loss": z_loss,

@@ -44,6 +44,9 @@ class Routing(NamedTuple):
     # int32 scalar when every token goes to this one expert (THOR in training): the layer then
     # runs that expert on all tokens with no dispatch
     single_expert: jax.Array | None = None
+    # stable: the loss that distils the router's choices into its token -> expert table (already
+    # weighted; added to the router loss)
+    distill_loss: jax.Array | None = None
 
 
 @dataclasses.dataclass

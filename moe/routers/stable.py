@@ -1,0 +1,99 @@
+"""``stable``: StableMoE's two training stages (Dai et al. 2022).
+
+Shape letters: see ``moe/__init__.py``; V vocabulary.
+
+A learned router keeps moving tokens between experts while it trains, so every expert learns
+from a moving token set (routing fluctuation). StableMoE learns the routing first, then freezes
+it:
+
+* **Stage 1** (training steps before ``stable_freeze_step``): a learned top-k router (``w`` [D, E],
+  exactly ``topk``: its gates, balance loss and z-loss) routes. Beside it a token-level router,
+  ``distill`` [V, E] logits per token id, learns to predict the router's choices (cross-entropy to
+  the chosen experts, weighted ``DISTILL_WEIGHT``; its gradient reaches only ``distill``).
+* **Stage 2** (from ``stable_freeze_step``): at the switch (``update``, once per training step) the
+  distilled router's top k per token id become a fixed table ``table`` [V, K] (model state); from
+  then on a token's experts are its id's row, and the learned router only gates them (the
+  softmax probabilities of the table's experts, renormalised for k > 1 as ``topk``), with no
+  balance loss. Token ids the distillation never saw keep the ``hash`` router's experts.
+
+Routing depends only on the token itself (its id, and its own hidden state for the gates), so it
+is causal; after the switch a token's experts never change (routing churn 0, H(expert | token) 0).
+The step counter ``step`` (model state) says which stage a layer is in, so a resumed run and an
+evaluation of a checkpoint route as training did at that step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe.fields import FieldError
+from moe.params import RouterState, sharded_param
+from moe.routers import register
+from moe.routers.base import RouteInput, Routing, expert_load, top_k
+from moe.routers.hashing import hash_table
+from moe.routers.learned import LearnedRouter, renormalises, topk_route
+from sharding.mesh import current_mesh
+
+# The distillation loss's weight. It trains only the token-level logits, and Adam's update does
+# not depend on a gradient's scale; it is small so that it leaves the model's gradient norm (and
+# its clipping) as topk's.
+DISTILL_WEIGHT = 1e-2
+
+
+@register
+class Stable(LearnedRouter):
+    name = "stable"
+
+    def __init__(self, cfg, d_model, *, key, rngs, eval_seed=0, vocab_size=0):
+        super().__init__(cfg, d_model, key=key, rngs=rngs, eval_seed=eval_seed, vocab_size=vocab_size)
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise FieldError("MoEConfig", "router", cfg.router, "the stable router needs the vocabulary size (>= 1)")
+        e, k = cfg.num_experts, cfg.experts_per_token
+        self.distill = sharded_param(None, (vocab_size, e), (None, None), 0.0, jnp.float32, init="zeros")
+        self.table = RouterState(jnp.asarray(hash_table(vocab_size, e, k, cfg.hash_seed)), logical_axes=(None, None))
+        self.step = RouterState(jnp.zeros((), jnp.int32), logical_axes=())
+
+    def __call__(self, inp: RouteInput) -> Routing:
+        cfg = self.cfg
+        if inp.token_ids_BS is None:
+            raise ValueError("MoEConfig.router='stable': the layer needs token_ids")
+        tokens_BS, k = inp.token_ids_BS, cfg.experts_per_token
+        logits_BSE = self.logits(inp.x_BSD, inp.key)
+        learned = topk_route(logits_BSE, k, cfg.norm_topk_prob)
+        frozen = self.step[...] >= cfg.stable_freeze_step
+        spec = None if current_mesh() is None else jax.typeof(learned.expert_ids).sharding.spec  # the routing's layout
+        table_BSK = self.table[...].at[tokens_BS].get(mode="clip", out_sharding=spec).astype(jnp.int32)
+        ids_BSK = jnp.where(frozen, table_BSK, learned.expert_ids)
+        gates_BSK = jnp.take_along_axis(jax.nn.softmax(logits_BSE, axis=-1), ids_BSK, axis=-1)
+        if renormalises(k, cfg.norm_topk_prob):
+            gates_BSK = gates_BSK / jnp.sum(gates_BSK, axis=-1, keepdims=True)
+        distill = distill_loss(self.distill[...].at[tokens_BS].get(mode="clip", out_sharding=spec), learned.expert_ids)
+        zero = jnp.zeros((), jnp.float32)
+        return Routing(
+            expert_ids=ids_BSK,
+            gates=gates_BSK,
+            aux_loss=jnp.where(frozen, zero, learned.aux_loss),
+            z_loss=learned.z_loss,
+            expert_load=expert_load(ids_BSK, cfg.num_experts),
+            router_entropy=learned.router_entropy,
+            distill_loss=jnp.where(frozen, zero, DISTILL_WEIGHT * distill),
+        )
+
+    def update(self, expert_load_E: jax.Array) -> None:
+        """Count the step; at ``stable_freeze_step`` freeze the distilled choices into ``table``."""
+        step = self.step[...] + 1
+        logits_VE = jax.lax.stop_gradient(self.distill[...])
+        _, distilled_VK = top_k(logits_VE, self.cfg.experts_per_token)
+        seen_V1 = jnp.any(logits_VE != 0, axis=-1, keepdims=True)  # ids the distillation never saw keep hash's
+        frozen_VK = jnp.where(seen_V1, distilled_VK, self.table[...])
+        self.table[...] = jnp.where(step == self.cfg.stable_freeze_step, frozen_VK, self.table[...])
+        self.step[...] = step
+
+
+def distill_loss(logits_BSE: jax.Array, expert_ids_BSK: jax.Array) -> jax.Array:
+    """Mean over tokens of the cross-entropy from the token-level logits to the router's k choices
+    (each 1/k of the target); no gradient reaches the choices."""
+    num_experts = logits_BSE.shape[-1]
+    target_BSE = jnp.mean(jax.nn.one_hot(jax.lax.stop_gradient(expert_ids_BSK), num_experts, dtype=jnp.float32), axis=2)
+    return -jnp.mean(jnp.sum(target_BSE * jax.nn.log_softmax(logits_BSE.astype(jnp.float32), axis=-1), axis=-1))
