@@ -14,7 +14,10 @@ is not a causal language-model loss and would not compare.
 
 ``--seeds N`` trains every variant N times (``train.seed`` 0..N-1: initialisation, data order and
 routing draws all change) into ``OUT/<variant>/seed<i>`` and reports the mean and the spread
-(sample standard deviation, and the range) over seeds, so a difference can be told from noise.
+(sample standard deviation, and the range) over seeds, so a difference can be told from noise;
+with ``dense`` in the study each variant's paired gap to it (seed i against seed i) too. A
+variant whose run is already complete in OUT is not trained again (moe-train resumes at its last
+step), only scored: a study can grow one variant at a time.
 Every variant also reports its router health at the end of training, from the run's own
 telemetry (``moe/churn``, ``moe/token_entropy``; see the README).
 """
@@ -64,6 +67,8 @@ def run_variant(name: str, workdir: pathlib.Path, common: list[str], cpu_devices
     train = [python, "-m", "train", f"--config={ROOT / config}", f"--workdir={workdir}",
              f"--cpu_devices={cpu_devices}", *common, *overrides]
     start = time.perf_counter()
+    before = workdir / "summary.json"  # a complete run is only scored again: keep its measured speed
+    earlier = json.loads(before.read_text()) if before.is_file() else {}
     done = subprocess.run(train, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         log(f"{name}: moe-train failed ({done.returncode}): {(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -92,7 +97,7 @@ def run_variant(name: str, workdir: pathlib.Path, common: list[str], cpu_devices
         "dropped_fraction": late_mean("moe/dropped_fraction"),
         "churn": late_mean("moe/churn"),
         "token_entropy": late_mean("moe/token_entropy"),
-        "tokens_per_sec": summary.get("tokens_per_sec"),
+        "tokens_per_sec": summary.get("tokens_per_sec") or earlier.get("tokens_per_sec"),
         "minutes": (time.perf_counter() - start) / 60,
     }
     log(f"{workdir.relative_to(workdir.parents[1]) if name != workdir.name else name}: eval loss "
@@ -126,26 +131,44 @@ def _fmt(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def paired_gap(row: dict, baseline: dict | None) -> tuple[float, float] | None:
+    """Mean and standard deviation over seeds of (this variant's eval loss - the baseline's with
+    the same seed): seed i gives both the same data order, so the pairing cancels part of the noise."""
+    if baseline is None or "error" in baseline or "error" in row or len(row["seeds"]) < 2 \
+            or len(row["seeds"]) != len(baseline["seeds"]):
+        return None
+    gaps = [a["eval_loss"] - b["eval_loss"] for a, b in zip(row["seeds"], baseline["seeds"], strict=True)]
+    return statistics.mean(gaps), statistics.stdev(gaps)
+
+
 def markdown(rows: list[dict], steps: int, seeds: int) -> str:
-    same = "same data, seed" if seeds == 1 else f"{seeds} seeds each; same data order per seed"
-    loss = "eval loss" if seeds == 1 else "eval loss (mean ± std)"
-    head = (f"{steps} steps of `configs/default.py` per variant ({same} and active FLOPs per token); "
+    many = seeds > 1
+    same = (f"{seeds} seeds each: seed i gives every variant the same data order" if many else "the same data, seed")
+    dense = next((r for r in rows if r["name"] == "dense"), None)
+    paired = many and dense is not None and "error" not in dense
+    head = (f"{steps} steps of `configs/default.py` per variant ({same}, and the same active FLOPs per token); "
             "validation loss from `moe-eval` on the whole validation split; load imbalance (max/mean expert load), "
             "dropped fraction, routing churn and H(expert | token) averaged over the last fifth of training"
-            f"{'' if seeds == 1 else '; every column but the spread is a mean over seeds'}\n\n"
-            f"| variant | {loss} | {'' if seeds == 1 else 'min..max | '}bits/byte | load max/mean | dropped | churn "
-            f"| H(e\\|tok) | tokens/s |\n|---|---:|{'' if seeds == 1 else '---:|'}---:|---:|---:|---:|---:|---:|\n")
-    body = ""
+            f"{'; every column but the spread is a mean over seeds' if many else ''}"
+            f"{'; vs dense: the paired gap to dense, seed by seed (negative = better than dense)' if paired else ''}\n\n")
+    cols = ["variant", "eval loss (mean ± std)" if many else "eval loss"]
+    cols += ["min..max"] if many else []
+    cols += ["vs dense (paired)"] if paired else []
+    cols += ["bits/byte", "load max/mean", "dropped", "churn", "H(e\\|tok)", "tokens/s"]
+    table = "| " + " | ".join(cols) + " |\n|---|" + "---:|" * (len(cols) - 1) + "\n"
     for r in rows:
         if "error" in r:
-            body += f"| {r['name']} | failed ({r['error']}) |{'' if seeds == 1 else ' |'} | | | | | |\n"
+            table += f"| {r['name']} | failed ({r['error']}) |" + " |" * (len(cols) - 2) + "\n"
             continue
-        loss = f"{r['eval_loss']:.4f}" + ("" if seeds == 1 else f" ± {r['eval_loss_std']:.4f}")
-        spread = "" if seeds == 1 else f"{r['eval_loss_min']:.4f}..{r['eval_loss_max']:.4f} | "
-        body += (f"| {r['name']} | {loss} | {spread}{r['bits_per_byte']:.3f} | {_fmt(r['load_imbalance'], '{:.2f}')} "
-                 f"| {_fmt(r['dropped_fraction'], '{:.3f}')} | {_fmt(r['churn'], '{:.3f}')} "
-                 f"| {_fmt(r['token_entropy'], '{:.3f}')} | {_fmt(r['tokens_per_sec'], '{:,.0f}')} |\n")
-    return head + body
+        cells = [r["name"], f"{r['eval_loss']:.4f}" + (f" ± {r['eval_loss_std']:.4f}" if many else "")]
+        cells += [f"{r['eval_loss_min']:.4f}..{r['eval_loss_max']:.4f}"] if many else []
+        if paired:
+            gap = paired_gap(r, dense) if r is not dense else None
+            cells.append("-" if gap is None else f"{gap[0]:+.4f} ± {gap[1]:.4f}")
+        cells += [f"{r['bits_per_byte']:.3f}", _fmt(r["load_imbalance"], "{:.2f}"), _fmt(r["dropped_fraction"], "{:.3f}"),
+                  _fmt(r["churn"], "{:.3f}"), _fmt(r["token_entropy"], "{:.3f}"), _fmt(r["tokens_per_sec"], "{:,.0f}")]
+        table += "| " + " | ".join(cells) + " |\n"
+    return head + table
 
 
 def workdir_of(out: pathlib.Path, name: str, seed: int, seeds: int) -> pathlib.Path:
