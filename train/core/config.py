@@ -94,9 +94,7 @@ class Config(StrictFields):
     eval_batches: int = 8  # validation batches per evaluation
     peak_flops_per_device: float = 0.0  # for MFU; 0 = guess from the device kind
     profile_steps: int = 0  # > 0: jax.profiler trace of this many steps after warm-up into WORKDIR/profile
-    # router health at every logged step: routing churn and H(expert | token id) per MoE layer, from one
-    # fixed validation batch (train.core.telemetry); MoE models with a deterministic router
-    router_probe: bool = True
+    router_probe: bool = True  # log routing churn and H(expert | token id) per MoE layer (train.core.telemetry)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,8 +176,7 @@ def apply_override(cfg: Config, key: str, text: str) -> None:
                 raise ConfigError(f"config.{key}: {'.'.join(parts[: i + 1])} is not a section")
 
 
-# Fields that moved: the MoE settings of the model live in their own section (``model.moe``).
-# Configs saved before (checkpoints, config.json) are read through ``upgrade``.
+# Fields that moved into their own section ``model.moe``; configs saved before are read through ``upgrade``.
 MOVED = {
     f"model.{name}": f"model.moe.{name}"
     for name in ("num_experts", "experts_per_token", "expert_d_ff", "router", "dispatch", "capacity_factor",
@@ -373,7 +370,7 @@ def fingerprint(obj) -> str:
 
 
 # Sections a resumed run may change; anything else must match the checkpoint.
-RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches",
+RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches", "router_probe",
              "peak_flops_per_device", "profile_steps", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
              "train.step_timeout_s", "train.init_from", "model.moe.ragged_exchange", "model.scan_layers", "model.remat")
 
