@@ -107,6 +107,10 @@ class MoEConfig(StrictFields):
     # stable (StableMoE): training steps of stage 1 (the learned router routes, and a token -> expert table
     # is distilled from its choices); from this step on the frozen table routes and the router only gates
     stable_freeze_step: int = 100
+    # stable: at the freeze, no expert may take more than this multiple of an equal share of the training
+    # split's token mass: ids in decreasing frequency take their best distilled experts with room left
+    # (the least loaded when none has); 0 = every id takes its best experts, whatever the balance
+    stable_balance: float = 0.0
     # thor: weight of THOR's consistency loss, the symmetric KL between the predictions of two
     # forward passes through independently drawn experts (0 = one pass, no consistency loss)
     thor_consistency: float = 0.0
@@ -156,6 +160,8 @@ class MoEConfig(StrictFields):
         if not isinstance(self.stable_freeze_step, int) or isinstance(self.stable_freeze_step, bool) \
                 or self.stable_freeze_step < 0:
             self._fail("stable_freeze_step", "must be an integer >= 0 (a training step)")
+        if not _finite(self.stable_balance) or not (self.stable_balance == 0 or self.stable_balance >= 1):
+            self._fail("stable_balance", "must be 0 (off) or a number >= 1 (a multiple of an equal share)")
         if not _finite(self.eval_capacity_factor) or self.eval_capacity_factor < 0:
             self._fail("eval_capacity_factor", "must be a number >= 0 (0 = no drops)")
         if not isinstance(self.capacity_group_size, int) or self.capacity_group_size < 0:

@@ -17,7 +17,7 @@ from flax import nnx
 from conftest import tiny_train_args
 from harness import make_inputs, run_layer, layer_spec
 from moe.routers.hashing import hash_table
-from moe.routers.stable import distill_loss
+from moe.routers.stable import balanced_choice, distill_loss
 from train.core.telemetry import RoutingProbe, churn, token_entropy
 
 
@@ -107,6 +107,48 @@ def test_stable_router_freezes_what_it_distilled_at_the_freeze_step():
     router.distill[...] = -jnp.asarray(logits)  # later changes of the logits move nothing
     router.update(jnp.full((8,), 1 / 8))
     np.testing.assert_array_equal(np.asarray(router.table[...]), table)
+
+
+def greedy_balance(scores, counts, k, limit):
+    """The reference: ids by decreasing count take their best experts with room, else the least loaded."""
+    e = scores.shape[1]
+    cap, mass, table = np.float32(limit * counts.sum() / e), np.zeros(e, np.float32), np.zeros((len(counts), k), int)
+    for t in np.argsort(-counts, kind="stable"):
+        free = np.ones(e, bool)
+        for j in range(k):
+            room = free & (mass + np.float32(counts[t] / k) <= cap)
+            pick = np.argmax(np.where(room, scores[t], -np.inf)) if room.any() else np.argmin(np.where(free, mass, np.inf))
+            table[t, j], free[pick] = pick, False
+            mass[pick] += np.float32(counts[t] / k)
+    return table
+
+
+def test_balanced_freeze_caps_each_experts_share():
+    by_hand = balanced_choice(jnp.array([[0.0, 0, 9, 0]] * 5), jnp.array([50.0, 30, 10, 5, 5]), 1, 1.0)
+    # 50 and 30 exceed the cap (25) everywhere: the least loaded; then expert 2 (the best) until full
+    assert np.asarray(by_hand)[:, 0].tolist() == [0, 1, 2, 2, 2]
+    rng = np.random.default_rng(1)
+    for k, limit in ((1, 1.2), (2, 1.0), (2, 1.5)):
+        scores = rng.normal(size=(40, 8)).astype(np.float32)
+        counts = rng.integers(0, 100, 40).astype(np.float32)
+        got = np.asarray(jax.jit(balanced_choice, static_argnums=(2, 3))(scores, counts, k, limit))
+        np.testing.assert_array_equal(got, greedy_balance(scores, counts, k, limit))
+        if limit > 1:  # with room to spare every id fits under the cap
+            mass = np.bincount(got.ravel(), np.repeat(counts / k, k), minlength=8)
+            assert mass.max() <= limit * counts.sum() / 8 + 1e-3
+
+
+def test_stable_balanced_freeze_uses_the_training_counts():
+    layer = stable_spec(1, k=1, stable_balance=1.0).build(rngs=nnx.Rngs(0), vocab_size=50)
+    router = layer.router
+    counts = np.zeros(50, np.float32)
+    counts[:8] = 10  # eight equally common ids that all prefer expert 3
+    router.fit(counts)
+    logits = np.zeros((50, 8), np.float32)
+    logits[:8, 3] = 1.0
+    router.distill[...] = jnp.asarray(logits)
+    router.update(jnp.full((8,), 1 / 8))
+    assert sorted(np.asarray(router.table[...])[:8, 0].tolist()) == list(range(8))  # one id per expert
 
 
 def test_distillation_learns_each_token_ids_majority_expert():

@@ -11,7 +11,9 @@ it:
   ``distill`` [V, E] logits per token id, learns to predict the router's choices (cross-entropy to
   the chosen experts, weighted ``DISTILL_WEIGHT``; its gradient reaches only ``distill``).
 * **Stage 2** (from ``stable_freeze_step``): at the switch (``update``, once per training step) the
-  distilled router's top k per token id become a fixed table ``table`` [V, K] (model state); from
+  distilled router's top k per token id become a fixed table ``table`` [V, K] (model state; with
+  ``stable_balance`` > 0 under a cap on each expert's share of the training split's token mass,
+  ``counts`` [V], see ``balanced_choice``); from
   then on a token's experts are its id's row, and the learned router only gates them (the
   softmax probabilities of the table's experts, renormalised for k > 1 as ``topk``), with no
   balance loss. Token ids the distillation never saw keep the ``hash`` router's experts.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe.fields import FieldError
 from moe.params import RouterState, sharded_param
@@ -44,6 +47,7 @@ DISTILL_WEIGHT = 1e-2
 @register
 class Stable(LearnedRouter):
     name = "stable"
+    wants_token_counts = True  # for stable_balance
 
     def __init__(self, cfg, d_model, *, key, rngs, eval_seed=0, vocab_size=0):
         super().__init__(cfg, d_model, key=key, rngs=rngs, eval_seed=eval_seed, vocab_size=vocab_size)
@@ -53,6 +57,13 @@ class Stable(LearnedRouter):
         self.distill = sharded_param(None, (vocab_size, e), (None, None), 0.0, jnp.float32, init="zeros")
         self.table = RouterState(jnp.asarray(hash_table(vocab_size, e, k, cfg.hash_seed)), logical_axes=(None, None))
         self.step = RouterState(jnp.zeros((), jnp.int32), logical_axes=())
+        self.counts = RouterState(jnp.zeros((vocab_size,), jnp.float32), logical_axes=(None,))
+
+    def fit(self, token_counts_V) -> None:
+        counts = np.zeros(self.counts.shape[0], np.float32)
+        given = np.asarray(token_counts_V)[: len(counts)]
+        counts[: len(given)] = given
+        self.counts[...] = jax.device_put(counts, self.counts[...].sharding)
 
     def __call__(self, inp: RouteInput) -> Routing:
         cfg = self.cfg
@@ -82,13 +93,47 @@ class Stable(LearnedRouter):
 
     def update(self, expert_load_E: jax.Array) -> None:
         """Count the step; at ``stable_freeze_step`` freeze the distilled choices into ``table``."""
+        cfg = self.cfg
         step = self.step[...] + 1
         logits_VE = jax.lax.stop_gradient(self.distill[...])
-        _, distilled_VK = top_k(logits_VE, self.cfg.experts_per_token)
         seen_V1 = jnp.any(logits_VE != 0, axis=-1, keepdims=True)  # ids the distillation never saw keep hash's
-        frozen_VK = jnp.where(seen_V1, distilled_VK, self.table[...])
-        self.table[...] = jnp.where(step == self.cfg.stable_freeze_step, frozen_VK, self.table[...])
+
+        def freeze(table_VK):
+            if cfg.stable_balance:
+                distilled_VK = balanced_choice(logits_VE, self.counts[...], cfg.experts_per_token, cfg.stable_balance)
+            else:
+                distilled_VK = top_k(logits_VE, cfg.experts_per_token)[1]
+            return jnp.where(seen_V1, distilled_VK, table_VK)
+
+        self.table[...] = jax.lax.cond(step == cfg.stable_freeze_step, freeze, lambda t: t, self.table[...])
         self.step[...] = step
+
+
+def balanced_choice(scores_VE: jax.Array, counts_V: jax.Array, k: int, limit: float) -> jax.Array:
+    """int32 [V, K]: token ids in decreasing count each take, one by one, the k best-scoring experts
+    whose token mass stays within ``limit`` x an equal share (sum(counts) / E); an id for which no
+    expert has room takes the least loaded one. Each choice adds count / k to its expert's mass."""
+    num_tokens, num_experts = scores_VE.shape
+    cap = limit * jnp.sum(counts_V) / num_experts
+    order_V = jnp.argsort(-counts_V, stable=True)
+
+    def take(i, carry):
+        table_VK, mass_E = carry
+        token = order_V[i]
+        share = counts_V[token] / k
+        scores_E, free_E, row = scores_VE[token], jnp.ones((num_experts,), bool), []
+        for _ in range(k):
+            room_E = free_E & (mass_E + share <= cap)
+            best = jnp.argmax(jnp.where(room_E, scores_E, -jnp.inf))
+            least = jnp.argmin(jnp.where(free_E, mass_E, jnp.inf))
+            pick = jnp.where(jnp.any(room_E), best, least).astype(jnp.int32)
+            row.append(pick)
+            free_E = free_E.at[pick].set(False)
+            mass_E = mass_E.at[pick].add(share)
+        return table_VK.at[token].set(jnp.stack(row)), mass_E
+
+    table_VK = jnp.zeros((num_tokens, k), jnp.int32)
+    return jax.lax.fori_loop(0, num_tokens, take, (table_VK, jnp.zeros((num_experts,), jnp.float32)))[0]
 
 
 def distill_loss(logits_BSE: jax.Array, expert_ids_BSK: jax.Array) -> jax.Array:
