@@ -28,7 +28,8 @@ from train.core.checkpoint import Checkpoints
 from train.core.config import Config, check_compatible, for_backend, validate, validate_mesh, with_vocab
 from train.core.memory import check_fits, step_memory
 from train.core.optimizer import make_optimizer
-from train.core.step import TrainState, loss_for, make_eval_step, make_train_step, shardings_of, split_model
+from train.core.step import (TrainState, loss_for, make_eval_step, make_probe_step, make_train_step, shardings_of,
+                             split_model)
 from train.core.workdir import RunFolder, write_text_atomic
 from train.core.telemetry import RoutingProbe
 from train.data.batches import TrainBatches, eval_batches, token_counts
@@ -75,6 +76,18 @@ def state_init(cfg: Config, tx):
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rest, window)
 
     return graphdef, eval_graphdef, fits_routers, init
+
+
+def probe_graphdef(cfg: Config):
+    """The eval-mode graphdef of the router probe: evaluation without drops gives every expert a slot
+    for every token (E times the experts' work), so the probe keeps the training capacity (which
+    experts a router chooses does not depend on capacity; only later layers' inputs move a little)."""
+    cfg = copy.deepcopy(cfg)
+    if not cfg.model.moe.eval_capacity_factor:
+        cfg.model.moe.eval_capacity_factor = cfg.model.moe.capacity_factor
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(params=0, routing=1)))
+    model.eval()
+    return split_model(model)[0]
 
 
 def state_shardings(cfg: Config, abstract: TrainState, tx):
@@ -311,21 +324,26 @@ class TrainerSetup:
     def _make_probe(self) -> None:
         """The router telemetry's fixed batch (the first validation batch), or None: no probe."""
         cfg = self.cfg
-        self.probe = self.probe_batch = None
+        self.probe = self.probe_inputs = self.probe_step = None
         moe = cfg.model.moe
         if not cfg.router_probe or not cfg.model.moe_every or moe.router_class.stochastic:
             return
         t = cfg.train
         full = next(iter(eval_batches(self.val_corpus.tokens, t.seq_len, t.batch_size, 1)))  # the global batch
         rows = slice(self.proc * t.batch_size // self.nproc, (self.proc + 1) * t.batch_size // self.nproc)
-        self.probe_batch = self.global_batch({k: v[rows] for k, v in full.items()})
+        self.probe_inputs = self.global_batch({"inputs": full["inputs"][rows]})["inputs"]
         self.probe = RoutingProbe(full["inputs"], moe.num_experts, full["weights"] > 0)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+        step = jax.jit(make_probe_step(probe_graphdef(cfg)), out_shardings=replicated,
+                       in_shardings=(self.state_shardings.params, self.state_shardings.model_state, self.batch_sharding))
+        # compiled here, so that the first timed steps do not include it
+        self.probe_step = step.lower(self.state.params, self.state.model_state, self.probe_inputs).compile()
 
     def routing_probe(self):
         """Dispatch the probe on the current state: {"layer<i>": [B,S] device ids}, or None."""
         if self.probe is None:
             return None
-        return self.eval_step(self.state.params, self.state.model_state, self.probe_batch)["top_expert"]
+        return self.probe_step(self.state.params, self.state.model_state, self.probe_inputs)
 
     def stop_flags(self, requested: bool) -> jax.Array:
         """The [B, 1] stop input of a step: this process's rows carry its own flag (made once each)."""

@@ -236,17 +236,25 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
 
 # ---------------------------------------------------------------- evaluation
 def make_eval_step(eval_graphdef):
-    """eval_step(params, model_state, batch) -> sums for a token-weighted mean over many batches, and
-    ``top_expert`` ({"layer<i>": [B,S] first expert per token}: the router telemetry's probe)."""
+    """eval_step(params, model_state, batch) -> sums for a token-weighted mean over many batches."""
 
     def eval_step(params, model_state, batch):
         model = nnx.merge(eval_graphdef, params, model_state)
         logits, aux = model(batch["inputs"])
         nll_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
-        return {"nll_sum": nll_sum, "tokens": count, "moe/dropped_fraction": aux["dropped_fraction"],
-                "top_expert": aux["top_expert"]}
+        return {"nll_sum": nll_sum, "tokens": count, "moe/dropped_fraction": aux["dropped_fraction"]}
 
     return eval_step
+
+
+def make_probe_step(probe_graphdef):
+    """probe_step(params, model_state, inputs) -> {"layer<i>": [B,S] first expert per token}: the
+    router telemetry's forward pass (``train.core.telemetry``), in evaluation mode."""
+
+    def probe_step(params, model_state, inputs):
+        return nnx.merge(probe_graphdef, params, model_state)(inputs)[1]["top_expert"]
+
+    return probe_step
 
 
 def score(eval_step, params, model_state, batches, to_global, num_bytes: int, num_tokens: int) -> dict:

@@ -16,9 +16,10 @@ top-1 expert per token. From those ids:
   router uses the context. Measured on one batch, so rare ids pull it down a little.
 * ``moe/churn`` and ``moe/token_entropy``: their means over the MoE layers.
 
-The probe is one forward pass of the evaluation step (already compiled for evaluation) and a
-[L, B, S] int32 read-back per logged step. Stochastic routers (random, thor) draw experts afresh
-every training step by design, so they get no probe.
+The probe is one forward pass (``train.core.step.make_probe_step``, compiled before training, with
+the training capacity: which experts a router chooses does not depend on it) and a [L, B, S]
+int32 read-back per logged step. Stochastic routers (random, thor) draw experts afresh every
+training step by design, so they get no probe.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class RoutingProbe:
 
     ``tokens_BS``: the probe's input token ids (the whole global batch, on every process);
     ``mask_BS``: the positions that count (a short validation split pads the batch; default all);
-    ``routes`` (from the evaluation step's ``top_expert``): {"layer<i>": [B, S] top-1 ids}.
+    ``routes`` (from the probe step): {"layer<i>": [B, S] top-1 ids}.
     """
 
     def __init__(self, tokens_BS: np.ndarray, num_experts: int, mask_BS: np.ndarray | None = None):
