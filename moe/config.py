@@ -41,6 +41,7 @@ ATTENTIONS = ("mha", "mla")
 # model.qk_norm: RMSNorm of queries and keys before RoPE: "head" over each head's dimension (Qwen3),
 # "proj" over the whole projection (all heads together, OLMoE), "none"
 QK_NORMS = ("none", "head", "proj")
+STABLE_GATES = ("softmax", "sigmoid", "one")  # moe.stable_gate
 # moe.norm_topk_prob: whether a learned router's k chosen gates are divided by their sum. "auto": when
 # k > 1 (Mixtral; Switch's k = 1 keeps its probability); "on" always; "off" never (Qwen2-MoE, OLMoE)
 NORM_TOPK = ("auto", "on", "off")
@@ -111,6 +112,9 @@ class MoEConfig(StrictFields):
     # split's token mass: ids in decreasing frequency take their best distilled experts with room left
     # (the least loaded when none has); 0 = every id takes its best experts, whatever the balance
     stable_balance: float = 0.0
+    # stable: the gates once the table routes: "softmax" (the learned router's probabilities of the table's
+    # experts, renormalised for k > 1), "sigmoid" (StableMoE's sigmoid(x . w_e)), "one" (1/k each, as hash)
+    stable_gate: str = "softmax"
     # thor: weight of THOR's consistency loss, the symmetric KL between the predictions of two
     # forward passes through independently drawn experts (0 = one pass, no consistency loss)
     thor_consistency: float = 0.0
@@ -160,6 +164,8 @@ class MoEConfig(StrictFields):
         if not isinstance(self.stable_freeze_step, int) or isinstance(self.stable_freeze_step, bool) \
                 or self.stable_freeze_step < 0:
             self._fail("stable_freeze_step", "must be an integer >= 0 (a training step)")
+        if self.stable_gate not in STABLE_GATES:
+            self._fail("stable_gate", f"choose one of {', '.join(STABLE_GATES)}")
         if not _finite(self.stable_balance) or not (self.stable_balance == 0 or self.stable_balance >= 1):
             self._fail("stable_balance", "must be 0 (off) or a number >= 1 (a multiple of an equal share)")
         if not _finite(self.eval_capacity_factor) or self.eval_capacity_factor < 0:

@@ -84,7 +84,13 @@ def test_stable_router_in_stage_two_routes_by_its_table_on_any_mesh():
     probs = jax.nn.softmax(jnp.einsum("bsd,de->bse", x, layer.router.w[...]), axis=-1)
     chosen = np.take_along_axis(np.asarray(probs), table[np.asarray(ids)], axis=-1)
     np.testing.assert_allclose(np.asarray(route.gates), chosen / chosen.sum(-1, keepdims=True), rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(layer.route(x, ids).expert_ids), table[np.asarray(ids)])
+    for gate, expected in (("sigmoid", None), ("one", np.full(chosen.shape, 0.5))):
+        other = stable_spec(0, k=2, stable_gate=gate).build(rngs=nnx.Rngs(0), vocab_size=50).route(x, ids)
+        np.testing.assert_array_equal(np.asarray(other.expert_ids), table[np.asarray(ids)])
+        if expected is None:  # StableMoE's: sigmoid of the chosen experts' logits
+            logits = np.asarray(jnp.einsum("bsd,de->bse", x, layer.router.w[...]))
+            expected = 1 / (1 + np.exp(-np.take_along_axis(logits, table[np.asarray(ids)], axis=-1)))
+        np.testing.assert_allclose(np.asarray(other.gates), expected, rtol=1e-5)
 
 
 def test_stable_router_freezes_what_it_distilled_at_the_freeze_step():

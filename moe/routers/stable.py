@@ -14,9 +14,10 @@ it:
   distilled router's top k per token id become a fixed table ``table`` [V, K] (model state; with
   ``stable_balance`` > 0 under a cap on each expert's share of the training split's token mass,
   ``counts`` [V], see ``balanced_choice``); from
-  then on a token's experts are its id's row, and the learned router only gates them (the
-  softmax probabilities of the table's experts, renormalised for k > 1 as ``topk``), with no
-  balance loss. Token ids the distillation never saw keep the ``hash`` router's experts.
+  then on a token's experts are its id's row, and the learned router only gates them
+  (``stable_gate``: "softmax", its probabilities of the table's experts, renormalised for k > 1
+  as ``topk``; "sigmoid", StableMoE's sigmoid(x . w_e); "one", 1/k each as a hash router), with
+  no balance loss. Token ids the distillation never saw keep the ``hash`` router's experts.
 
 Routing depends only on the token itself (its id, and its own hidden state for the gates), so it
 is causal; after the switch a token's experts never change (routing churn 0, H(expert | token) 0).
@@ -79,6 +80,12 @@ class Stable(LearnedRouter):
         gates_BSK = jnp.take_along_axis(jax.nn.softmax(logits_BSE, axis=-1), ids_BSK, axis=-1)
         if renormalises(k, cfg.norm_topk_prob):
             gates_BSK = gates_BSK / jnp.sum(gates_BSK, axis=-1, keepdims=True)
+        if cfg.stable_gate != "softmax":  # stage 2's own gates
+            if cfg.stable_gate == "sigmoid":
+                frozen_gates_BSK = jax.nn.sigmoid(jnp.take_along_axis(logits_BSE, ids_BSK, axis=-1))
+            else:
+                frozen_gates_BSK = jnp.full(ids_BSK.shape, 1.0 / k, jnp.float32)
+            gates_BSK = jnp.where(frozen, frozen_gates_BSK, gates_BSK)
         distill = distill_loss(self.distill[...].at[tokens_BS].get(mode="clip", out_sharding=spec), learned.expert_ids)
         zero = jnp.zeros((), jnp.float32)
         return Routing(
