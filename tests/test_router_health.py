@@ -180,7 +180,8 @@ def test_training_logs_router_health_and_stable_freezes(tmp_path, capsys):
 
     workdir = tmp_path / "run"
     args = tiny_train_args(tmp_path, workdir, 5) + ["--config.model.moe.router=stable",
-                                                     "--config.model.moe.stable_freeze_step=2"]
+                                                     "--config.model.moe.stable_freeze_step=2",
+                                                     "--config.model.moe.stable_gate=one"]
     assert train_main(args) == 0
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in rows if r["split"] == "train"}

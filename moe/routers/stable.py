@@ -84,7 +84,7 @@ class Stable(LearnedRouter):
             if cfg.stable_gate == "sigmoid":
                 frozen_gates_BSK = jax.nn.sigmoid(jnp.take_along_axis(logits_BSE, ids_BSK, axis=-1))
             else:
-                frozen_gates_BSK = jnp.full(ids_BSK.shape, 1.0 / k, jnp.float32)
+                frozen_gates_BSK = jnp.full_like(gates_BSK, 1.0 / k)
             gates_BSK = jnp.where(frozen, frozen_gates_BSK, gates_BSK)
         distill = distill_loss(self.distill[...].at[tokens_BS].get(mode="clip", out_sharding=spec), learned.expert_ids)
         zero = jnp.zeros((), jnp.float32)
