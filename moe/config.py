@@ -106,15 +106,16 @@ class MoEConfig(StrictFields):
     gshard_threshold: float = 0.2  # gshard: the second expert is used with probability min(1, g2 / this)
     loss_free_gamma: float = 1e-3  # loss_free: bias step per training step toward equal load
     # stable (StableMoE): training steps of stage 1 (the learned router routes, and a token -> expert table
-    # is distilled from its choices); from this step on the frozen table routes and the router only gates
-    stable_freeze_step: int = 100
+    # is distilled from its choices); from this step on the frozen table routes. The three stable_* defaults
+    # are the best measured on configs/default.py (README, "Learned routing that beats dense")
+    stable_freeze_step: int = 10
     # stable: at the freeze, no expert may take more than this multiple of an equal share of the training
     # split's token mass: ids in decreasing frequency take their best distilled experts with room left
     # (the least loaded when none has); 0 = every id takes its best experts, whatever the balance
-    stable_balance: float = 0.0
+    stable_balance: float = 1.25
     # stable: the gates once the table routes: "softmax" (the learned router's probabilities of the table's
     # experts, renormalised for k > 1), "sigmoid" (StableMoE's sigmoid(x . w_e)), "one" (1/k each, as hash)
-    stable_gate: str = "softmax"
+    stable_gate: str = "one"
     # thor: weight of THOR's consistency loss, the symmetric KL between the predictions of two
     # forward passes through independently drawn experts (0 = one pass, no consistency loss)
     thor_consistency: float = 0.0

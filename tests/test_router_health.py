@@ -72,7 +72,7 @@ def test_stable_router_in_stage_two_routes_by_its_table_on_any_mesh():
     """From the freeze step (here 0: the initial table, hash's) a token's experts are its id's row;
     the learned router gates them; no balance loss; the same outputs on 1 and 8 devices."""
     x, ids, ct = make_inputs()
-    spec = stable_spec(0, k=2, capacity_factor=4.0)  # no drops: layouts group tokens differently
+    spec = stable_spec(0, k=2, capacity_factor=4.0, stable_gate="softmax")  # no drops: layouts group tokens differently
     one, eight = run_layer(spec, "1dev", x, ids, ct), run_layer(spec, "d2e4", x, ids, ct)
     np.testing.assert_allclose(eight["y"], one["y"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(eight["grads"]["router_w"], one["grads"]["router_w"], rtol=1e-4, atol=1e-6)
