@@ -57,9 +57,7 @@ class BalancedHash(Hash):
         return table_route(self.table[...], self.token_ids(inp), self.cfg.num_experts, out_sharding=route_spec())
 
     def fit(self, token_counts_V) -> None:
-        counts_V = np.zeros(self.table.shape[0])
-        counts = np.asarray(token_counts_V)[: len(counts_V)]
-        counts_V[: len(counts)] = counts
+        counts_V = counts_for(token_counts_V, self.table.shape[0])
         table = balanced_table(counts_V, self.cfg.num_experts, self.cfg.experts_per_token, self.cfg.hash_seed)
         self.table[...] = jax.device_put(table.astype(self.table.dtype), self.table[...].sharding)
 
@@ -106,6 +104,14 @@ def hash_table(vocab_size: int, num_experts: int, k: int, seed: int) -> np.ndarr
     with jax.ensure_compile_time_eval():  # concrete even while a model is built under jit
         _, ids = jax.lax.top_k(hash_scores(jnp.arange(vocab_size, dtype=jnp.int32)[None], num_experts, seed), k)
         return np.array(ids[0], np.int32)  # a writable copy
+
+
+def counts_for(token_counts, vocab_size: int) -> np.ndarray:
+    """float64 [V]: the training split's token counts cut or zero-padded to the table's vocabulary."""
+    counts_V = np.zeros(vocab_size)
+    counts = np.asarray(token_counts)[:vocab_size]
+    counts_V[: len(counts)] = counts
+    return counts_V
 
 
 def balanced_table(counts_V: np.ndarray, num_experts: int, k: int, seed: int) -> np.ndarray:

@@ -35,7 +35,7 @@ from moe.fields import FieldError
 from moe.params import RouterState, sharded_param
 from moe.routers import register
 from moe.routers.base import RouteInput, Routing, expert_load, top_k
-from moe.routers.hashing import hash_table
+from moe.routers.hashing import counts_for, hash_table
 from moe.routers.learned import LearnedRouter, renormalises, topk_route
 from sharding.mesh import current_mesh
 
@@ -61,10 +61,8 @@ class Stable(LearnedRouter):
         self.counts = RouterState(jnp.zeros((vocab_size,), jnp.float32), logical_axes=(None,))
 
     def fit(self, token_counts_V) -> None:
-        counts = np.zeros(self.counts.shape[0], np.float32)
-        given = np.asarray(token_counts_V)[: len(counts)]
-        counts[: len(given)] = given
-        self.counts[...] = jax.device_put(counts, self.counts[...].sharding)
+        counts_V = counts_for(token_counts_V, self.counts.shape[0]).astype(np.float32)
+        self.counts[...] = jax.device_put(counts_V, self.counts[...].sharding)
 
     def __call__(self, inp: RouteInput) -> Routing:
         cfg = self.cfg
@@ -102,10 +100,10 @@ class Stable(LearnedRouter):
         """Count the step; at ``stable_freeze_step`` freeze the distilled choices into ``table``."""
         cfg = self.cfg
         step = self.step[...] + 1
-        logits_VE = jax.lax.stop_gradient(self.distill[...])
-        seen_V1 = jnp.any(logits_VE != 0, axis=-1, keepdims=True)  # ids the distillation never saw keep hash's
 
-        def freeze(table_VK):
+        def freeze(table_VK):  # only at the freeze step
+            logits_VE = jax.lax.stop_gradient(self.distill[...])
+            seen_V1 = jnp.any(logits_VE != 0, axis=-1, keepdims=True)  # ids the distillation never saw keep hash's
             if cfg.stable_balance:
                 distilled_VK = balanced_choice(logits_VE, self.counts[...], cfg.experts_per_token, cfg.stable_balance)
             else:
