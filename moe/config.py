@@ -122,6 +122,10 @@ class MoEConfig(StrictFields):
     # dropless: exchange only the real rows with ragged_all_to_all (GPU/TPU; XLA:CPU cannot run
     # it) instead of an all_to_all of the worst-case buffer. Set by the program for its backend.
     ragged_exchange: bool = False
+    # dropless: the grouped matmul of the experts (moe.grouped_matmul.GROUPED_MATMULS): "auto" (Megablox on
+    # TPU, tokamax's kernels on GPU when installed, jax.lax.ragged_dot otherwise), or one of "ragged_dot",
+    # "megablox" (Pallas interpret mode off TPU: slow, for tests), "tokamax" (pip install 'switchyard[gpu]')
+    grouped_matmul: str = "auto"
     norm_topk_prob: str = "auto"  # see NORM_TOPK
     # shared experts: a dense FFN of this hidden width beside the routed experts, seen by every token
     # (DeepSeek: n_shared_experts * expert width; Qwen2-MoE: shared_expert_intermediate_size); 0 = none
@@ -145,6 +149,10 @@ class MoEConfig(StrictFields):
             self._fail("router", f"unknown router; choose one of {', '.join(ROUTERS)}")
         if self.dispatch not in DISPATCHES:
             self._fail("dispatch", f"choose one of {', '.join(DISPATCHES)}")
+        from moe.grouped_matmul import GROUPED_MATMULS
+
+        if self.grouped_matmul not in GROUPED_MATMULS:
+            self._fail("grouped_matmul", f"choose one of {', '.join(GROUPED_MATMULS)}")
         if self.capacity_priority not in CAPACITY_PRIORITIES:
             self._fail("capacity_priority", f"choose one of {', '.join(CAPACITY_PRIORITIES)}")
         if self.norm_topk_prob not in NORM_TOPK:

@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from moe.grouped_matmul import grouped_matmul
+
 ACTIVATION_FNS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "silu": jax.nn.silu,
@@ -32,15 +34,16 @@ class Experts:
     wg_LDF: jax.Array | None
     activation: str
     tensor_axis: str | None = None
+    grouped_impl: str = "auto"  # moe.grouped_matmul.GROUPED_MATMULS
 
     def batched(self, x_LCD: jax.Array) -> jax.Array:
         """[L, C, D] -> [L, C, D]: slot buffer l through expert l."""
         return self._ffn(lambda x, w: jnp.einsum("ecd,edh->ech", x, w), x_LCD)
 
     def grouped(self, x_RD: jax.Array, group_sizes_L: jax.Array) -> jax.Array:
-        """[R, D] -> [R, D]: rows [starts[l], starts[l] + sizes[l]) through expert l
-        (``jax.lax.ragged_dot``, a grouped GEMM on GPU/TPU); rows past the last group are unused."""
-        return self._ffn(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes_L), x_RD)
+        """[R, D] -> [R, D]: rows [starts[l], starts[l] + sizes[l]) through expert l, by the
+        grouped matmul ``grouped_impl`` (``moe.grouped_matmul``); rows past the last group are zero."""
+        return self._ffn(lambda x, w: grouped_matmul(x, w, group_sizes_L, self.grouped_impl), x_RD)
 
     def one(self, expert: jax.Array, plan) -> Experts:
         """Global expert ``expert`` alone, on every device: the device holding it gives its weights,

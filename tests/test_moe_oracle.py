@@ -88,6 +88,17 @@ def test_dropless_dispatch_matches_oracle_and_drops_nothing(mesh_name, k, router
     assert dropped == 0 and out["aux"]["dropped_fraction"] == 0
 
 
+@pytest.mark.parametrize("mesh_name, impl", [("d2e4", "megablox"), ("e4t2", "megablox"), ("d1e8", "tokamax")])
+def test_dropless_dispatch_with_a_grouped_matmul_kernel_matches_oracle(mesh_name, impl):
+    """The experts' grouped matmul through the Megablox kernel (Pallas interpret mode on CPU) and
+    through tokamax (its reference implementation off the GPU): the same oracle, forward and
+    gradients, with the expert axis and the tensor axis (e4t2 splits each expert's hidden width)."""
+    cfg = layer_spec(num_experts=E, experts_per_token=2, dispatch="dropless", activation="silu", gated=True,
+                     grouped_matmul=impl)
+    out, dropped = check_against_oracle(cfg, mesh_name)
+    assert dropped == 0
+
+
 def test_dropless_ragged_exchange_lowers_with_gradients():
     """The GPU/TPU exchange (ragged_all_to_all, which XLA:CPU cannot compile) traces and lowers
     forward and backward: two exchanges out and back, each with its transpose."""

@@ -219,6 +219,10 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
 
     m, t, o, d = cfg.model, cfg.train, cfg.optimizer, cfg.data
     _validate_model(m, need)
+    if m.moe.grouped_matmul == "tokamax":
+        from moe.grouped_matmul import tokamax_available
+
+        need(tokamax_available(), "model.moe.grouped_matmul", "the tokamax library is not installed (pip install 'switchyard[gpu]')")
     for key in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
@@ -372,7 +376,7 @@ def fingerprint(obj) -> str:
 # Sections a resumed run may change; anything else must match the checkpoint.
 RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches", "router_probe",
              "peak_flops_per_device", "profile_steps", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
-             "train.step_timeout_s", "train.init_from", "model.moe.ragged_exchange", "model.scan_layers", "model.remat")
+             "train.step_timeout_s", "train.init_from", "model.moe.ragged_exchange", "model.moe.grouped_matmul", "model.scan_layers", "model.remat")
 
 
 def check_compatible(meta: dict, saved: dict, where: pathlib.Path) -> None:
