@@ -11,16 +11,19 @@ from train.cli import bench_main
 def test_bench_layer_sweeps_and_writes_json_and_a_plot(capsys, tmp_path):
     argv = ["layer", "--experts", "8,16", "--tokens_per_device", "32", "--experts_per_token", "2",
             "--d_model", "16", "--d_ff", "32", "--seq_len", "16", "--repeats", "1", "--iters", "1", "--markdown",
-            "--dropless", "--json", str(tmp_path / "layer.json"), "--plot", str(tmp_path / "layer.png")]
+            "--dropless", "--grouped_matmul", "auto,megablox",
+            "--json", str(tmp_path / "layer.json"), "--plot", str(tmp_path / "layer.png")]
     assert bench_main(argv) == 0
     out = capsys.readouterr().out
     assert "| 32 | 2 | 8 |" in out and "| 32 | 2 | 16 |" in out and "MoE / dense" in out
+    assert "| dropless auto (ms) | dropless megablox (ms) |" in out and "| dropless megablox / MoE |" in out
     rows = json.loads((tmp_path / "layer.json").read_text())["rows"]
     assert {(r["tokens_per_device"], r["k"], r["experts"]) for r in rows} == {
         (32, 2, e) for e in (8, 16)
     }
     for r in rows:  # every case timed and its compiled temp memory reported
-        assert min(r["moe_ms"], r["dense_ms"], r["onehot_ms"], r["dropless_ms"]) > 0
+        assert min(r["moe_ms"], r["dense_ms"], r["onehot_ms"], r["dropless_ms"], r["dropless_megablox_ms"]) > 0
+        assert r["dropless_megablox_vs_moe"] == pytest.approx(r["dropless_megablox_ms"] / r["moe_ms"])
         assert r["moe_temp_bytes"] > 0 and r["dense_temp_bytes"] > 0
     assert (tmp_path / "layer.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -45,6 +48,7 @@ def test_bench_train_times_moe_dense_and_the_expert_sweep(capsys, tmp_path):
     (["--experts", "8,x"], "expected comma-separated integers"),
     (["--tokens_per_device", "100"], "--tokens_per_device=100"),
     (["layer", "--experts", "8", "--experts_per_token", "9"], "--experts_per_token=9: exceeds"),
+    (["layer", "--dropless", "--grouped_matmul", "auto,cublas"], "'auto,cublas': choose from auto, ragged_dot"),
     (["train", "--experts", "6"], "--experts=6: not divisible by config.mesh.expert=4"),
     (["train", "--config.model.routr=hash"], "config.model.routr: unknown key"),
 ])

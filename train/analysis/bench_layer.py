@@ -42,7 +42,17 @@ class BenchConfig:
     repeats: int = 5
     iters: int = 3
     dropless: bool = False  # also time model.dispatch="dropless"
+    # dropless: one column per grouped-matmul implementation (moe.grouped_matmul.GROUPED_MATMULS)
+    grouped_matmul: tuple[str, ...] = ("auto",)
     dtype: str = "float32"  # activations and expert compute ("bfloat16": weights stay float32)
+
+
+def dropless_cases(cfg: BenchConfig) -> list[tuple[str, str]]:
+    """(case name, grouped-matmul implementation) of each dropless column: "dropless" for the
+    first implementation, "dropless_<impl>" for the others."""
+    if not cfg.dropless:
+        return []
+    return [("dropless" if i == 0 else f"dropless_{impl}", impl) for i, impl in enumerate(cfg.grouped_matmul)]
 
 
 def _timed(fn, args, iters: int) -> float:
@@ -138,9 +148,10 @@ def _cases(cfg: BenchConfig, num_experts: int, k: int, ids_BS):
         "dense": (_dense_ffn(cfg.d_model, k * cfg.d_ff, cfg.activation, cfg.dtype), dense_loss),
         "onehot": (layer, onehot_loss),
     }
-    if cfg.dropless:
-        dropless = dataclasses.replace(mcfg, dispatch="dropless", ragged_exchange=jax.default_backend() != "cpu")
-        cases["dropless"] = (MoEFeedForward(dropless, ffn, rngs=nnx.Rngs(0)), moe_loss)
+    for name, impl in dropless_cases(cfg):
+        dropless = dataclasses.replace(mcfg, dispatch="dropless", ragged_exchange=jax.default_backend() != "cpu",
+                                       grouped_matmul=impl)
+        cases[name] = (MoEFeedForward(dropless, ffn, rngs=nnx.Rngs(0)), moe_loss)
     return cases
 
 
@@ -173,13 +184,15 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
                         row[f"{name}_temp_bytes"] = _temp_bytes(steps[name][0])
                     row["moe_vs_dense"] = row["moe_ms"] / row["dense_ms"]
                     row["onehot_vs_moe"] = row["onehot_ms"] / row["moe_ms"]
+                    for name, impl in dropless_cases(cfg):
+                        row[f"{name}_vs_moe"] = row[f"{name}_ms"] / row["moe_ms"]
                     if row["moe_temp_bytes"] and row["dense_temp_bytes"]:
                         row["temp_moe_vs_dense"] = row["moe_temp_bytes"] / row["dense_temp_bytes"]
                     rows.append(row)
                     log(
                         f"tokens/device={tokens_per_device} k={k} E={num_experts:3d}  moe {row['moe_ms']:8.2f} ms  "
                         f"dense {row['dense_ms']:8.2f} ms  one-hot {row['onehot_ms']:8.2f} ms"
-                        + (f"  dropless {row['dropless_ms']:8.2f} ms" if cfg.dropless else "")
+                        + "".join(f"  dropless {impl} {row[f'{name}_ms']:8.2f} ms" for name, impl in dropless_cases(cfg))
                         + f"  moe/dense {row['moe_vs_dense']:.2f}  one-hot/moe {row['onehot_vs_moe']:.2f}  "
                         f"dropped {row['dropped_fraction']:.3f}"
                     )
@@ -191,20 +204,26 @@ def _mib(n: int | None) -> str:
 
 
 def markdown_table(cfg: BenchConfig, rows: list[dict], device: str) -> str:
+    dropless = dropless_cases(cfg)
+    label = {name: "dropless" if len(dropless) == 1 else f"dropless {impl}" for name, impl in dropless}
     head = (
         f"fwd+bwd, {device}, {cfg.dtype}, mesh data={cfg.data} x expert={cfg.expert}, {cfg.router} router, "
         f"{cfg.activation} GLU, cf {cfg.capacity_factor}, d={cfg.d_model}, d_ff={cfg.d_ff}; "
         f"medians of {cfg.repeats} x {cfg.iters} steps; temp = XLA temporary buffers per device (MiB)\n\n"
         "| tokens/device | k | experts | MoE (ms) | dense FFN (ms) | one-hot (ms) "
-        + ("| dropless (ms) " if cfg.dropless else "")
-        + "| MoE / dense | one-hot / MoE | temp MoE | temp dense | temp one-hot | dropped |\n"
-        + "|---:" * (12 + cfg.dropless) + "|\n"
+        + "".join(f"| {label[name]} (ms) " for name, _ in dropless)
+        + "| MoE / dense | one-hot / MoE "
+        + "".join(f"| {label[name]} / MoE " for name, _ in dropless)
+        + "| temp MoE | temp dense | temp one-hot | dropped |\n"
+        + "|---:" * (12 + 2 * len(dropless)) + "|\n"
     )
     body = "".join(
         f"| {r['tokens_per_device']} | {r['k']} | {r['experts']} | {r['moe_ms']:.1f} | {r['dense_ms']:.1f} "
         f"| {r['onehot_ms']:.1f} "
-        + (f"| {r['dropless_ms']:.1f} " if cfg.dropless else "")
-        + f"| {r['moe_vs_dense']:.2f} | {r['onehot_vs_moe']:.2f} | {_mib(r['moe_temp_bytes'])} "
+        + "".join(f"| {r[f'{name}_ms']:.1f} " for name, _ in dropless)
+        + f"| {r['moe_vs_dense']:.2f} | {r['onehot_vs_moe']:.2f} "
+        + "".join(f"| {r[f'{name}_vs_moe']:.2f} " for name, _ in dropless)
+        + f"| {_mib(r['moe_temp_bytes'])} "
         f"| {_mib(r['dense_temp_bytes'])} | {_mib(r['onehot_temp_bytes'])} | {r['dropped_fraction']:.3f} |\n"
         for r in rows
     )
@@ -223,8 +242,9 @@ def plot(rows: list[dict], path) -> None:
     for ax, (tokens, k) in zip(axes[0], panels, strict=True):
         sub = sorted((r for r in rows if (r["tokens_per_device"], r["k"]) == (tokens, k)), key=lambda r: r["experts"])
         es = [r["experts"] for r in sub]
-        for name, label in (("moe", "MoE layer"), ("dense", "dense FFN, equal FLOPs"), ("onehot", "one-hot einsum"),
-                            ("dropless", "dropless")):
+        curves = [("moe", "MoE layer"), ("dense", "dense FFN, equal FLOPs"), ("onehot", "one-hot einsum")]
+        curves += [(key[:-3], key[:-3].replace("_", " ")) for key in sub[0] if key.startswith("dropless") and key.endswith("_ms")]
+        for name, label in curves:
             if f"{name}_ms" in sub[0]:
                 ax.plot(es, [r[f"{name}_ms"] for r in sub], marker="o", label=label)
         ax.set_xscale("log", base=2)

@@ -10,6 +10,17 @@ import sys
 from train.cli.common import common_args, fail, ints, load_config, split_overrides, write_json
 
 
+def grouped_matmuls(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated grouped-matmul implementations (moe.grouped_matmul.GROUPED_MATMULS)."""
+    from moe.grouped_matmul import GROUPED_MATMULS
+
+    out = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in out if v not in GROUPED_MATMULS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(GROUPED_MATMULS)}")
+    return out
+
+
 def _bench_outputs(p: argparse.ArgumentParser, name: str) -> None:
     common_args(p)
     p.add_argument("--markdown", action="store_true", help="also print Markdown tables")
@@ -50,6 +61,9 @@ def bench_layer_main(argv) -> int:
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--iters", type=int, default=d.iters)
     p.add_argument("--dropless", action="store_true", help="also time model.dispatch='dropless'")
+    p.add_argument("--grouped_matmul", type=grouped_matmuls, default=d.grouped_matmul,
+                   help="with --dropless: comma-separated grouped-matmul implementations, a column each "
+                        "(auto, ragged_dot, megablox, tokamax; default auto)")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="activation dtype")
     p.add_argument("--sweep", action="store_true",
                    help="the full sweep: E 8,64,128 x tokens/device 1024,4096 x k 1,2")
