@@ -5,13 +5,14 @@ import pathlib
 
 import pytest
 
+from train.analysis.stages import STAGES
 from train.cli import bench_main
 
 
 def test_bench_layer_sweeps_and_writes_json_and_a_plot(capsys, tmp_path):
     argv = ["layer", "--experts", "8,16", "--tokens_per_device", "32", "--experts_per_token", "2",
             "--d_model", "16", "--d_ff", "32", "--seq_len", "16", "--repeats", "1", "--iters", "1", "--markdown",
-            "--dropless", "--grouped_matmul", "auto,megablox",
+            "--dropless", "--grouped_matmul", "auto,megablox", "--stages",
             "--json", str(tmp_path / "layer.json"), "--plot", str(tmp_path / "layer.png")]
     assert bench_main(argv) == 0
     out = capsys.readouterr().out
@@ -25,7 +26,27 @@ def test_bench_layer_sweeps_and_writes_json_and_a_plot(capsys, tmp_path):
         assert min(r["moe_ms"], r["dense_ms"], r["onehot_ms"], r["dropless_ms"], r["dropless_megablox_ms"]) > 0
         assert r["dropless_megablox_vs_moe"] == pytest.approx(r["dropless_megablox_ms"] / r["moe_ms"])
         assert r["moe_temp_bytes"] > 0 and r["dense_temp_bytes"] > 0
+        for case in ("moe", "dropless", "dropless_megablox"):  # the profile found the stages, both ways
+            stages = r[f"{case}_stages_ms"]  # (XLA may fuse a small stage's ops into its neighbour's)
+            assert set(stages) <= {s + d for s in STAGES for d in ("", " bwd")} | {"other"}, stages
+            assert stages["experts"] > 0 and stages["experts bwd"] > 0 and stages["exchange"] > 0, stages
+            assert len({s.split()[0] for s in stages} & set(STAGES)) >= 5, stages
+    assert "| 32 | 2 | 8 | dropless_megablox |" in out
     assert (tmp_path / "layer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stage_of_reads_the_innermost_stage_and_the_direction():
+    from train.analysis.stages import op_stages, stage_of
+
+    assert stage_of("jit(f)/jvp(route)/dot_general") == "route"
+    assert stage_of("jit(f)/transpose(jvp())/shard_map/exchange/all_to_all") == "exchange bwd"
+    assert stage_of("jit(f)/jvp()/shard_map/exchange_back/reshape") == "exchange_back"
+    assert stage_of("permute/jit(argsort)/sort") == "permute"
+    assert stage_of("jit(f)/jvp()/shard_map/experts/ragged_dot;exchange/reshape") == "exchange"
+    assert stage_of("jit(f)/reduce_sum") == "other"
+    hlo = ('  %fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(f)/jvp()/experts/dot_general"}\n'
+           '  ROOT %sort.1 = s32[8]{0} sort(%q), metadata={op_name="permute/jit(argsort)/sort" source_file="x.py"}\n')
+    assert op_stages(hlo) == {"fusion.3": "experts", "sort.1": "permute"}
 
 
 def test_bench_train_times_moe_dense_and_the_expert_sweep(capsys, tmp_path):

@@ -17,7 +17,7 @@ from train.core.loop import Trainer
 from train.core.plan import make_plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-KEYS = ("params_bytes", "optimizer_bytes", "temp_bytes", "total_bytes", "flops_per_step", "compile_s", "fits")
+KEYS = ("params_bytes", "optimizer_bytes", "temp_bytes", "total_bytes", "flops_per_step", "compile_s", "init_compile_s", "fits")
 
 
 def device0_bytes(tree) -> int:

@@ -24,6 +24,7 @@ from moe import FFNConfig, MoEConfig, MoEFeedForward
 from moe.dispatch import DispatchPlan, LocalRoute, exchange
 from moe.transformer import DenseFFN
 from sharding.mesh import batch_axes, make_mesh
+from train.analysis.stages import STAGES, stage_line, stage_times
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class BenchConfig:
     dropless: bool = False  # also time model.dispatch="dropless"
     # dropless: one column per grouped-matmul implementation (moe.grouped_matmul.GROUPED_MATMULS)
     grouped_matmul: tuple[str, ...] = ("auto",)
+    stages: bool = False  # profile the MoE (and dropless) cases once more: device time by named stage
     dtype: str = "float32"  # activations and expert compute ("bfloat16": weights stay float32)
 
 
@@ -186,6 +188,10 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
                     row["onehot_vs_moe"] = row["onehot_ms"] / row["moe_ms"]
                     for name, impl in dropless_cases(cfg):
                         row[f"{name}_vs_moe"] = row[f"{name}_ms"] / row["moe_ms"]
+                    if cfg.stages:
+                        for name in ("moe", *(n for n, _ in dropless_cases(cfg))):
+                            row[f"{name}_stages_ms"] = stage_times(*steps[name], calls=cfg.iters)
+                            log(f"  {name} by stage (ms per device): {stage_line(row[f'{name}_stages_ms'])}")
                     if row["moe_temp_bytes"] and row["dense_temp_bytes"]:
                         row["temp_moe_vs_dense"] = row["moe_temp_bytes"] / row["dense_temp_bytes"]
                     rows.append(row)
@@ -227,7 +233,21 @@ def markdown_table(cfg: BenchConfig, rows: list[dict], device: str) -> str:
         f"| {_mib(r['dense_temp_bytes'])} | {_mib(r['onehot_temp_bytes'])} | {r['dropped_fraction']:.3f} |\n"
         for r in rows
     )
-    return head + body
+    return head + body + (stages_table(rows) if cfg.stages else "")
+
+
+def stages_table(rows: list[dict]) -> str:
+    """Device time per stage (forward + backward) of each profiled case, in ms per device."""
+    cols = (*STAGES, "other")
+    out = ("\nby stage, forward + backward (ms per device, from a profile of the same programs)\n\n"
+           "| tokens/device | k | experts | case | " + " | ".join(cols) + " |\n" + "|---:" * 3 + "|---" + "|---:" * len(cols) + "|\n")
+    for r in rows:
+        for key in (k for k in r if k.endswith("_stages_ms")):
+            st = r[key]
+            cells = [st.get(c, 0.0) + st.get(f"{c} bwd", 0.0) for c in cols]
+            out += (f"| {r['tokens_per_device']} | {r['k']} | {r['experts']} | {key[:-len('_stages_ms')]} | "
+                    + " | ".join(f"{v:.2f}" for v in cells) + " |\n")
+    return out
 
 
 def plot(rows: list[dict], path) -> None:
@@ -243,7 +263,8 @@ def plot(rows: list[dict], path) -> None:
         sub = sorted((r for r in rows if (r["tokens_per_device"], r["k"]) == (tokens, k)), key=lambda r: r["experts"])
         es = [r["experts"] for r in sub]
         curves = [("moe", "MoE layer"), ("dense", "dense FFN, equal FLOPs"), ("onehot", "one-hot einsum")]
-        curves += [(key[:-3], key[:-3].replace("_", " ")) for key in sub[0] if key.startswith("dropless") and key.endswith("_ms")]
+        curves += [(key[:-3], key[:-3].replace("_", " ")) for key in sub[0]
+                   if key.startswith("dropless") and key.endswith("_ms") and not key.endswith("_stages_ms")]
         for name, label in curves:
             if f"{name}_ms" in sub[0]:
                 ax.plot(es, [r[f"{name}_ms"] for r in sub], marker="o", label=label)

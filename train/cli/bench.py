@@ -64,6 +64,8 @@ def bench_layer_main(argv) -> int:
     p.add_argument("--grouped_matmul", type=grouped_matmuls, default=d.grouped_matmul,
                    help="with --dropless: comma-separated grouped-matmul implementations, a column each "
                         "(auto, ragged_dot, megablox, tokamax; default auto)")
+    p.add_argument("--stages", action="store_true",
+                   help="also profile the MoE (and dropless) layer: device time by named stage (route, permute, ...)")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="activation dtype")
     p.add_argument("--sweep", action="store_true",
                    help="the full sweep: E 8,64,128 x tokens/device 1024,4096 x k 1,2")

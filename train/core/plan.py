@@ -45,6 +45,7 @@ class Plan:
     total_bytes: int
     flops_per_step: float
     compile_s: float
+    init_compile_s: float = 0.0  # the parameter initialisation's compile (one scanned pattern)
     device_memory_bytes: int | None = None
 
     @property
@@ -68,6 +69,7 @@ class Plan:
     def as_json(self) -> dict:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "device_memory_bytes"}
         out["compile_s"] = round(self.compile_s, 2)
+        out["init_compile_s"] = round(self.init_compile_s, 2)
         out["fits"] = self.fits
         out["device_memory_bytes"] = self.device_memory_bytes
         return out
@@ -83,7 +85,7 @@ class Plan:
             f"  temporaries       {human_bytes(self.temp_bytes):>12} per device (XLA: activations, gradients, workspace)",
             f"  total             {human_bytes(self.total_bytes):>12} per device at the step's peak",
             f"  FLOPs per step    {self.flops_per_step:.3e} (model FLOPs, all devices)",
-            f"  compile time      {self.compile_s:.1f} s",
+            f"  compile time      {self.compile_s:.1f} s (initialisation: {self.init_compile_s:.1f} s)",
         ]
         if self.device_memory_bytes is not None:
             have = human_bytes(self.device_memory_bytes)
@@ -139,6 +141,9 @@ def make_plan(cfg: Config, devices=None, device_memory_gb: float | None = None) 
         start = time.perf_counter()
         compiled = step.lower(state, {"inputs": tokens, "targets": tokens}, stop).compile()
         compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        jax.jit(init, out_shardings=shardings).lower().compile()  # what Trainer runs first
+        init_compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     params = shard_bytes(abstract.params)
     grads = params * (2 if cfg.train.grad_accum_steps > 1 else 1)
@@ -149,7 +154,8 @@ def make_plan(cfg: Config, devices=None, device_memory_gb: float | None = None) 
         devices=len(devices), mesh=sizes, params_bytes=params, optimizer_bytes=shard_bytes(abstract.opt_state),
         model_state_bytes=shard_bytes(abstract.model_state), gradient_bytes=grads,
         temp_bytes=int(memory.temp_size_in_bytes), total_bytes=int(total),
-        flops_per_step=float(flops_per_token(cfg.model, s) * b * s), compile_s=compile_s, device_memory_bytes=limit,
+        flops_per_step=float(flops_per_token(cfg.model, s) * b * s), compile_s=compile_s, init_compile_s=init_compile_s,
+        device_memory_bytes=limit,
     )
 
 
