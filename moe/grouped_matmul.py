@@ -16,8 +16,13 @@ and gradients flow to ``x`` and ``w``. Implementations (``GROUPED_MATMULS``):
   reference implementation (so that CPU tests check the call and its gradients).
   Where tokamax is not installed (a checkpoint evaluated on another machine), ``ragged_dot``
   with a warning; training refuses the setting there.
-* ``auto`` (``resolve``): ``megablox`` on TPU, ``tokamax`` on GPU when it is installed
-  (else ``ragged_dot``), ``ragged_dot`` on CPU.
+* ``auto``: the program resolves it for its backend (``resolve``, called by
+  ``train.core.config.for_backend``): ``megablox`` on TPU, ``tokamax`` on GPU when it is
+  installed (else ``ragged_dot``), ``ragged_dot`` on CPU. Unresolved (the layer used directly),
+  ``auto`` is ``ragged_dot``.
+
+The model reads no backend: where a kernel exists for one platform only, both variants are
+traced and ``jax.lax.platform_dependent`` lowers the one for the platform compiled for.
 
 The kernels leave rows past the last group unwritten (uninitialised memory, NaN in interpret
 mode); the wrapper zeroes those rows of the input and the output, so that neither the result
@@ -40,7 +45,7 @@ def tokamax_available() -> bool:
 
 
 def resolve(impl: str, platform: str) -> str:
-    """The implementation ``impl`` means on ``platform`` (``jax.default_backend()``)."""
+    """The implementation ``impl`` means on ``platform`` (a JAX backend name: cpu, gpu, tpu)."""
     if impl not in GROUPED_MATMULS:
         raise ValueError(f"grouped matmul {impl!r}: choose one of {', '.join(GROUPED_MATMULS)}")
     if impl != "auto":
@@ -54,15 +59,20 @@ def resolve(impl: str, platform: str) -> str:
 
 def grouped_matmul(x_RK: jax.Array, w_LKN: jax.Array, group_sizes_L: jax.Array, impl: str = "auto") -> jax.Array:
     """[R, K] x [L, K, N] -> [R, N] in ``x``'s dtype (float32 accumulation in the kernels)."""
-    platform = jax.default_backend()
-    impl = resolve(impl, platform)
+    if impl not in GROUPED_MATMULS:
+        raise ValueError(f"grouped matmul {impl!r}: choose one of {', '.join(GROUPED_MATMULS)}")
     group_sizes_L = group_sizes_L.astype(jnp.int32)
-    if impl == "ragged_dot":
+    if impl in ("auto", "ragged_dot"):
         return jax.lax.ragged_dot(x_RK, w_LKN, group_sizes_L)
     rows_R1 = (jnp.arange(x_RK.shape[0]) < jnp.sum(group_sizes_L))[:, None]
     x_RK = jnp.where(rows_R1, x_RK, jnp.zeros((), x_RK.dtype))
-    kernel = _megablox if impl == "megablox" else _tokamax
-    y_RN = kernel(x_RK, w_LKN.astype(x_RK.dtype), group_sizes_L, platform)
+    w_LKN = w_LKN.astype(x_RK.dtype)
+    if impl == "megablox":
+        y_RN = jax.lax.platform_dependent(x_RK, w_LKN, group_sizes_L, tpu=functools.partial(_megablox, interpret=False),
+                                          default=functools.partial(_megablox, interpret=True))
+    else:
+        y_RN = jax.lax.platform_dependent(x_RK, w_LKN, group_sizes_L, cuda=functools.partial(_tokamax, gpu=True),
+                                          rocm=functools.partial(_tokamax, gpu=True), default=_tokamax)
     return jnp.where(rows_R1, y_RN, jnp.zeros((), y_RN.dtype))
 
 
@@ -73,7 +83,7 @@ def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
     return tm, min(128, k), min(128, n)
 
 
-def _megablox(x_RK, w_LKN, group_sizes_L, platform):
+def _megablox(x_RK, w_LKN, group_sizes_L, interpret: bool):
     from jax.experimental.pallas.ops.tpu.megablox import gmm
 
     r, k = x_RK.shape
@@ -82,7 +92,7 @@ def _megablox(x_RK, w_LKN, group_sizes_L, platform):
     if pad:
         x_RK = jnp.pad(x_RK, ((0, pad), (0, 0)))
     y = gmm(x_RK, w_LKN, group_sizes_L, preferred_element_type=x_RK.dtype, tiling=(tm, tk, tn),
-            interpret=platform != "tpu")
+            interpret=interpret)
     return y[:r]
 
 
@@ -93,16 +103,16 @@ def _warn_fallback(reason: str) -> None:
     logging.getLogger(__name__).warning("tokamax grouped matmul unavailable here (%s); using jax.lax.ragged_dot", reason)
 
 
-def _tokamax(x_RK, w_LKN, group_sizes_L, platform):
+def _tokamax(x_RK, w_LKN, group_sizes_L, gpu: bool = False):
     if not tokamax_available():  # a checkpoint trained with tokamax, evaluated where it is not installed
         _warn_fallback("not installed")
         return jax.lax.ragged_dot(x_RK, w_LKN, group_sizes_L)
     import tokamax
     from absl import flags
 
-    if not flags.FLAGS.is_parsed():  # tokamax reads its absl flags, parsing sys.argv (ours) on first use
+    if not flags.FLAGS.is_parsed():  # else tokamax parses the command line (ours) as absl flags on first use
         flags.FLAGS.mark_as_parsed()
-    if platform not in ("gpu", "cuda", "rocm"):
+    if not gpu:
         return tokamax.ragged_dot(x_RK, w_LKN, group_sizes_L, preferred_element_type=x_RK.dtype, implementation="xla")
     try:
         return tokamax.ragged_dot(x_RK, w_LKN, group_sizes_L, preferred_element_type=x_RK.dtype,

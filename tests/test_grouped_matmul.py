@@ -82,6 +82,19 @@ def test_auto_picks_by_platform(monkeypatch):
         gm.resolve("cublas", "gpu")
 
 
+def test_the_program_resolves_auto_for_its_backend(monkeypatch):
+    """moe/ reads no backend: train.core.config.for_backend turns "auto" into the backend's kernel."""
+    from train.core.config import Config, for_backend
+
+    cfg = Config()
+    cfg.model.moe.dispatch = "dropless"
+    assert for_backend(cfg, "cpu").model.moe.grouped_matmul == "ragged_dot"
+    assert for_backend(cfg, "tpu").model.moe.grouped_matmul == "megablox"
+    monkeypatch.setattr(gm, "tokamax_available", lambda: True)
+    assert for_backend(cfg, "gpu").model.moe.grouped_matmul == "tokamax"
+    assert cfg.model.moe.grouped_matmul == "auto"  # a copy: the saved config keeps "auto"
+
+
 def test_megablox_tiles_are_lane_wide_or_the_whole_dimension():
     assert gm.megablox_tiling(8192, 2048, 1408) == (128, 128, 128)
     assert gm.megablox_tiling(61, 24, 40) == (64, 24, 40)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from moe import FFNConfig, MoEConfig, MoEFeedForward
 from moe.dispatch import DispatchPlan, LocalRoute, exchange
+from moe.grouped_matmul import resolve as resolve_grouped_matmul
 from moe.transformer import DenseFFN
 from sharding.mesh import batch_axes, make_mesh
 from train.analysis.stages import STAGES, stage_line, stage_times
@@ -152,7 +153,7 @@ def _cases(cfg: BenchConfig, num_experts: int, k: int, ids_BS):
     }
     for name, impl in dropless_cases(cfg):
         dropless = dataclasses.replace(mcfg, dispatch="dropless", ragged_exchange=jax.default_backend() != "cpu",
-                                       grouped_matmul=impl)
+                                       grouped_matmul=resolve_grouped_matmul(impl, jax.default_backend()))
         cases[name] = (MoEFeedForward(dropless, ffn, rngs=nnx.Rngs(0)), moe_loss)
     return cases
 

@@ -13,11 +13,13 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import sys
 
 from moe.config import ACTIVATIONS, ATTENTIONS, DTYPES, QK_NORMS, REMAT_POLICIES, SCAN_MODES, FieldError, StrictFields
 from moe.config import TransformerConfig as ModelConfig
+from moe.grouped_matmul import resolve as resolve_grouped_matmul, tokamax_available
 from train.errors import ConfigError
 
 
@@ -219,10 +221,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
 
     m, t, o, d = cfg.model, cfg.train, cfg.optimizer, cfg.data
     _validate_model(m, need)
-    if m.moe.grouped_matmul == "tokamax":
-        from moe.grouped_matmul import tokamax_available
-
-        need(tokamax_available(), "model.moe.grouped_matmul", "the tokamax library is not installed (pip install 'switchyard[gpu]')")
+    need(m.moe.grouped_matmul != "tokamax" or tokamax_available(), "model.moe.grouped_matmul", "tokamax is not installed (pip install 'switchyard[gpu]')")
     for key in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
@@ -357,16 +356,13 @@ def with_vocab(cfg: Config, vocab_size: int) -> Config:
 
 
 def for_backend(cfg: Config, backend: str, environ=None) -> Config:
-    """The config as this backend runs it: dropless dispatch exchanges with ``ragged_all_to_all``
-    on GPU/TPU (XLA:CPU cannot; ``SWITCHYARD_RAGGED_EXCHANGE=0`` forces the dense exchange)."""
-    import os
-
+    """The config as this backend runs it: dropless exchanges with ``ragged_all_to_all`` on GPU/TPU
+    (``SWITCHYARD_RAGGED_EXCHANGE=0``: the dense exchange); ``grouped_matmul="auto"`` resolved."""
     environ = os.environ if environ is None else environ
     ragged = backend in ("gpu", "cuda", "rocm", "tpu") and environ.get("SWITCHYARD_RAGGED_EXCHANGE", "") != "0"
-    if cfg.model.moe.ragged_exchange == ragged:
-        return cfg
-    moe = dataclasses.replace(cfg.model.moe, ragged_exchange=ragged)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
+    kernel = resolve_grouped_matmul(cfg.model.moe.grouped_matmul, backend)
+    moe = dataclasses.replace(cfg.model.moe, ragged_exchange=ragged, grouped_matmul=kernel)
+    return cfg if moe == cfg.model.moe else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
 
 
 def fingerprint(obj) -> str:
