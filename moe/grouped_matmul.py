@@ -44,11 +44,15 @@ def tokamax_available() -> bool:
     return importlib.util.find_spec("tokamax") is not None
 
 
-def resolve(impl: str, platform: str) -> str:
-    """The implementation ``impl`` means on ``platform`` (a JAX backend name: cpu, gpu, tpu)."""
+def _checked(impl: str) -> str:
     if impl not in GROUPED_MATMULS:
         raise ValueError(f"grouped matmul {impl!r}: choose one of {', '.join(GROUPED_MATMULS)}")
-    if impl != "auto":
+    return impl
+
+
+def resolve(impl: str, platform: str) -> str:
+    """The implementation ``impl`` means on ``platform`` (a JAX backend name: cpu, gpu, tpu)."""
+    if _checked(impl) != "auto":
         return impl
     if platform == "tpu":
         return "megablox"
@@ -59,10 +63,8 @@ def resolve(impl: str, platform: str) -> str:
 
 def grouped_matmul(x_RK: jax.Array, w_LKN: jax.Array, group_sizes_L: jax.Array, impl: str = "auto") -> jax.Array:
     """[R, K] x [L, K, N] -> [R, N] in ``x``'s dtype (float32 accumulation in the kernels)."""
-    if impl not in GROUPED_MATMULS:
-        raise ValueError(f"grouped matmul {impl!r}: choose one of {', '.join(GROUPED_MATMULS)}")
     group_sizes_L = group_sizes_L.astype(jnp.int32)
-    if impl in ("auto", "ragged_dot"):
+    if _checked(impl) in ("auto", "ragged_dot"):
         return jax.lax.ragged_dot(x_RK, w_LKN, group_sizes_L)
     rows_R1 = (jnp.arange(x_RK.shape[0]) < jnp.sum(group_sizes_L))[:, None]
     x_RK = jnp.where(rows_R1, x_RK, jnp.zeros((), x_RK.dtype))
@@ -103,10 +105,14 @@ def _warn_fallback(reason: str) -> None:
     logging.getLogger(__name__).warning("tokamax grouped matmul unavailable here (%s); using jax.lax.ragged_dot", reason)
 
 
+def _fallback(reason: str, x_RK, w_LKN, group_sizes_L):
+    _warn_fallback(reason)
+    return jax.lax.ragged_dot(x_RK, w_LKN, group_sizes_L)
+
+
 def _tokamax(x_RK, w_LKN, group_sizes_L, gpu: bool = False):
     if not tokamax_available():  # a checkpoint trained with tokamax, evaluated where it is not installed
-        _warn_fallback("not installed")
-        return jax.lax.ragged_dot(x_RK, w_LKN, group_sizes_L)
+        return _fallback("not installed", x_RK, w_LKN, group_sizes_L)
     import tokamax
     from absl import flags
 
@@ -118,5 +124,4 @@ def _tokamax(x_RK, w_LKN, group_sizes_L, gpu: bool = False):
         return tokamax.ragged_dot(x_RK, w_LKN, group_sizes_L, preferred_element_type=x_RK.dtype,
                                   implementation=("mosaic", "triton"))
     except (NotImplementedError, ExceptionGroup) as e:
-        _warn_fallback(f"{type(e).__name__}: {str(e)[:200]}")
-        return jax.lax.ragged_dot(x_RK, w_LKN, group_sizes_L)
+        return _fallback(f"{type(e).__name__}: {str(e)[:200]}", x_RK, w_LKN, group_sizes_L)
