@@ -31,6 +31,7 @@ class DistributedSettings:
     process_id: int = -1
     local_device_ids: list[int] | None = None  # accelerators this process uses (None: see node_local_devices)
     init_timeout: int = 300  # seconds to wait for every process to join
+    sync_timeout: int = 900  # seconds to wait at a barrier for the slowest process (see ``barrier``)
     shutdown_timeout: int = 60
     heartbeat_timeout: int = 100
 
@@ -47,6 +48,9 @@ def add_arguments(parser) -> None:
                         "process per node, else the one of its local rank)")
     g.add_argument("--init_timeout", type=int, default=300, help="seconds to wait for all processes to join")
     g.add_argument("--shutdown_timeout", type=int, default=60)
+    g.add_argument("--sync_timeout", type=int, default=900,
+                   help="seconds every process waits for the slowest one (still compiling, restoring) before a "
+                        "program's first run")
 
 
 def settings_from(args, environ=os.environ) -> DistributedSettings:
@@ -68,6 +72,7 @@ def settings_from(args, environ=os.environ) -> DistributedSettings:
         mode=getattr(args, "distributed", "auto-detect"),
         init_timeout=getattr(args, "init_timeout", 300),
         shutdown_timeout=getattr(args, "shutdown_timeout", 60),
+        sync_timeout=getattr(args, "sync_timeout", 900),
     )
     s.coordinator_address = pick("coordinator_address", str) or ""
     s.num_processes = pick("num_processes", int) or 0
@@ -88,6 +93,8 @@ def settings_from(args, environ=os.environ) -> DistributedSettings:
             raise DistributedError(f"--local_device_ids={ids}: expected comma-separated integers") from None
     if s.init_timeout < 1:
         raise DistributedError(f"--init_timeout={s.init_timeout}: must be >= 1 second")
+    if s.sync_timeout < 1:
+        raise DistributedError(f"--sync_timeout={s.sync_timeout}: must be >= 1 second")
     return s
 
 
@@ -128,7 +135,7 @@ def node_local_devices(environ=os.environ) -> list[int] | None:
     return list(range(n)) if n else None
 
 
-_state = {"started": False, "index": 0, "count": 1}
+_state = {"started": False, "index": 0, "count": 1, "sync_timeout": 900, "barriers": 0}
 
 
 def _wait_for_coordinator(address: str, timeout_s: float, process_id: int) -> None:
@@ -193,7 +200,54 @@ def initialize(settings: DistributedSettings) -> tuple[int, int]:
             f"(--init_timeout={settings.init_timeout}s): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
     _state["index"], _state["count"] = jax.process_index(), jax.process_count()
+    _state["sync_timeout"] = settings.sync_timeout
     return _state["index"], _state["count"]
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (up to ``--sync_timeout``); a no-op alone.
+
+    Through the coordination service (no device collective, so no fixed deadline): XLA:CPU's gloo
+    collectives give the processes a fixed 30 s, not settable, to meet when a program first runs a
+    collective over a set of devices, which a loaded machine can exceed while one process still
+    compiles. Barrier names need only be the same on every process: a counter makes each unique."""
+    import jax
+
+    if jax.process_count() <= 1:
+        return
+    from orbax.checkpoint import multihost
+
+    _state["barriers"] += 1
+    wait = multihost.get_barrier_sync_fn()
+    try:
+        wait(key=f"switchyard_{_state['barriers']}_{name}", timeout_ms=1000 * _state["sync_timeout"])
+    except Exception as e:  # noqa: BLE001 - a peer that never arrives becomes one line
+        raise DistributedError(
+            f"{prefix()}not every process reached '{name}' within --sync_timeout={_state['sync_timeout']}s "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); is a peer stalled or dead?"
+        ) from e
+
+
+def aligned(jitted, name: str):
+    """``jitted`` whose first call compiles, waits at a ``barrier`` for every process, then runs.
+
+    Each process compiles a program on its own, at its own speed; without the barrier the fastest
+    would wait at the program's first collective under gloo's fixed 30 s deadline. Later calls go
+    straight to ``jitted`` (the compiled program is in its cache). Alone: ``jitted`` itself."""
+    import jax
+
+    if jax.process_count() <= 1:
+        return jitted
+    pending = [True]
+
+    def call(*args):
+        if pending[0]:
+            jitted.lower(*args).compile()
+            barrier(f"first run of {name}")
+            pending[0] = False
+        return jitted(*args)
+
+    return call
 
 
 def prefix() -> str:

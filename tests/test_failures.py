@@ -268,10 +268,10 @@ def test_a_stalled_dead_or_preempted_peer_makes_process_0_stop(tmp_path, sig):
         assert main.returncode == 4
         assert re.search(r"\[process 0/2\] moe-train: no step finished for \d+ s after step \d+", text), text[-2000:]
     elif main.returncode == 1:  # the dead peer broke a collective; process 0 leaves without a barrier
-        assert elapsed < 30, text[-3000:]
+        assert elapsed < 60, text[-3000:]
         assert "[process 0/2] moe-train: " in text and "stopping without waiting for the other processes" in text
     else:  # the collective waited on the dead peer instead of failing: the watchdog ends it
-        assert main.returncode == 4 and elapsed < 30, text[-3000:]
+        assert main.returncode == 4 and elapsed < 60, text[-3000:]
         assert re.search(r"\[process 0/2\] moe-train: no step finished for \d+ s after step \d+", text), text[-2000:]
 
 

@@ -15,6 +15,11 @@ from train.core.config import from_dict, upgrade
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 V1 = ROOT / "tests" / "data" / "v1_workdir"
+# expected.json was computed on another processor: XLA:CPU promises the same bits only on the same
+# machine (vector width and FMA contraction differ between CPUs), so a stored value is compared to
+# float rounding. Two CPUs differed by 5e-9 relative; a wrong layout or router moves a
+# loss by far more than 1e-6. Comparisons between two runs inside one test stay bit-exact.
+STORED_RTOL = 1e-6
 V1_ARGS = [
     "--config=configs/default.py", "--cpu_devices=1", "--config.mesh.data=1", "--config.mesh.expert=1",
     "--config.model.num_layers=2", "--config.model.d_model=16", "--config.model.num_heads=2",
@@ -60,7 +65,7 @@ def test_a_v1_checkpoint_evaluates_generates_and_resumes_as_that_version_did(tmp
     shutil.copytree(V1, work)
     assert eval_main([f"--workdir={work}"]) == 0  # on 8 devices, as the old version scored it
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["step"] == 4 and result["loss"] == expected["eval_loss_step4"]
+    assert result["step"] == 4 and result["loss"] == pytest.approx(expected["eval_loss_step4"], rel=STORED_RTOL)
     assert generate_main([f"--workdir={work}", "--prompt=def ", "--max_new_tokens=4"]) == 0
     assert capsys.readouterr().out.startswith("def ")
     env = dict(os.environ)
@@ -70,4 +75,4 @@ def test_a_v1_checkpoint_evaluates_generates_and_resumes_as_that_version_did(tmp
     assert proc.returncode == 0 and f"resumed from {work / 'checkpoints' / '4'}" in proc.stderr, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     losses = {str(r["step"]): r["loss"] for r in rows if r["split"] == "train"}
-    assert losses == expected["resumed_losses"]  # bit for bit
+    assert losses == pytest.approx(expected["resumed_losses"], rel=STORED_RTOL)

@@ -167,20 +167,20 @@ def _lonely(tmp_path, process_id):
     cmd = [sys.executable, "-m", "train", *args, "--cpu_devices=4", f"--coordinator_address=127.0.0.1:{port}",
            "--num_processes=2", f"--process_id={process_id}", "--init_timeout=5"]
     start = time.monotonic()
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     return proc, time.monotonic() - start
 
 
 def test_a_process_without_its_coordinator_fails_with_one_clear_line(tmp_path):
     proc, elapsed = _lonely(tmp_path, process_id=1)
-    assert proc.returncode == 3 and elapsed < 60
+    assert proc.returncode == 3 and elapsed < 120  # no hang (a loaded machine starts Python slowly)
     assert "[process 1] no coordinator at --coordinator_address=127.0.0.1:" in proc.stderr
     assert "--init_timeout=5s" in proc.stderr
 
 
 def test_a_coordinator_whose_peers_never_come_exits_after_the_timeout(tmp_path):
     proc, elapsed = _lonely(tmp_path, process_id=0)
-    assert proc.returncode != 0 and elapsed < 90  # JAX aborts the process: no hang
+    assert proc.returncode != 0 and elapsed < 150  # JAX aborts the process: no hang
     assert "[process 0] joining 2 processes at 127.0.0.1:" in proc.stderr
     assert "waiting up to 5 s" in proc.stderr
 
@@ -198,3 +198,48 @@ def test_a_multi_process_job_on_a_held_workdir_is_refused_by_every_process(tmp_p
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"[0] [process 0/2] moe-train: --workdir={work}: in use by another run (host" in proc.stdout
     assert sorted(p.name for p in work.iterdir()) == [".lock"]  # nothing else touched
+
+
+_LATE_PEER = """
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from sharding import distributed as dist
+from sharding.mesh import emulate_cpu_devices
+
+port, pid, delay, use_aligned = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+emulate_cpu_devices(2)
+dist.initialize(dist.DistributedSettings(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                                         init_timeout=60))
+mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+sharding = jax.sharding.NamedSharding(mesh, jax.P("d"))
+x = jax.make_array_from_process_local_data(sharding, np.full((2,), pid + 1.0, np.float32), (4,))
+total = jax.jit(lambda v: jnp.sum(v), out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
+step = dist.aligned(total, "the sum") if use_aligned else total
+time.sleep(delay)  # a process that is still compiling, under load
+print("sum", float(step(x)), flush=True)
+dist.shutdown()
+"""
+
+
+def _late_peer(tmp_path, delay, use_aligned):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "late_peer.py"
+    script.write_text(_LATE_PEER)
+    env = _env()
+    env["PYTHONPATH"] = str(ROOT)
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(delay if i else 0),
+                               str(int(use_aligned))], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def test_a_process_that_reaches_its_first_collective_40_s_late_is_waited_for(tmp_path):
+    """XLA:CPU's gloo gives processes a fixed 30 s to meet at a program's first collective (a
+    loaded machine can exceed it while one process still compiles); ``aligned`` meets first at a
+    coordination-service barrier (--sync_timeout), so a peer 40 s late is no failure."""
+    codes, outs = _late_peer(tmp_path, 40, use_aligned=True)
+    assert codes == [0, 0], outs
+    assert all("sum 6.0" in out for out, _ in outs), outs

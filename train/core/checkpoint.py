@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sharding.distributed import barrier
 from train.core import layout
 from train.core.memory import human_bytes
 from train.errors import CheckpointError
@@ -281,10 +282,7 @@ class Checkpoints:
             dst, n = self.directory / f"{step}{SET_ASIDE}.{n}", n + 1
         if jax.process_index() == 0:
             src.rename(dst)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"switchyard_set_aside_{step}")
+        barrier(f"set_aside_{step}")  # every process sees the rename before reloading
         self.manager.reload()
         return dst
 

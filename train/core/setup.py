@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from moe.transformer import Transformer
+from sharding.distributed import aligned, barrier
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, mesh_and_rules, spread_spec
 from train.core import metrics as metrics_lib
@@ -48,6 +49,7 @@ def take_run_folder(workdir: pathlib.Path, proc: int, nproc: int) -> RunFolder |
     if nproc > 1:
         from jax.experimental import multihost_utils
 
+        barrier("workdir")  # the broadcast is the first collective: start it together
         ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
         if not ok and error is None:
             error = WorkdirError(f"--workdir={workdir}: process 0 could not take it (see its message)")
@@ -203,7 +205,7 @@ class TrainerSetup:
         self.step_memory = step_memory(cfg, with_shardings(abstract, shardings), shards, self.sizes["tensor"])
         if self.memory_check:  # before anything is allocated
             check_fits(cfg, self.step_memory, self.devices)
-        self.state = jax.jit(init, out_shardings=shardings)()  # parameters born sharded
+        self.state = aligned(jax.jit(init, out_shardings=shardings), "the initialisation")()  # born sharded
         self.state_shardings = shardings_of(self.state)
 
     def _fit_routers(self) -> None:
@@ -312,14 +314,15 @@ class TrainerSetup:
         self.batch_spec = logical_to_spec(("batch", "seq"), self.mesh)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, self.batch_spec)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
-        self.jit_step = jit_train_step(
+        # aligned: with several processes, every process has compiled a program before any runs it
+        self.jit_step = aligned(jit_train_step(
             cfg, self.graphdef, self.tx, self.schedule, self.state_shardings, self.batch_sharding, self.spread
-        )
-        self.eval_step = jax.jit(
+        ), "the train step")
+        self.eval_step = aligned(jax.jit(
             make_eval_step(self.eval_graphdef),
             in_shardings=(self.state_shardings.params, self.state_shardings.model_state, self.batch_sharding),
             out_shardings=replicated,
-        )
+        ), "the eval step")
 
     def _make_probe(self) -> None:
         """The router telemetry's fixed batch (the first validation batch), or None: no probe."""

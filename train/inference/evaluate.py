@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from moe.transformer import Transformer
+from sharding.distributed import aligned
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, mesh_and_rules
 from train.core.checkpoint import Checkpoints
@@ -101,7 +102,7 @@ def evaluate_run(run: LoadedRun, *, data_path: str | None = None, max_batches: i
     )
     with run.context():
         sharding = jax.sharding.NamedSharding(run.mesh, logical_to_spec(("batch", "seq"), run.mesh))
-        step = jax.jit(make_eval_step(run.graphdef))
+        step = aligned(jax.jit(make_eval_step(run.graphdef)), "the eval step")
 
         def to_global(local):
             return {k: jax.make_array_from_process_local_data(sharding, v, (batch, *v.shape[1:])) for k, v in local.items()}
