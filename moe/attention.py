@@ -13,6 +13,8 @@ normalised key-value latent [B,P,Z] and the rotated shared key [B,P,O] for ``Lat
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -38,7 +40,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int | tuple[int, ...], eps: float = 1e-6, axes: tuple[str, ...] | None = None):
         shape = (dim,) if isinstance(dim, int) else tuple(dim)
         self.axes = axes or ("norm",) * len(shape)
-        self.scale = sharded_param(None, shape, self.axes, 1.0, jnp.float32, init="ones")
+        self.scale = sharded_param(None, shape, self.axes, 1.0, jnp.float32, init="ones", decay=False)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -109,14 +111,16 @@ class Attention(nnx.Module):
         pdtype = jnp.dtype(cfg.param_dtype)
         kv_axes = self.IN_AXES if j == n else self.KV_AXES
         self.wq = sharded_param(rngs.params(), (d, n, h), self.IN_AXES, d**-0.5, pdtype)
+        self.kv_axes = kv_axes  # decided here: a forward pass reads no metadata
         self.wk = sharded_param(rngs.params(), (d, j, h), kv_axes, d**-0.5, pdtype)
         self.wv = sharded_param(rngs.params(), (d, j, h), kv_axes, d**-0.5, pdtype)
         self.wo = sharded_param(rngs.params(), (n, h, d), self.OUT_AXES, (n * h) ** -0.5, pdtype)
         self.bias_axes = (self.IN_AXES[1:], kv_axes[1:])
         if cfg.attn_bias:
-            self.bq = sharded_param(None, (n, h), self.bias_axes[0], 0.0, pdtype, init="zeros")
-            self.bk = sharded_param(None, (j, h), self.bias_axes[1], 0.0, pdtype, init="zeros")
-            self.bv = sharded_param(None, (j, h), self.bias_axes[1], 0.0, pdtype, init="zeros")
+            bias = functools.partial(sharded_param, None, std=0.0, dtype=pdtype, init="zeros", decay=False)
+            self.bq = bias((n, h), self.bias_axes[0])
+            self.bk = bias((j, h), self.bias_axes[1])
+            self.bv = bias((j, h), self.bias_axes[1])
         else:
             self.bq = self.bk = self.bv = nnx.data(None)
         if cfg.qk_norm == "head":
@@ -138,7 +142,7 @@ class Attention(nnx.Module):
         return y
 
     def project_qkv(self, x_BSD, positions_BS):
-        kv_axes = self.wk.get_metadata("logical_axes")
+        kv_axes = self.kv_axes
         q = self._project(x_BSD, self.wq, self.IN_AXES, self.bq, self.bias_axes[0], ("batch", "seq", "act_heads", None))
         k = self._project(x_BSD, self.wk, kv_axes, self.bk, self.bias_axes[1], self.kv_act)
         v = self._project(x_BSD, self.wv, kv_axes, self.bv, self.bias_axes[1], self.kv_act)

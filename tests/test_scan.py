@@ -12,7 +12,7 @@ from flax import nnx
 from conftest import build_mesh
 from moe.config import REMAT_POLICIES, TransformerConfig
 from moe.transformer import Transformer
-from sharding.rules import mesh_and_rules
+from sharding.rules import logical_to_spec, mesh_and_rules
 from train.core import layout
 from train.core.checkpoint import to_nested
 
@@ -236,3 +236,83 @@ def test_routers_fit_their_tables_in_every_scanned_layer():
     assert sorted(tables["on"]["blocks"]) == ["1", "3"]
     assert not np.array_equal(tables["on"]["blocks"]["3"]["ffn"]["router"]["table"], before["blocks"]["3"]["ffn"]["router"]["table"])
     jax.tree.map(np.testing.assert_array_equal, tables["on"], tables["off"])
+
+
+@pytest.mark.parametrize("rules, sizes", [("ep+tp", dict(expert=4, tensor=2)), ("fsdp+tp", dict(fsdp=4, tensor=2))])
+def test_a_scanned_body_computes_with_the_unrolled_models_shardings(monkeypatch, rules, sizes):
+    """Every parameter a forward pass gathers (``compute_value``) gets the same compute spec inside
+    the scanned body as in the unrolled blocks, grouped-query attention included: the stacked
+    ``layers`` axis of a variable's metadata never reaches the body (JAX 0.10 trimmed such a spec
+    silently, re-splitting k/v from heads to head_dim; 0.11 refuses it)."""
+    import moe.params as params_mod
+    from sharding import make_mesh
+
+    real, seen = params_mod.logical_to_spec, {}
+
+    def recording(axes, mesh=None, rules=None, *, compute=False):
+        spec = real(axes, mesh, rules, compute=compute)
+        if compute:
+            seen.setdefault(mode, set()).add((tuple(axes), tuple(spec)))
+        return spec
+
+    monkeypatch.setattr(params_mod, "logical_to_spec", recording)
+    mesh = make_mesh(devices=jax.devices()[:8], **sizes)
+    for mode in ("on", "off"):
+        cfg = dataclasses.replace(model_config(scan_layers=mode), num_heads=4, num_kv_heads=2, attn_bias=True)
+        with mesh_and_rules(mesh, rules):
+            graphdef, params, rest = build(cfg)
+            tokens = jax.sharding.reshard(jax.random.randint(jax.random.key(3), (8, 16), 0, V),
+                                          logical_to_spec(("batch", "seq"), mesh))
+            jax.jit(lambda p, r, t: nnx.merge(graphdef, p, r)(t)[0]).lower(params, rest, tokens)  # traces the body
+    assert ("embed", "kv_heads", "head_dim") in {axes for axes, _ in seen["off"]}
+    assert seen["on"] == seen["off"]
+
+
+def test_compute_value_refuses_axes_that_do_not_name_every_dimension():
+    from moe.params import compute_value, sharded_param
+
+    var = sharded_param(jax.random.key(0), (4, 8), ("embed", "mlp"), 1.0, jnp.float32)
+    with pytest.raises(ValueError, match=r"logical axes \('layers', 'embed', 'mlp'\) for a value of shape \(4, 8\)"):
+        compute_value(var, ("layers", "embed", "mlp"))
+
+
+def test_the_same_parameters_are_decayed_scanned_and_unrolled():
+    """Weight decay by meaning: matrices and tensors (a stacked ``layers`` axis does not count),
+    never norm scales (QK-norm over a whole projection is 2-D), biases or the stable router's
+    distilled table."""
+    from train.core.optimizer import decay_mask
+
+    masks = {}
+    for mode in ("on", "off"):
+        cfg = dataclasses.replace(model_config("stable", scan_layers=mode), attn_bias=True, qk_norm="proj")
+        _, params, _ = build(cfg)
+        full = jax.tree.map(lambda m, p: np.full(p.shape, m), decay_mask(params), params)  # stackable
+        masks[mode] = jax.tree.map(lambda a: bool(a.all()), layout.unroll(to_nested(full), cfg.period))
+    assert masks["on"] == masks["off"]
+    m = masks["off"]
+    assert m["embed"]
+    attn, moe_block = m["blocks"]["1"]["attn"], m["blocks"]["1"]["ffn"]
+    assert attn["wq"] and attn["wk"] and attn["wo"] and moe_block["wi"] and moe_block["router"]["w"]
+    assert not (attn["bq"] or attn["bk"] or attn["q_norm"]["scale"] or m["blocks"]["1"]["attn_norm"]["scale"])
+    assert not moe_block["router"]["distill"]
+
+
+def test_an_unrolled_model_is_initialised_through_the_scan_with_the_same_draws():
+    """Unrolled parameters and model state (RNG streams, router state) come from the scanned
+    initialisation, unstacked (one block pattern to compile, not every block), bit for bit what
+    building the unrolled blocks one by one draws; dense first blocks included."""
+    from train.core.config import Config
+    from train.core.optimizer import make_optimizer
+    from train.core.setup import state_init
+
+    cfg = Config()
+    cfg.model = dataclasses.replace(model_config("loss_free", scan_layers="off"), num_layers=7, first_dense_layers=2)
+    assert cfg.model.scan_repeats == 0 and dataclasses.replace(cfg.model, scan_layers="on").scan_repeats == 2
+    tx, _ = make_optimizer(cfg.optimizer, 10)
+    graphdef, _, _, init = state_init(cfg, tx)
+    assert "scan" in str(jax.make_jaxpr(init)())
+    state = jax.jit(init)()
+    _, params, rest = build(cfg.model)  # block by block
+    for got, want in ((state.params, params), (state.model_state, rest)):
+        jax.tree.map(np.testing.assert_array_equal, to_nested(got), to_nested(want))
+    assert sorted(to_nested(state.params)["blocks"], key=int) == [str(i) for i in range(7)]

@@ -55,7 +55,7 @@ class Stable(LearnedRouter):
         if not isinstance(vocab_size, int) or vocab_size < 1:
             raise FieldError("MoEConfig", "router", cfg.router, "the stable router needs the vocabulary size (>= 1)")
         e, k = cfg.num_experts, cfg.experts_per_token
-        self.distill = sharded_param(None, (vocab_size, e), (None, None), 0.0, jnp.float32, init="zeros")
+        self.distill = sharded_param(None, (vocab_size, e), (None, None), 0.0, jnp.float32, init="zeros", decay=False)
         self.table = RouterState(jnp.asarray(hash_table(vocab_size, e, k, cfg.hash_seed)), logical_axes=(None, None))
         self.step = RouterState(jnp.zeros((), jnp.int32), logical_axes=())
         self.counts = RouterState(jnp.zeros((vocab_size,), jnp.float32), logical_axes=(None,))

@@ -1,12 +1,17 @@
 """The Optax chain: global-norm clipping, then AdamW with linear warm-up and cosine decay.
 
-Weight decay applies to matrices only (ndim >= 2): not to norm scales.
+Weight decay applies by meaning (``moe.params.decays``): to weight matrices and tensors
+(embeddings, projections, experts, routers' weights), never to norm scales, biases or the stable
+router's distilled table, whether the layers are scanned or not.
 """
 
 from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
+
+from moe.params import decays
 
 from train.core.config import OptimizerConfig
 
@@ -34,7 +39,13 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
             b2=cfg.b2,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+            mask=decay_mask,
         )
     )
     return optax.chain(*parts), schedule
+
+
+def decay_mask(params):
+    """A tree like ``params`` (``nnx.Variable`` leaves): True where weight decay applies."""
+    return jax.tree.map(lambda var: jax.tree.map(lambda _: decays(var), var), params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
