@@ -25,7 +25,7 @@ from moe.dispatch import DispatchPlan, LocalRoute, exchange
 from moe.grouped_matmul import resolve as resolve_grouped_matmul
 from moe.transformer import DenseFFN
 from sharding.mesh import batch_axes, make_mesh
-from train.analysis.stages import STAGES, stage_line, stage_times
+from train.analysis.stages import STAGES, StageProfileError, profile_compiler_options, stage_line, stage_times
 
 
 @dataclasses.dataclass
@@ -104,7 +104,7 @@ def onehot_dispatch(x_BSD, route: LocalRoute, experts, plan: DispatchPlan):
     return y_TD.reshape(b, s, d), dropped
 
 
-def _compiled_fwd_bwd(module, loss, x_BSD):
+def _compiled_fwd_bwd(module, loss, x_BSD, compiler_options=None):
     """jit(value_and_grad(loss)) over (module state, x), compiled; with its arguments."""
     graphdef, state = nnx.split(module)
 
@@ -113,7 +113,7 @@ def _compiled_fwd_bwd(module, loss, x_BSD):
             state, x_BSD
         )
 
-    return jax.jit(f).lower(state, x_BSD).compile(), (state, x_BSD)
+    return jax.jit(f).lower(state, x_BSD).compile(compiler_options), (state, x_BSD)
 
 
 def _temp_bytes(compiled) -> int | None:
@@ -171,10 +171,8 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
             ids_BS = jax.random.randint(jax.random.key(1), (b, s), 0, 50_000, out_sharding=spec)
             for k in cfg.experts_per_token:
                 for num_experts in cfg.experts:
-                    steps = {
-                        name: _compiled_fwd_bwd(module, loss, x_BSD)
-                        for name, (module, loss) in _cases(cfg, num_experts, k, ids_BS).items()
-                    }
+                    cases = _cases(cfg, num_experts, k, ids_BS)
+                    steps = {name: _compiled_fwd_bwd(module, loss, x_BSD) for name, (module, loss) in cases.items()}
                     (_, dropped), _ = steps["moe"][0](*steps["moe"][1])
                     times = {name: [] for name in steps}
                     for _ in range(cfg.repeats):  # alternate, so that noise hits every case alike
@@ -190,9 +188,15 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
                     for name, impl in dropless_cases(cfg):
                         row[f"{name}_vs_moe"] = row[f"{name}_ms"] / row["moe_ms"]
                     if cfg.stages:
+                        options = profile_compiler_options(jax.default_backend())  # GPU: no command buffers
                         for name in ("moe", *(n for n, _ in dropless_cases(cfg))):
-                            row[f"{name}_stages_ms"] = stage_times(*steps[name], calls=cfg.iters)
-                            log(f"  {name} by stage (ms per device): {stage_line(row[f'{name}_stages_ms'])}")
+                            program = _compiled_fwd_bwd(*cases[name], x_BSD, options) if options else steps[name]
+                            try:
+                                row[f"{name}_stages_ms"] = stage_times(*program, calls=cfg.iters)
+                                log(f"  {name} by stage (ms per device): {stage_line(row[f'{name}_stages_ms'])}")
+                            except StageProfileError as e:
+                                row[f"{name}_stages_error"] = str(e)
+                                log(f"  {name} by stage: unavailable: {e}")
                     if row["moe_temp_bytes"] and row["dense_temp_bytes"]:
                         row["temp_moe_vs_dense"] = row["moe_temp_bytes"] / row["dense_temp_bytes"]
                     rows.append(row)
@@ -243,11 +247,12 @@ def stages_table(rows: list[dict]) -> str:
     out = ("\nby stage, forward + backward (ms per device, from a profile of the same programs)\n\n"
            "| tokens/device | k | experts | case | " + " | ".join(cols) + " |\n" + "|---:" * 3 + "|---" + "|---:" * len(cols) + "|\n")
     for r in rows:
-        for key in (k for k in r if k.endswith("_stages_ms")):
-            st = r[key]
-            cells = [st.get(c, 0.0) + st.get(f"{c} bwd", 0.0) for c in cols]
-            out += (f"| {r['tokens_per_device']} | {r['k']} | {r['experts']} | {key[:-len('_stages_ms')]} | "
-                    + " | ".join(f"{v:.2f}" for v in cells) + " |\n")
+        for key in (k for k in r if k.endswith(("_stages_ms", "_stages_error"))):
+            st = r[key]  # the stages' ms, or why the profile gave none
+            cells = ([f"{st.get(c, 0.0) + st.get(f'{c} bwd', 0.0):.2f}" for c in cols] if isinstance(st, dict)
+                     else ["n/a"] * len(cols))
+            out += (f"| {r['tokens_per_device']} | {r['k']} | {r['experts']} | {key.rsplit('_stages_', 1)[0]} | "
+                    + " | ".join(cells) + " |\n")
     return out
 
 
