@@ -7,8 +7,11 @@ through every implementation this platform has: ``ragged_dot``, and ``tokamax`` 
 ``megablox`` on TPU) are checked against the reference. Float32 matmuls run at full precision (no
 TF32) for the check. Then the grouped matmul alone at the 1B config's widths (d=2048, expert
 d_ff=1408, 8192 rows, E=8 and 64, bf16, uneven groups with an empty one), forward and gradients
-against ``jax.lax.ragged_dot`` in float32; the line says whether a kernel ran or the wrapper fell
-back to ``ragged_dot`` (tokamax refuses some shapes and GPUs).
+against ``jax.lax.ragged_dot`` in float32 (and the empty group's weight gradient exactly zero); the
+line says what computed each: the kernel or the wrapper's ``ragged_dot`` fallback (tokamax refuses
+some shapes and GPUs) for y and dx, and for dw the wrapper's exact path (XLA's ragged-contracting
+dot) or Megablox's ``tgmm``. Every case prints one line (``ok`` or ``FAIL`` with the error); the
+last line is ``oracle: N/M passed``.
 
     JAX_PLATFORMS=cuda python scripts/gpu_oracle.py
     JAX_PLATFORMS=cpu python scripts/gpu_oracle.py --kernels megablox --shape 256,128,64  # CPU smoke run
@@ -61,7 +64,7 @@ def kernels() -> list[str]:
 
 def grouped_matmul_case(impl: str, experts: int, rows=8192, d=2048, f=1408) -> str:
     """One grouped matmul at training widths against ragged_dot in float32: (max error of the output
-    and of both gradients, relative to the largest reference value; whether a kernel ran)."""
+    and of both gradients, relative to the largest reference value; the path of each)."""
     kx, kw, kc, kg = jax.random.split(jax.random.key(experts), 4)
     x = jax.random.normal(kx, (rows, d), jnp.bfloat16)
     w = (jax.random.normal(kw, (experts, d, f)) / d**0.5).astype(jnp.bfloat16)
@@ -74,15 +77,58 @@ def grouped_matmul_case(impl: str, experts: int, rows=8192, d=2048, f=1408) -> s
             return jnp.sum(grouped_matmul(x.astype(dtype), w.astype(dtype), sizes, impl).astype(jnp.float32) * ct)
 
         fwd = jax.jit(lambda x, w: grouped_matmul(x.astype(dtype), w.astype(dtype), sizes, impl))
-        return (fwd(x, w).astype(jnp.float32), *jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)), fwd.lower(x, w).as_text()
+        return fwd(x, w).astype(jnp.float32), *jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
 
-    got, hlo = run(impl, jnp.bfloat16)
-    ref, _ = run("ragged_dot", jnp.float32)
+    got, ref = run(impl, jnp.bfloat16), run("ragged_dot", jnp.float32)
     errs = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r))) for g, r in zip(got, ref)]
-    if max(errs) > 2e-2 or not all(bool(jnp.all(jnp.isfinite(g))) for g in got):
-        raise AssertionError(f"relative errors (y, dx, dw) {np.round(errs, 4)}")
-    ran = "ragged_dot fallback" if "ragged_dot" in hlo else "kernel"
-    return f"relative errors (y, dx, dw) {np.round(errs, 4).tolist()}; {ran}"
+    empty_dw = float(jnp.max(jnp.abs(got[2][1].astype(jnp.float32))))
+    paths = matmul_paths(impl, x, w, ct, sizes)
+    if max(errs) > 2e-2 or empty_dw != 0 or not all(bool(jnp.all(jnp.isfinite(g))) for g in got):
+        raise AssertionError(f"relative errors (y, dx, dw) {np.round(errs, 4).tolist()}, "
+                             f"empty group's dw max {empty_dw}; {paths}")
+    return f"relative errors (y, dx, dw) {np.round(errs, 4).tolist()}, empty group's dw 0; {paths}"
+
+
+def matmul_paths(impl: str, x, w, ct, sizes) -> str:
+    """What computed y, dx and dw: y and dx ("kernel" or "ragged_dot fallback") from the lowering
+    for this platform (dx is the backward's grouped matmul of dy with w transposed), dw from the
+    gradient's jaxpr (a ragged-contracting ragged_dot_general is the wrapper's exact path)."""
+    def lowered(a, b):
+        text = jax.jit(lambda a, b: grouped_matmul(a, b, sizes, impl)).lower(a, b).as_text()
+        return "ragged_dot fallback" if "chlo.ragged_dot" in text else "kernel"
+
+    grad = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(grouped_matmul(x, w, sizes, impl) * ct), argnums=1))(x, w)
+    if any(contracts for contracts in ragged_dots(grad.jaxpr)):
+        dw = "XLA ragged-contracting dot (exact path)"
+    else:
+        dw = "megablox tgmm" if impl == "megablox" else "the kernel's VJP"
+    return f"y: {lowered(x, w)}, dx: {lowered(ct, jnp.swapaxes(w, 1, 2))}, dw: {dw}"
+
+
+def ragged_dots(jaxpr):
+    """For each ragged_dot_general in ``jaxpr`` and its sub-jaxprs: whether it contracts the ragged dimension."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "ragged_dot_general":
+            dims = eqn.params["ragged_dot_dimension_numbers"]
+            yield any(r in dims.dot_dimension_numbers[0][0] for r in dims.lhs_ragged_dimensions)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from ragged_dots(sub)
+
+
+def run_case(name: str, check) -> bool:
+    """One line per case: ok with what ``check`` returns, or FAIL with the error and where it came from."""
+    try:
+        print(f"ok    {name}: {check()}", flush=True)
+        return True
+    except Exception as e:  # report every case on its line, then fail
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        message = " ".join(str(e).split())[:600]
+        print(f"FAIL  {name}: {type(e).__name__}: {message} ({pathlib.Path(frame.filename).name}:{frame.lineno})",
+              flush=True)
+        return False
 
 
 def main() -> int:
@@ -94,30 +140,26 @@ def main() -> int:
     impls = args.kernels.split(",") if args.kernels else kernels()
     rows, d, f = (int(v) for v in args.shape.split(","))
     print(f"jax {jax.__version__} on {jax.devices()}", flush=True)
-    failed = total = 0
+    results = []
     cases = [(*c, "ragged_dot") for c in CASES] + [(*c, impl) for c in CASES if c[3] == "dropless" for impl in impls]
     for mesh, router, k, dispatch, cf, impl in cases:
-        cfg = layer_spec(num_experts=E, experts_per_token=k, router=router, dispatch=dispatch,
-                        capacity_factor=cf, activation="silu" if k == 2 else "gelu", gated=k == 2, grouped_matmul=impl)
         name = f"{mesh} {router} k={k} {dispatch} cf={cf}" + (f" {impl}" if dispatch == "dropless" else "")
-        total += 1
-        try:
+
+        def check(mesh=mesh, router=router, k=k, dispatch=dispatch, cf=cf, impl=impl):
+            cfg = layer_spec(num_experts=E, experts_per_token=k, router=router, dispatch=dispatch, capacity_factor=cf,
+                             activation="silu" if k == 2 else "gelu", gated=k == 2, grouped_matmul=impl)
             out, dropped = check_against_oracle(cfg, mesh)
-            print(f"ok    {name}: dropped {dropped:.3f}", flush=True)
-        except Exception:  # report every case, then fail
-            failed += 1
-            print(f"FAIL  {name}\n{traceback.format_exc(limit=3)}", flush=True)
+            return f"dropped {dropped:.3f}"
+
+        results.append(run_case(name, check))
     for impl in impls:
         for experts in (8, 64):
-            total += 1
-            name = f"grouped matmul {impl} E={experts} {rows} x {d} x {f} bf16"
-            try:
-                print(f"ok    {name}: {grouped_matmul_case(impl, experts, rows, d, f)}", flush=True)
-            except Exception:
-                failed += 1
-                print(f"FAIL  {name}\n{traceback.format_exc(limit=3)}", flush=True)
-    print(f"{total - failed}/{total} cases equal the oracle on {jax.default_backend()}")
-    return 1 if failed else 0
+            results.append(run_case(f"grouped matmul {impl} E={experts} {rows} x {d} x {f} bf16",
+                                    lambda impl=impl, experts=experts: grouped_matmul_case(impl, experts, rows, d, f)))
+    passed, total = sum(results), len(results)
+    print(f"{passed}/{total} cases equal the oracle on {jax.default_backend()}")
+    print(f"oracle: {passed}/{total} passed", flush=True)
+    return 0 if passed == total else 1
 
 
 if __name__ == "__main__":

@@ -123,4 +123,159 @@ def test_the_accelerator_oracle_script_runs_on_cpu_with_a_kernel():
                           "--shape", "256,128,64"], env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "13/13 cases equal the oracle on cpu" in out.stdout
-    assert out.stdout.count("megablox") == 5 and "kernel" in out.stdout
+    assert out.stdout.splitlines()[-1] == "oracle: 13/13 passed"
+    kernel_lines = [line for line in out.stdout.splitlines() if line.startswith("ok") and "megablox" in line]
+    assert len(kernel_lines) == 5 and sum("y: kernel, dx: kernel, dw: megablox tgmm" in x for x in kernel_lines) == 2
+
+
+# --- the kernel seam (gm.KERNELS): y and dx from the kernel, dw exact, any refusal falls back ---
+
+
+@jax.custom_vjp
+def _hostile(x, w, sizes):
+    y = jax.lax.ragged_dot(x, w, sizes)
+    return jnp.where((jnp.arange(x.shape[0]) >= jnp.sum(sizes))[:, None], jnp.nan, y)
+
+
+# its own gradient: NaN for x, a non-zero weight gradient in every group (the empty ones too)
+_hostile.defvjp(lambda x, w, sizes: (_hostile(x, w, sizes), (x, w)),
+                lambda res, g: (jnp.full_like(res[0], jnp.nan), jnp.full_like(res[1], 1e3), None))
+
+
+def hostile_kernel(x, w, sizes, gpu):
+    """Right in the groups, NaN in every row past them (an unwritten output), a garbage VJP."""
+    return _hostile(x, w, sizes)
+
+
+def ragged_dot_reference(x, w, sizes, ct):
+    """y, dx, dw of jax.lax.ragged_dot on x with the rows past the groups zeroed."""
+    x = jnp.where((jnp.arange(x.shape[0]) < jnp.sum(sizes))[:, None], x, 0)
+
+    def loss(x, w):
+        return jnp.sum(jax.lax.ragged_dot(x, w, sizes).astype(jnp.float32) * ct)
+
+    return (jax.lax.ragged_dot(x, w, sizes), *jax.grad(loss, argnums=(0, 1))(x, w))
+
+
+def wrapper_outputs(x, w, sizes, ct):
+    def loss(x, w):
+        return jnp.sum(gm.grouped_matmul(x, w, sizes, "tokamax").astype(jnp.float32) * ct)
+
+    def outputs(x, w):
+        return gm.grouped_matmul(x, w, sizes, "tokamax"), *jax.grad(loss, argnums=(0, 1))(x, w)
+
+    return jax.jit(outputs)(x, w)
+
+
+@pytest.mark.parametrize("sizes_list", [SIZES, [0, 30, 0, 31], [44, 0, 0, 0]])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_hostile_kernel_cannot_reach_the_result_or_the_gradients(monkeypatch, sizes_list, dtype):
+    monkeypatch.setitem(gm.KERNELS, "tokamax", hostile_kernel)
+    x, w, ct = inputs(dtype, poison=False)
+    x = x.at[sum(sizes_list):].set(jnp.nan)  # NaN rows past the groups
+    sizes = jnp.array(sizes_list, jnp.int32)
+    y, g_x, g_w = wrapper_outputs(x, w, sizes, ct)
+    ref_y, ref_gx, ref_gw = ragged_dot_reference(x, w, sizes, ct)
+    assert y.dtype == g_x.dtype == g_w.dtype == dtype
+    np.testing.assert_array_equal(y, ref_y)
+    np.testing.assert_array_equal(g_w, ref_gw)  # the exact path: ragged_dot's own weight gradient
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # dx from the kernel, a product of the same values
+    np.testing.assert_allclose(np.asarray(g_x, np.float32), np.asarray(ref_gx, np.float32), rtol=tol, atol=tol)
+    past = sum(sizes_list)
+    assert not np.any(np.asarray(y[past:])) and not np.any(np.asarray(g_x[past:]))
+    for g, size in enumerate(sizes_list):
+        if size == 0:
+            assert not np.any(np.asarray(g_w[g])), f"empty group {g} has a weight gradient"
+    assert all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in (y, g_x, g_w))
+
+
+class CustomRefusal(Exception):
+    pass
+
+
+REFUSALS = [ValueError("Unknown implementation: triton"), NotImplementedError("Unsupported GPU architecture."),
+            KeyError("mosaic"), ExceptionGroup("all implementations failed", [NotImplementedError("tile")]),
+            CustomRefusal("no kernel for this dtype")]
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+@pytest.mark.parametrize("error", REFUSALS, ids=lambda e: type(e).__name__)
+def test_a_kernel_that_refuses_falls_back_to_ragged_dot_exactly(monkeypatch, caplog, where, error):
+    def refusing_kernel(x, w, sizes, gpu):
+        if (where == "forward") == (x.shape[1] == K):  # the backward's call is dy [R, N] x w^T [L, N, K]
+            raise error
+        return jax.lax.ragged_dot(x, w, sizes)
+
+    monkeypatch.setitem(gm.KERNELS, "tokamax", refusing_kernel)
+    gm._warn_fallback.cache_clear()
+    x, w, ct = inputs()
+    sizes = jnp.array(SIZES, jnp.int32)
+    with caplog.at_level("WARNING", logger=gm.__name__):
+        got = wrapper_outputs(x, w, sizes, ct)
+    for a, b in zip(got, ragged_dot_reference(x, w, sizes, ct)):
+        np.testing.assert_array_equal(a, b)
+    lines = [r.getMessage() for r in caplog.records if r.name == gm.__name__]
+    assert lines and all("\n" not in m and type(error).__name__ in m for m in lines)
+    assert len(lines) == len(set(lines)) <= 2  # one line per refusal (the GPU and the default variant)
+
+
+def test_a_kernel_refusing_under_grad_inside_shard_map_falls_back(monkeypatch):
+    """As moe/layer.py calls it: inside shard_map (check_vma=False), gradients through jit."""
+    from jax.sharding import PartitionSpec as P
+
+    def refusing_kernel(x, w, sizes, gpu):
+        raise NotImplementedError("refused")
+
+    monkeypatch.setitem(gm.KERNELS, "tokamax", refusing_kernel)
+    x, w, ct = inputs(poison=False)
+    sizes = jnp.array(SIZES, jnp.int32)
+    mesh = jax.make_mesh((2,), ("expert",), devices=jax.devices()[:2])
+
+    def loss(x, w):
+        f = jax.shard_map(lambda x, w: gm.grouped_matmul(x, w, sizes, "tokamax"), mesh=mesh, in_specs=(P(), P()),
+                          out_specs=P(), check_vma=False)
+        return jnp.sum(f(x, w) * ct)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    for a, b in zip(got, ragged_dot_reference(x, w, sizes, ct)[1:]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tokamax_is_asked_only_for_registered_implementations_and_its_gpu_variant_exports(monkeypatch):
+    """The real tokamax (whichever version is installed): the CUDA variant traces and exports on
+    CPU, forward and gradients, and every name asked of tokamax.ragged_dot is one it registered."""
+    import functools
+    import sys
+
+    tokamax = pytest.importorskip("tokamax", reason="tokamax is not installed ('switchyard[gpu]')")
+    registry = sys.modules[tokamax.ragged_dot.__module__].IMPLEMENTATIONS
+    asked, original = [], tokamax.ragged_dot
+
+    @functools.wraps(original)
+    def spy(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return original(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(tokamax, "ragged_dot", spy)
+    assert set(gm.tokamax_implementations(gpu=True)) <= set(registry)
+    assert gm.tokamax_implementations(gpu=False) == ("xla",)
+    x, w, ct = inputs(jnp.bfloat16, poison=False)
+    sizes = jnp.array(SIZES, jnp.int32)
+
+    def loss(x, w):
+        return jnp.sum(gm.grouped_matmul(x, w, sizes, "tokamax").astype(jnp.float32) * ct)
+
+    for platforms in (("cuda",), ("cpu",), ("cuda", "cpu")):
+        jax.export.export(jax.jit(lambda x, w: gm.grouped_matmul(x, w, sizes, "tokamax")), platforms=platforms)(x, w)
+        jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=platforms)(x, w)
+    assert asked and all(isinstance(name, str) and name in registry for name in asked), asked
+
+
+def test_unknown_tokamax_registry_asks_each_name_on_its_own(monkeypatch):
+    """Where the registry is not found, each preferred name is asked separately (an unknown one refuses)."""
+    tokamax = pytest.importorskip("tokamax", reason="tokamax is not installed ('switchyard[gpu]')")
+    monkeypatch.setattr(tokamax, "ragged_dot", lambda *a, **k: (_ for _ in ()).throw(ValueError("Unknown")))
+    assert gm.tokamax_implementations(gpu=True) == gm.TOKAMAX_PREFERENCE[True]
+    x, w, _ = inputs(poison=False)
+    sizes = jnp.array(SIZES, jnp.int32)
+    np.testing.assert_array_equal(gm.grouped_matmul(x, w, sizes, "tokamax"), jax.lax.ragged_dot(x, w, sizes))
