@@ -1,30 +1,66 @@
-# `make test` and `make train` each create .venv if missing and install what they need.
+# `make test` and `make train` each create their virtual environments if missing and install what
+# they need. `make test` runs two lanes: this machine's stack (Python 3.11, JAX 0.10: the whole suite)
+# and the accelerator hosts' (Python 3.12, JAX 0.11, tokamax: the tests of what differs between the
+# stacks). Each lane's versions are pinned in lanes/<lane>.txt.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+VENV312 := .venv312
+BIN312 := $(VENV312)/bin
+STAMP312 := $(VENV312)/.installed
 
 CONFIG ?= configs/default.py
 WORKDIR ?= runs/default
 # pytest worker processes (pytest-xdist; whole files per worker, so module fixtures run once)
 TEST_WORKERS ?= 2
 
-.PHONY: test train bench clean
+.PHONY: test test-311 test-312 train bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev]'
+# what training needs (make train), and on top of it the test stack (make test)
+$(RUN_STAMP): $(BIN)/python pyproject.toml lanes/py311.txt
+	$(BIN)/pip install --quiet -c lanes/py311.txt -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	$(BIN)/pip install --quiet -c lanes/py311.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The second lane's interpreter: PYTHON312, python3.12, or pyenv's 3.12 (lanes/find-python312);
+# none found is an error, never a skipped lane.
+$(BIN312)/python:
+	py=$$(lanes/find-python312) && $$py -m venv $(VENV312)
+	$(BIN312)/pip install --quiet --upgrade pip
+
+# No torch here (PyPI's Linux torch for 3.12 is the CUDA build): the Hugging Face references come
+# from the first lane's interpreter (SWITCHYARD_HF_PYTHON).
+$(STAMP312): $(BIN312)/python pyproject.toml lanes/py312.txt
+	$(BIN312)/pip install --quiet -c lanes/py312.txt -e '.[test,gpu]' xprof transformers safetensors
+	touch $(STAMP312)
+
+# The tests that touch what differs between the stacks: scanned layers, layout conversion and remat,
+# --plan, the grouped matmul with tokamax, the families (parity and layout invariance), checkpoint
+# restore, and scanned training end to end.
+STACK_TESTS ?= tests/test_stack.py tests/test_scan.py tests/test_plan.py tests/test_grouped_matmul.py \
+	tests/test_families.py tests/test_interop.py tests/test_checkpoint.py
+
+test: test-311 test-312
+
+test-311: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" $(BIN)/python -m pytest \
 		-n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
+test-312: $(STAMP312) $(STAMP)
+	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" SWITCHYARD_HF_PYTHON=$(CURDIR)/$(BIN)/python \
+		$(BIN312)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) $(STACK_TESTS)
+
 # Trains CONFIG into WORKDIR (re-running resumes from the latest checkpoint), then samples text.
-train: $(STAMP)
+train: $(RUN_STAMP)
 	$(BIN)/moe-train --config=$(CONFIG) --workdir=$(WORKDIR) $(TRAIN_ARGS)
 	@echo "--- a sample from the trained model (temperature 0.8, top-k 20, seed 0):"
 	@$(BIN)/moe-generate --workdir=$(WORKDIR) --prompt='def ' --max_new_tokens=120 --temperature=0.8 --top_k=20 --seed=0
@@ -33,8 +69,8 @@ train: $(STAMP)
 	@echo "plot:        $(BIN)/moe-plot --workdir=$(WORKDIR)"
 	@echo "tensorboard: tensorboard --logdir $(WORKDIR)/tensorboard   (pip install tensorboard)"
 
-bench: $(STAMP)
+bench: $(RUN_STAMP)
 	$(BIN)/moe-bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VENV312) .pytest_cache

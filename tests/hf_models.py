@@ -1,12 +1,27 @@
 """Tiny random Hugging Face MoE models for the interop tests, built with ``transformers`` on CPU in
-float32 and saved with ``save_pretrained`` (no network), with a small BPE ``tokenizer.json``."""
+float32 and saved with ``save_pretrained`` (no network), with a small BPE ``tokenizer.json``.
+
+``reference(arch, folder)`` saves one and returns what the tests compare against (its logits on
+``TOKENS``, the experts each MoE layer picks, greedy tokens). It needs torch: in an interpreter
+without it (the Python 3.12 lane; PyPI's Linux torch for 3.12 is the CUDA build) the same is done by
+the interpreter named in ``SWITCHYARD_HF_PYTHON`` running this file (``python hf_models.py build
+ARCH FOLDER``, ``python hf_models.py logits FOLDER``), and read back from ``.npz`` files.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
+
+import numpy as np
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 VOCAB = 96
+TOKENS = np.random.RandomState(0).randint(3, VOCAB - 8, size=(8, 12))
+PROMPT, NEW_TOKENS = TOKENS[:1, :6], 32
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -68,3 +83,85 @@ def make_model(arch: str, folder: pathlib.Path, seed: int = 0, perturb_bias: boo
     model.save_pretrained(folder)
     make_tokenizer(folder / "tokenizer.json")
     return model
+
+
+def _routes_and_logits(model, tokens):
+    """(logits, {layer: [B*S, K] sorted top-k expert ids}) of a transformers MoE model."""
+    import torch
+
+    routes, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        moe = getattr(layer, "block_sparse_moe", None) or getattr(layer, "mlp", None)
+        gate = getattr(moe, "gate", None)
+        if gate is None or not hasattr(moe, "experts"):
+            continue
+        hooks.append(gate.register_forward_hook(lambda m, a, out, i=i: routes.__setitem__(i, out[2].numpy())))
+    with torch.no_grad():
+        logits = model(torch.tensor(tokens)).logits.numpy()
+    for h in hooks:
+        h.remove()
+    return logits, {i: np.sort(r, axis=-1) for i, r in routes.items()}
+
+
+def _build(arch: str, folder: pathlib.Path) -> dict:
+    import torch
+
+    model = make_model(arch, folder)
+    logits, routes = _routes_and_logits(model, TOKENS)
+    with torch.no_grad():
+        ids = model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             min_new_tokens=NEW_TOKENS, pad_token_id=0)[0, PROMPT.shape[1]:].numpy()
+    out = {"logits": logits, "greedy": ids, **{f"route{i}": r for i, r in routes.items()}}
+    np.savez(folder / "reference.npz", **out)
+    return out
+
+
+def _logits(folder: pathlib.Path) -> np.ndarray:
+    import torch
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(TOKENS)).logits.numpy()
+    np.save(folder / "logits.npy", logits)
+    return logits
+
+
+def has_torch() -> bool:
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+
+def _elsewhere(*args) -> None:
+    """Run this file's command line with the interpreter that has torch (``SWITCHYARD_HF_PYTHON``)."""
+    import pytest
+
+    python = os.environ.get("SWITCHYARD_HF_PYTHON")
+    if not python:
+        pytest.skip("needs torch and transformers, or SWITCHYARD_HF_PYTHON naming a Python that has them")
+    proc = subprocess.run([python, __file__, *map(str, args)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def reference(arch: str, folder: pathlib.Path) -> dict:
+    """Save a random ``arch`` model to ``folder``: {"logits", "greedy", "route<i>" per MoE layer}."""
+    if has_torch():
+        return _build(arch, folder)
+    _elsewhere("build", arch, folder)
+    with np.load(folder / "reference.npz") as data:
+        return dict(data)
+
+
+def hf_logits(folder: pathlib.Path) -> np.ndarray:
+    """``from_pretrained(folder)``'s float32 logits on ``TOKENS``."""
+    if has_torch():
+        return _logits(folder)
+    _elsewhere("logits", folder)
+    return np.load(folder / "logits.npy")
+
+
+if __name__ == "__main__":
+    command, *rest = sys.argv[1:]
+    if command == "build":
+        _build(rest[0], pathlib.Path(rest[1]))
+    else:
+        _logits(pathlib.Path(rest[0]))

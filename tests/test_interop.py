@@ -21,9 +21,7 @@ import numpy as np
 import pytest
 
 import hf_models
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from hf_models import TOKENS
 
 from moe.layer import MoEFeedForward  # noqa: E402
 from train.inference.evaluate import load_run  # noqa: E402
@@ -33,23 +31,6 @@ from train.interop.hf_import import import_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENS = np.random.RandomState(0).randint(3, hf_models.VOCAB - 8, size=(8, 12))
-
-
-def hf_routes(model, tokens):
-    """Top-k expert ids of every MoE layer of the reference model ({layer: [B*S, K] sorted})."""
-    routes, hooks = {}, []
-    for i, layer in enumerate(model.model.layers):
-        moe = getattr(layer, "block_sparse_moe", None) or getattr(layer, "mlp", None)
-        gate = getattr(moe, "gate", None)
-        if gate is None or not hasattr(moe, "experts"):
-            continue
-        hooks.append(gate.register_forward_hook(lambda m, a, out, i=i: routes.__setitem__(i, out[2].numpy())))
-    with torch.no_grad():
-        logits = model(torch.tensor(tokens)).logits.numpy()
-    for h in hooks:
-        h.remove()
-    return logits, {i: np.sort(r, axis=-1) for i, r in routes.items()}
 
 
 def our_routes(run, tokens, monkeypatch):
@@ -75,24 +56,22 @@ def our_routes(run, tokens, monkeypatch):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    """{arch: (reference model, its folder, the imported workdir)}, built once."""
+    """{arch: (the reference's outputs, its folder, the imported workdir)}, built once."""
     out = {}
     for arch in hf_models.ARCHS:
         base = tmp_path_factory.mktemp(arch)
-        model = hf_models.make_model(arch, base / "hf")
+        ref = hf_models.reference(arch, base / "hf")
         import_model(base / "hf", base / "run", log=lambda m: None)
-        out[arch] = (model, base / "hf", base / "run")
+        out[arch] = (ref, base / "hf", base / "run")
     return out
 
 
 @pytest.mark.parametrize("arch", hf_models.ARCHS)
 def test_import_parity(arch, imported, monkeypatch):
-    model, _, workdir = imported[arch]
-    ref_logits, ref_routes = hf_routes(model, TOKENS)
+    ref, _, workdir = imported[arch]
+    ref_logits, ref_ids = ref["logits"], ref["greedy"].tolist()
+    ref_routes = {int(k[len("route"):]): v for k, v in ref.items() if k.startswith("route")}
     scale = np.max(np.abs(ref_logits))
-    with torch.no_grad():
-        ref_ids = model.generate(torch.tensor(TOKENS[:1, :6]), max_new_tokens=32, do_sample=False,
-                                 min_new_tokens=32, pad_token_id=0)[0, 6:].tolist()
     for devices in (jax.devices()[:1], jax.devices()):
         run = load_run(workdir, devices=devices)
         if len(devices) > 1:  # the experts really are split
@@ -132,15 +111,12 @@ def greedy_on_mesh(run, prompt, n):
 
 @pytest.mark.parametrize("arch", hf_models.ARCHS)
 def test_export_round_trip(arch, imported, tmp_path):
-    model, _, workdir = imported[arch]
+    ref, _, workdir = imported[arch]
     export_model(workdir, tmp_path / "out", log=lambda m: None)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == arch
     assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (0, 1, 2)  # the model's own
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-    with torch.no_grad():
-        x = torch.tensor(TOKENS)
-        np.testing.assert_allclose(back(x).logits.numpy(), model(x).logits.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(hf_models.hf_logits(tmp_path / "out"), ref["logits"], rtol=0, atol=1e-6)
 
 
 def _cli(name, *args, check=True):
@@ -154,6 +130,8 @@ def _cli(name, *args, check=True):
 
 def test_import_finetune_export(tmp_path):
     """moe-import -> moe-train 5 steps from it (experts split over 8 devices) -> moe-export -> from_pretrained."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
     model = hf_models.make_model("deepseek_v3", tmp_path / "hf")
     _cli("import_main", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={tmp_path / 'imported'}")
     corpus = os.path.join(ROOT, "tests", "data", "corpus")
@@ -179,7 +157,7 @@ def test_import_finetune_export(tmp_path):
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
-    hf_models.make_model("mixtral", tmp_path / "hf")
+    hf_models.reference("mixtral", tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
@@ -209,7 +187,7 @@ def test_import_uses_the_models_own_special_tokens(tmp_path):
     from train.data.tokenizers import build_tokenizer
     from train.interop.hf_import import plan_import
 
-    hf_models.make_model("mixtral", tmp_path / "hf")
+    hf_models.reference("mixtral", tmp_path / "hf")
     hf_models.make_tokenizer(tmp_path / "hf" / "tokenizer.json", specials=("<unk>", "<s>", "</s>"))
     _, cfg, _, _, tokenizer = plan_import(tmp_path / "hf")
     assert cfg.data.special_tokens == "<unk>,<s>,</s>"
