@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from train.cli.common import check_workdir, common_args, run_guarded, start_jax
+from train.cli.common import check_workdir, common_args, fail, run_guarded, start_jax
 
 
 def import_main(argv=None) -> int:
@@ -17,16 +18,18 @@ def import_main(argv=None) -> int:
         "mixtral, qwen2_moe, qwen3_moe, olmoe or deepseek_v3 into a Switchyard workdir (checkpoint 0)."))
     p.add_argument("--hf_dir", required=True, help="the model folder (as save_pretrained writes it)")
     p.add_argument("--workdir", required=True, help="a new folder for the Switchyard run")
+    p.add_argument("--allow_unused", action="store_true",
+                   help="import even when the folder holds tensors the config does not use (they are listed)")
     common_args(p)
     args = p.parse_args(argv)
-    check_workdir(prog, args.workdir)
+    absolute_paths(prog, args)
     args.cpu_devices = 1  # the conversion places each array once
     start_jax(prog, args)
 
     def run(log):
         from train.interop.hf_import import import_model
 
-        return import_model(args.hf_dir, args.workdir, log=log)
+        return import_model(args.hf_dir, args.workdir, allow_unused=args.allow_unused, log=log)
 
     return _run(prog, args, run)
 
@@ -48,7 +51,7 @@ def export_main(argv=None) -> int:
     p.add_argument("--max_shard_gb", type=float, default=2.0, help="largest safetensors file (GiB)")
     common_args(p)
     args = p.parse_args(argv)
-    check_workdir(prog, args.workdir)
+    absolute_paths(prog, args)
     start_jax(prog, args)
 
     def run(log):
@@ -58,6 +61,15 @@ def export_main(argv=None) -> int:
                             max_shard_gb=args.max_shard_gb, log=log)
 
     return _run(prog, args, run)
+
+
+def absolute_paths(prog: str, args) -> None:
+    """``--hf_dir`` and ``--workdir`` as absolute paths (Orbax refuses relative ones), from the current
+    folder; a URL is refused (it would become a local folder)."""
+    check_workdir(prog, args.workdir)
+    if "://" in args.hf_dir:
+        fail(prog, f"--hf_dir={args.hf_dir}: URLs are not supported; give a local (or mounted) folder")
+    args.hf_dir, args.workdir = os.path.abspath(args.hf_dir), os.path.abspath(args.workdir)
 
 
 def _run(prog: str, args, convert) -> int:

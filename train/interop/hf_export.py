@@ -5,13 +5,16 @@ Any checkpoint of an exportable model: trained with expert parallelism on any me
 unrolled (it is read unrolled, on this process's devices). The architecture is the one the workdir
 was imported from, else inferred from the model's pieces (``--arch`` to choose); a model the
 architecture cannot express (a router, shared experts, tied embeddings it lacks) is refused with one
-line naming the field, before anything is written. The folder is written under a temporary name
-and renamed into place when complete.
+line naming the field, before anything is written; so is a checkpoint that cannot be read
+(``guards.restore_run``). The folder is written under a temporary name and renamed into place when
+complete. A byte-tokenizer run's tokenizer is written as a ``tokenizer.json`` that gives the same ids
+(``byte_tokenizer``), so ``moe-import`` reads the export back.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -20,8 +23,10 @@ import jax
 import numpy as np
 
 from train.core.checkpoint import to_nested
-from train.core.workdir import require_new_folder, staged_folder
+from train.core.workdir import staged_folder
 from train.interop.archs import ARCHITECTURES, InteropError, infer_architecture, tensors, to_hf_config
+from train.interop.byte_tokenizer import byte_tokenizer_json
+from train.interop.guards import check_destination, read_imported_arch, restore_run
 from train.interop.hf_import import HF_EXTRAS, lookup
 from train.interop.safetensors import write_shards
 
@@ -30,20 +35,16 @@ EXPORT_DTYPES = ("float32", "bfloat16")
 
 def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, arch: str = "",
                  dtype: str = "", max_shard_gb: float = 2.0, log=print) -> dict:
-    from train.inference.evaluate import load_run
-
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
-    require_new_folder(out, "--hf_dir")  # before the checkpoint is read
+    check_destination(out, "--hf_dir")  # before the checkpoint is read
     if arch and arch not in ARCHITECTURES:
         raise InteropError(f"--arch={arch}: choose one of {', '.join(ARCHITECTURES)}")
     if dtype and dtype not in EXPORT_DTYPES:
         raise InteropError(f"--dtype={dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
-    if not max_shard_gb > 0:
-        raise InteropError(f"--max_shard_gb={max_shard_gb}: must be > 0")
-    imported = workdir / "imported.json"
-    if not arch:
-        arch = json.loads(imported.read_text())["arch"] if imported.is_file() else ""
-    run = load_run(workdir, step, scan_layers="off")  # one block at a time in the unrolled layout
+    if not 0 < max_shard_gb < math.inf:
+        raise InteropError(f"--max_shard_gb={max_shard_gb}: must be a finite number > 0")
+    arch = arch or read_imported_arch(workdir)
+    run = restore_run(workdir, step)  # one block at a time in the unrolled layout
     cfg = run.cfg.model
     arch = arch or infer_architecture(cfg)
     dtype = dtype or cfg.param_dtype
@@ -70,11 +71,21 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: in
         for name in HF_EXTRAS:
             if (extras / name).is_file():
                 shutil.copyfile(extras / name, tmp / name)
-        if not (tmp / "tokenizer.json").is_file() and (workdir / "tokenizer.json").is_file():
-            shutil.copyfile(workdir / "tokenizer.json", tmp / "tokenizer.json")
+        write_tokenizer(run, tmp / "tokenizer.json")
     n = sum(int(np.prod(t.shape)) for t in table if t.item == "params")
     log(f"moe-export: {arch} step {run.step} of {workdir} -> {out} ({len(files)} safetensors file(s), {n:,} parameters, {dtype})")
     return {"arch": arch, "step": run.step, "files": files, "parameters": n}
+
+
+def write_tokenizer(run, path: pathlib.Path) -> None:
+    """The run's tokenizer as ``tokenizer.json`` (unless an imported model's own was copied): the
+    workdir's BPE, or the byte tokenizer written as one (``byte_tokenizer``)."""
+    if path.is_file():
+        return
+    if run.cfg.data.tokenizer == "byte":
+        path.write_text(byte_tokenizer_json(), encoding="utf-8")
+    elif (run.workdir / "tokenizer.json").is_file():
+        shutil.copyfile(run.workdir / "tokenizer.json", path)
 
 
 def special_token_ids(run) -> dict:

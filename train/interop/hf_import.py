@@ -3,8 +3,9 @@ checkpoint 0) that ``moe-eval``, ``moe-generate`` and ``moe-train --config.train
 
 Streaming: tensors are read one at a time from the safetensors files, converted, placed and written
 a few at a time (Orbax partial saves of at most 64 MiB, or one larger tensor), so host memory holds
-about one tensor of the model, never the model. Everything is checked first (the architecture and its settings, every
-tensor's presence and shape, the tokenizer): a problem is one line naming it and nothing is written.
+about one tensor of the model, never the model. Everything is checked first (the architecture and its settings, the
+safetensors headers, every tensor's presence, float dtype and shape, no tensor left unread, the tokenizer; see
+``guards``): a problem is one line naming it and nothing is written.
 The workdir is built under a temporary name and renamed into place when complete (``staged_folder``).
 """
 
@@ -22,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.core.workdir import require_new_folder, staged_folder
+from train.core.workdir import staged_folder
 from train.errors import DataError
 from train.interop.archs import InteropError, Tensor, from_hf_config, tensors
+from train.interop.guards import check_destination, check_tensors, read_hf_config
 from train.interop.safetensors import SafetensorsFolder
 
 # files of the model folder kept beside the checkpoint (``hf/``) and written back by ``moe-export``
@@ -32,25 +34,19 @@ HF_EXTRAS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
 HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}  # float16 is read into float32
 
 
-def read_hf_config(hf_dir: pathlib.Path) -> dict:
-    path = hf_dir / "config.json"
-    if not hf_dir.is_dir():
-        raise DataError(f"--hf_dir={hf_dir}: no such folder")
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"--hf_dir={hf_dir}: no config.json") from None
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-
-
-def plan_import(hf_dir: pathlib.Path):
-    """(architecture, run Config, tensor table, the open folder, the tokenizer) after every check."""
+def plan_import(hf_dir: pathlib.Path, *, allow_unused: bool = False, log=print):
+    """(architecture, run Config, tensor table, the open folder, the tokenizer) after every check
+    (``guards.check_tensors``: tensors the config does not read are refused unless ``allow_unused``)."""
     from train.core.config import Config, validate
     from train.data.tokenizers import BPETokenizer
 
     hf = read_hf_config(hf_dir)
-    arch, model = from_hf_config(hf, where=str(hf_dir / "config.json"))
+    try:
+        arch, model = from_hf_config(hf, where=str(hf_dir / "config.json"))
+    except InteropError:
+        raise
+    except (TypeError, ValueError, AttributeError) as e:  # e.g. "num_hidden_layers": "four"
+        raise DataError(f"{hf_dir / 'config.json'}: a field of the wrong type ({e})") from None
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
     if dtype not in HF_DTYPES:
         raise InteropError(f"{hf_dir / 'config.json'}: dtype={dtype!r}: not supported ({', '.join(HF_DTYPES)})")
@@ -71,13 +67,7 @@ def plan_import(hf_dir: pathlib.Path):
     validate(cfg)
     folder = SafetensorsFolder(hf_dir)
     table = tensors(arch, model, interleaved=bool(hf.get("rope_interleave", True)))
-    for t in table:
-        for name in t.names:
-            if name not in folder:
-                raise InteropError(f"{hf_dir}: tensor {name} is missing ({arch}, needed for {t.path})")
-            if folder.shape(name) != t.hf_shape:
-                raise InteropError(f"{hf_dir}: tensor {name} has shape {list(folder.shape(name))}, "
-                                   f"expected {list(t.hf_shape)} ({arch})")
+    check_tensors(hf_dir, hf, arch, table, folder, allow_unused=allow_unused, log=log)
     return arch, cfg, table, folder, tokenizer
 
 
@@ -128,8 +118,10 @@ def _nested_set(tree: dict, path: str, value) -> None:
     tree[leaf] = value
 
 
-def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, log=print) -> dict:
-    """Convert ``hf_dir`` into a new Switchyard ``workdir``; returns a summary (arch, parameters, seconds)."""
+def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, allow_unused: bool = False,
+                 log=print) -> dict:
+    """Convert ``hf_dir`` into a new Switchyard ``workdir``; returns a summary (arch, parameters, seconds).
+    Tensors of the folder that the config does not read are an error unless ``allow_unused``."""
     import orbax.checkpoint as ocp
     import orbax.checkpoint.experimental.v1 as ocp_v1
 
@@ -141,8 +133,8 @@ def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, log=p
 
     start = time.perf_counter()
     hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
-    require_new_folder(workdir, "--workdir")  # before the checks that read the folder
-    arch, cfg, table, folder, tokenizer = plan_import(hf_dir)
+    check_destination(workdir, "--workdir")  # before the checks that read the folder
+    arch, cfg, table, folder, tokenizer = plan_import(hf_dir, allow_unused=allow_unused, log=log)
     log(f"moe-import: {arch} from {hf_dir}: {cfg.model.num_layers} layers, d_model {cfg.model.d_model}, "
         f"{cfg.model.moe.num_experts} experts (top-{cfg.model.moe.experts_per_token}), {cfg.model.param_dtype}")
     with staged_folder(workdir, "--workdir") as tmp:
@@ -178,16 +170,21 @@ def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, log=p
             checkpoints.close()
         (tmp / "params" / "state").rename(tmp / "checkpoints" / "0" / "params")
         shutil.rmtree(tmp / "params")
-        (tmp / "hf").mkdir()
-        for name in HF_EXTRAS:
-            if (hf_dir / name).is_file():
-                shutil.copyfile(hf_dir / name, tmp / "hf" / name)
-        tokenizer.save(tmp / "tokenizer.json")
-        (tmp / "config.json").write_text(cfg.to_json())
-        (tmp / "imported.json").write_text(json.dumps({"arch": arch, "hf_dir": str(hf_dir.resolve())}, indent=2))
+        _write_files(tmp, hf_dir, arch, cfg, tokenizer)
     seconds = time.perf_counter() - start
     log(f"moe-import: wrote {workdir} ({n_params:,} parameters) in {seconds:.1f} s")
     return {"arch": arch, "parameters": n_params, "seconds": seconds, "workdir": str(workdir)}
+
+
+def _write_files(tmp: pathlib.Path, hf_dir: pathlib.Path, arch: str, cfg, tokenizer) -> None:
+    """Beside the checkpoint: the folder's tokenizer files (``hf/``), the tokenizer, the config, where it came from."""
+    (tmp / "hf").mkdir()
+    for name in HF_EXTRAS:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, tmp / "hf" / name)
+    tokenizer.save(tmp / "tokenizer.json")
+    (tmp / "config.json").write_text(cfg.to_json())
+    (tmp / "imported.json").write_text(json.dumps({"arch": arch, "hf_dir": str(hf_dir.resolve())}, indent=2))
 
 
 def lookup(tree: dict, path: str):
