@@ -19,6 +19,7 @@ from train.cli import data_main, eval_main, generate_main, train_main
 from train.core.checkpoint import Checkpoints
 from train.core.config import DataConfig
 from train.data.batches import TokenSource, TrainBatches, eval_batches, token_counts
+from train.data.docsplit import document_split
 from train.data.prepare import PrepareOptions, prepare
 from train.data.prepared import ShardedTokens, open_prepared, open_run_data
 from train.data.sources import corpus_texts, load_corpus
@@ -74,22 +75,34 @@ def byte_folder(corpus):
 
 
 # ---------------------------------------------------------------- the same tokens as the raw path
+def split_stream(cfg: DataConfig, tokenizer, split: str) -> tuple[np.ndarray, int]:
+    """(tokens, text bytes) of ``split`` as prepare splits it: the documents of ``document_split``, each then eos."""
+    docs = list(document_split(cfg, split)[1])
+    tokens = np.concatenate([piece for d in docs for piece in (tokenizer.encode(d), [tokenizer.eos_id])])
+    return tokens, sum(len(d.encode()) for d in docs)
+
+
 @pytest.mark.parametrize("tokenizer, single_file, max_bytes", [
     ("byte", False, 0), ("bpe", False, 0), ("byte", True, 0), ("bpe", True, 0), ("byte", False, 9000), ("byte", True, 3001)])
 def test_prepared_tokens_equal_what_load_corpus_gives(tmp_path, corpus, tokenizer, single_file, max_bytes):
-    src = corpus.parent / "one.jsonl" if single_file else corpus  # one file: split by position, else by files
+    """One file: what the raw data.path gives (split by position); several: their split by documents."""
+    src = corpus.parent / "one.jsonl" if single_file else corpus
     index = prepare(opts(src, tmp_path / "out", tokenizer=tokenizer, bpe_vocab_size=300, shard_tokens=301,
                          max_bytes=max_bytes), log=quiet)
     cfg = DataConfig(path=str(src), tokenizer=tokenizer, bpe_vocab_size=300, validation_fraction=0.25,
                      max_bytes=max_bytes)
-    raw_tokenizer = build_tokenizer(cfg, None, lambda: corpus_texts(cfg, "train"))  # as moe-train on raw text
+    texts = (lambda: corpus_texts(cfg, "train")) if single_file else (lambda: document_split(cfg, "train")[1])
+    raw_tokenizer = build_tokenizer(cfg, None, texts)  # as moe-train on raw text
     prepared = open_prepared(tmp_path / "out")
     assert prepared.tokenizer().vocab_size == raw_tokenizer.vocab_size
     for split in ("train", "validation"):
-        raw = load_corpus(cfg, raw_tokenizer, split)
+        expected, text_bytes = split_stream(cfg, raw_tokenizer, split)
+        if single_file:
+            raw = load_corpus(cfg, raw_tokenizer, split)
+            assert np.array_equal(raw.tokens, expected) and raw.num_bytes == text_bytes
         mine = prepared.corpus(split)
-        assert np.array_equal(np.asarray(mine.tokens), raw.tokens), split
-        assert mine.num_bytes == raw.num_bytes == index["splits"][split]["text_bytes"]
+        assert np.array_equal(np.asarray(mine.tokens), expected), split
+        assert mine.num_bytes == text_bytes == index["splits"][split]["text_bytes"]
     assert index["dtype"] == "uint16" and len(index["splits"]["train"]["shards"]) > 1
     if tokenizer == "bpe":
         assert (tmp_path / "out" / "tokenizer.json").read_text() == raw_tokenizer.to_json()
@@ -247,8 +260,8 @@ def test_a_pretrained_tokenizer_json_from_a_path(tmp_path, corpus):
     loaded = BPETokenizer.load(tmp_path / "pretrained.json")
     cfg = DataConfig(path=str(corpus), tokenizer="bpe", tokenizer_path=str(tmp_path / "pretrained.json"),
                      validation_fraction=0.25)
-    raw = load_corpus(cfg, loaded, "train")
-    assert np.array_equal(np.asarray(open_prepared(tmp_path / "out").corpus("train").tokens), raw.tokens)
+    expected, _ = split_stream(cfg, loaded, "train")
+    assert np.array_equal(np.asarray(open_prepared(tmp_path / "out").corpus("train").tokens), expected)
     assert index["tokenizer"]["kind"] == "hf" and index["tokenizer"]["vocab_size"] == loaded.vocab_size
     assert open_prepared(tmp_path / "out").tokenizer().to_json() == loaded.to_json()
 
@@ -262,10 +275,10 @@ def test_a_sentencepiece_model_from_a_path(tmp_path, corpus):
     index = prepare(opts(corpus, tmp_path / "out", tokenizer=str(model)), log=quiet)
     cfg = DataConfig(path=str(corpus), tokenizer="bpe", tokenizer_path=str(model), validation_fraction=0.25)
     tokenizer = build_tokenizer(cfg, None, lambda: [])
-    raw = load_corpus(cfg, tokenizer, "validation")
+    expected, _ = split_stream(cfg, tokenizer, "validation")
     assert index["tokenizer"]["kind"] == "sentencepiece" and (tmp_path / "out" / "tokenizer.model").read_bytes() == model.read_bytes()
-    assert np.array_equal(np.asarray(open_prepared(tmp_path / "out").corpus("validation").tokens), raw.tokens)
-    assert raw.tokens.max() < 60 and (raw.tokens == tokenizer.eos_id).sum() == index["splits"]["validation"]["documents"]
+    assert np.array_equal(np.asarray(open_prepared(tmp_path / "out").corpus("validation").tokens), expected)
+    assert expected.max() < 60 and (expected == tokenizer.eos_id).sum() == index["splits"]["validation"]["documents"]
 
 
 # ---------------------------------------------------------------- one line, exit 2, nothing written
@@ -315,7 +328,7 @@ def damage(folder: pathlib.Path, how: str) -> str:
     where = f"data.path={folder}"
     if how == "short shard":
         (folder / "train-00001.bin").write_bytes((folder / "train-00001.bin").read_bytes()[:-6])
-        return f"{where}: shard train-00001.bin has 1988 bytes, index says 1994"
+        return f"{where}: shard train-00001.bin has 1988 bytes; index.json says 997 tokens of 2 bytes = 1994 bytes"
     if how == "missing shard":
         (folder / "validation-00000.bin").unlink()
         return f"{where}: shard validation-00000.bin is missing"

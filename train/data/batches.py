@@ -59,6 +59,7 @@ def as_tokens(tokens) -> np.ndarray | TokenSource:
         raise ValueError(f"tokens: expected a 1-D array, got shape {tokens_N.shape}")
     return tokens_N
 
+
 def token_counts(tokens: np.ndarray | TokenSource, vocab_size: int, block: int = 1 << 24) -> np.ndarray:
     """int64 [V] occurrences of each id; a memory map or ``TokenSource`` is read ``block`` tokens at a
     time (flat memory: no int copy of the whole stream, as ``np.bincount(tokens)`` would make)."""
@@ -66,6 +67,17 @@ def token_counts(tokens: np.ndarray | TokenSource, vocab_size: int, block: int =
     for start in range(0, len(tokens), block):
         part_N = np.asarray(tokens[start : start + block])
         counts_V += np.bincount(part_N, minlength=vocab_size)[:vocab_size]
+    return counts_V
+
+
+def split_counts(corpus, vocab_size: int) -> np.ndarray:
+    """``token_counts`` of ``corpus.tokens``, from the histograms a prepared folder's index holds when it
+    has them (nothing read), else counted."""
+    if corpus.counts is None:
+        return token_counts(corpus.tokens, vocab_size)
+    counts_V = np.zeros((vocab_size,), dtype=np.int64)
+    n = min(vocab_size, len(corpus.counts))
+    counts_V[:n] = corpus.counts[:n]
     return counts_V
 
 

@@ -42,12 +42,13 @@ def _from_spec(spec: tuple) -> Tokenizer:
     return SentencePieceTokenizer(payload) if kind == "spm" else ByteTokenizer()
 
 
-def _encode(tokenizer: Tokenizer, docs: list[str], eos: int, dtype: str) -> tuple[np.ndarray, int, int]:
-    """(tokens [N]: each document's ids then eos, text bytes, documents) of one chunk."""
+def _encode(tokenizer: Tokenizer, docs: list[str], eos: int, dtype: str) -> tuple[np.ndarray, int, int, int]:
+    """(tokens [N]: each document's ids then eos, text bytes, documents, U+FFFD characters) of one chunk."""
     eos_1 = np.array([eos], dtype=np.int64)
     pieces = [piece for ids in tokenizer.encode_batch(docs) for piece in (ids, eos_1)]
     tokens_N = np.concatenate(pieces).astype(np.dtype(dtype).newbyteorder("<"))
-    return tokens_N, sum(len(doc.encode("utf-8")) for doc in docs), len(docs)
+    replaced = sum(doc.count("\ufffd") for doc in docs)
+    return tokens_N, sum(len(doc.encode("utf-8")) for doc in docs), len(docs), replaced
 
 
 _WORKER: dict = {}
@@ -57,7 +58,7 @@ def _init_worker(spec: tuple) -> None:
     _WORKER["tokenizer"], _WORKER["eos"], _WORKER["dtype"] = _from_spec(spec), spec[2], spec[3]
 
 
-def _encode_in_worker(docs: list[str]) -> tuple[np.ndarray, int, int]:
+def _encode_in_worker(docs: list[str]) -> tuple[np.ndarray, int, int, int]:
     return _encode(_WORKER["tokenizer"], docs, _WORKER["eos"], _WORKER["dtype"])
 
 
@@ -75,7 +76,7 @@ def chunks(docs: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
 
 
 def encoded(groups: Iterable[list[str]], spec: tuple, workers: int, first: int) -> Iterator[tuple[int, tuple]]:
-    """(chunk index, (tokens [N], text bytes, documents)) in order from chunk ``first`` on; the
+    """(chunk index, (tokens [N], text bytes, documents, U+FFFD characters)) in order from chunk ``first`` on; the
     chunks before it are only read (a resumed preparation has their tokens already)."""
     if workers <= 1:
         tokenizer = _from_spec(spec)

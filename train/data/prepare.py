@@ -5,10 +5,14 @@ Shape letters: N tokens.
 In order: the options, the input, the tokenizer file and the output folder are checked before
 anything is written. Then, under DIR.partial: the tokenizer (a BPE trained on the train split, a
 given file copied, or a note for the byte tokenizer); then each split's documents are read in file
-order through ``sources.split_sources`` (the same split and cap as the unprepared path) and grouped
+order through ``docsplit.document_split`` (by documents, close to the asked fraction) and grouped
 into chunks of about ``chunk_chars`` characters, which ``workers`` processes tokenize, in order, at
 most two per worker in flight (memory stays flat whatever the corpus size). Each document's tokens
-and eos are appended to shards of ``shard_tokens`` tokens.
+and eos are appended to shards of ``shard_tokens`` tokens (``shards.ShardWriter``), each recorded
+with its SHA-256, largest id and histogram of ids.
+
+Before that, ``guards`` refuses binary input files (unless ``allow_binary``) and names those with
+undecodable bytes, and locks the output: a second prepare on it is refused, naming the holder.
 
 Resumable: a shard is written as .NAME.tmp and renamed when complete; progress.json then records it
 with where the next shard starts in the stream (chunk, offset, and the text counted before that
@@ -30,14 +34,13 @@ import shutil
 import sys
 from collections.abc import Callable
 
-import numpy as np
-
 from train.core.config import DataConfig, fingerprint
+from train.data.docsplit import document_split
+from train.data.guards import LOCK_FILE, check_inputs, output_lock
 from train.data.parallel import CHUNK_CHARS, chunks, encoded, tokenizer_spec
-from train.data.prepared import (
-    BYTE_NOTE, FORMAT, INDEX, PROGRESS, SPLITS, VERSION, shard_name, token_dtype, tokenizer_identity,
-)
-from train.data.sources import corpus_texts, describe_path, empty_split_error, file_digests, list_files, split_sources
+from train.data.prepared import BYTE_NOTE, FORMAT, INDEX, PROGRESS, SPLITS, VERSION, token_dtype, tokenizer_identity
+from train.data.shards import ShardWriter as _ShardWriter
+from train.data.sources import describe_path, empty_split_error, file_digests, list_files
 from train.data.tokenizers import (
     BPETokenizer, ByteTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer_file, train_bpe,
 )
@@ -62,6 +65,7 @@ class PrepareOptions:
     workers: int = dataclasses.field(default_factory=default_workers)
     shard_tokens: int = SHARD_TOKENS
     chunk_chars: int = CHUNK_CHARS  # part of the settings: resume positions count chunks
+    allow_binary: bool = False  # tokenize files that look binary (else refused)
 
     def data_config(self) -> DataConfig:
         """The ``data.*`` settings that read the same splits from the raw input."""
@@ -79,29 +83,45 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = _stderr, bar: boo
     naming the flag, with nothing written; ``bar``: a tqdm bar on stderr (default: on a terminal)."""
     with _flag_names(opts):
         given = _check_options(opts)
+        for warning in check_inputs(list_files(opts.input), opts.allow_binary, f"--input={opts.input}"):
+            log(f"--input={opts.input}: undecodable bytes become U+FFFD: {warning}")
         settings = _settings(opts, given)
         out = pathlib.Path(opts.output).expanduser()
         partial = out.with_name(out.name + ".partial")
         done = _check_output(out, partial, settings)
+        if done is None:
+            created = not partial.exists()
+            try:
+                with output_lock(partial, f"--output={opts.output}"):
+                    return _locked(opts, given, settings, out, partial, created, log, bar)
+            except OSError as e:  # a full disk, say: what is finished stays, for the rerun to resume
+                raise DataError(f"--output={opts.output}: cannot write {e.filename or partial} ({e.strerror or e}); "
+                                "fix that and rerun the same command to resume") from e
+        log(f"--output={opts.output}: already prepared from this input with these settings; nothing to do")
+        return done
+
+
+def _locked(opts: PrepareOptions, given: Tokenizer | None, settings: dict, out: pathlib.Path,
+            partial: pathlib.Path, created: bool, log, bar: bool | None) -> dict:
+    """The preparation, while this process holds the output's lock."""
+    try:
+        done = _check_output(out, partial, settings)  # again: another prepare may have finished meanwhile
         if done is not None:
-            log(f"--output={opts.output}: already prepared from this input with these settings; nothing to do")
-            return done
-        created = not partial.exists()
-        try:
-            progress = _start(partial, settings, log)
-            tokenizer, file = _tokenizer(opts, partial, given, log)
-            dtype = token_dtype(tokenizer.vocab_size)
-            spec = tokenizer_spec(tokenizer, dtype)
-            for split in SPLITS:
-                _write_split(split, opts, spec, partial, progress, log, sys.stderr.isatty() if bar is None else bar)
-            return _finish(opts, out, partial, progress, tokenizer, file, dtype, log)
-        except DataError:
-            if created:  # nothing half-written: a failed first attempt leaves no folder
+            if created:
                 shutil.rmtree(partial, ignore_errors=True)
-            raise
-        except OSError as e:  # a full disk, say: what is finished stays, for the rerun to resume
-            raise DataError(f"--output={opts.output}: cannot write {e.filename or partial} ({e.strerror or e}); "
-                            "fix that and rerun the same command to resume") from e
+            return done
+        progress = _start(partial, settings, log)
+        tokenizer, file = _tokenizer(opts, partial, given, log)
+        dtype = token_dtype(tokenizer.vocab_size)
+        spec = tokenizer_spec(tokenizer, dtype)
+        for split in SPLITS:
+            _write_split(split, opts, spec, (partial, tokenizer.vocab_size), progress, log,
+                         sys.stderr.isatty() if bar is None else bar)
+        return _finish(opts, out, partial, progress, tokenizer, file, dtype, log)
+    except DataError:
+        if created:  # nothing half-written: a failed first attempt leaves no folder
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -190,7 +210,7 @@ def _check_output(out: pathlib.Path, partial: pathlib.Path, settings: dict) -> d
             if diff is not None:
                 raise DataError(f"{where}: {partial} holds an unfinished preparation of another input or settings "
                                 f"({diff}); remove it, or rerun the command that started it")
-        elif any(partial.iterdir()):
+        elif any(p.name != LOCK_FILE for p in partial.iterdir()):
             raise DataError(f"{where}: {partial} exists and is not an unfinished preparation; remove it")
     elif partial.exists():
         raise DataError(f"{where}: {partial} is in the way (a file); remove it")
@@ -252,92 +272,55 @@ def _tokenizer(o: PrepareOptions, partial: pathlib.Path, given: Tokenizer | None
     if saved.is_file():  # trained before an interruption
         return BPETokenizer.load(saved, "--output"), "tokenizer.json"
     log(f"training a byte-level BPE of {o.bpe_vocab_size} ids on the train split (once)")
-    tokenizer = train_bpe(corpus_texts(o.data_config(), "train"), o.bpe_vocab_size)
+    tokenizer = train_bpe(document_split(o.data_config(), "train")[1], o.bpe_vocab_size)
     tokenizer.save(saved)
     return tokenizer, "tokenizer.json"
 
 
-# ---------------------------------------------------------------- shards
-class _ShardWriter:
-    """Appends tokens to ``split``'s shards; ``on_shard(record)`` after each one is renamed into place."""
-
-    def __init__(self, folder: pathlib.Path, split: str, first: int, shard_tokens: int, on_shard) -> None:
-        self.folder, self.split, self.k, self.shard_tokens, self.on_shard = folder, split, first, shard_tokens, on_shard
-        self._file, self._sha, self._filled = None, None, 0
-
-    def _tmp(self) -> pathlib.Path:
-        return self.folder / f".{shard_name(self.split, self.k)}.tmp"
-
-    def write(self, tokens_N: np.ndarray, chunk: int, skipped: int, before: tuple[int, int]) -> None:
-        """Tokens of ``chunk`` (its first ``skipped`` already in earlier shards); ``before``: the
-        (text bytes, documents) of the chunks before it."""
-        pos = 0
-        while pos < len(tokens_N):
-            if self._file is None:
-                self._file, self._sha, self._filled = open(self._tmp(), "wb"), hashlib.sha256(), 0
-            take = min(len(tokens_N) - pos, self.shard_tokens - self._filled)
-            data = tokens_N[pos : pos + take].tobytes()
-            self._file.write(data)
-            self._sha.update(data)
-            self._filled, pos = self._filled + take, pos + take
-            if self._filled == self.shard_tokens:
-                self._finish({"chunk": chunk, "offset": skipped + pos, "text_bytes": before[0], "documents": before[1]})
-
-    def close(self, totals: tuple[int, int]) -> None:
-        if self._file is not None:
-            self._finish({"chunk": None, "text_bytes": totals[0], "documents": totals[1]})
-
-    def _finish(self, next_position: dict) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        name = shard_name(self.split, self.k)
-        os.replace(self._tmp(), self.folder / name)
-        size = (self.folder / name).stat().st_size
-        self.on_shard({"file": name, "tokens": self._filled, "bytes": size, "sha256": self._sha.hexdigest(),
-                       "next": next_position})
-        self.k, self._file, self._filled = self.k + 1, None, 0
-
-
-def _write_split(split: str, o: PrepareOptions, spec: tuple, partial: pathlib.Path, progress: dict, log, bar: bool) -> None:
+def _write_split(split: str, o: PrepareOptions, spec: tuple, where: tuple[pathlib.Path, int], progress: dict,
+                 log, bar: bool) -> None:
+    """Write ``split``'s shards into ``where`` = (folder, vocabulary size), resuming after its last one."""
     from tqdm import tqdm
 
+    partial, vocab_size = where
     state = progress["splits"].setdefault(split, {"shards": [], "done": False})
     if state["done"]:
         return
     shards = state["shards"]
-    at = shards[-1]["next"] if shards else {"chunk": 0, "offset": 0, "text_bytes": 0, "documents": 0}
+    at = shards[-1]["next"] if shards else {"chunk": 0, "offset": 0, "text_bytes": 0, "documents": 0, "replaced": 0}
     if at["chunk"] is not None:  # else every shard was written; only the split's totals were not
-        files, docs = split_sources(o.data_config(), split)
+        files, docs = document_split(o.data_config(), split)
 
         def on_shard(record: dict) -> None:
             shards.append(record)
             _save(partial / PROGRESS, progress)
 
-        writer = _ShardWriter(partial, split, len(shards), o.shard_tokens, on_shard)
-        text_bytes, documents = at["text_bytes"], at["documents"]
-        with tqdm(total=_estimate(files, o, split), initial=text_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=f"{split}: tokenizing", file=sys.stderr, disable=not bar, leave=False) as progress_bar:
-            for c, (tokens_N, nbytes, ndocs) in encoded(chunks(docs, o.chunk_chars), spec, o.workers, at["chunk"]):
+        writer = _ShardWriter(partial, split, len(shards), o.shard_tokens, vocab_size, on_shard)
+        counters = {key: at[key] for key in ("text_bytes", "documents", "replaced")}
+        with tqdm(total=_estimate(files, o, split), initial=counters["text_bytes"], unit="B", unit_scale=True,
+                  unit_divisor=1024, desc=f"{split}: tokenizing", file=sys.stderr, disable=not bar,
+                  leave=False) as progress_bar:
+            for c, (tokens_N, *counts) in encoded(chunks(docs, o.chunk_chars), spec, o.workers, at["chunk"]):
                 skipped = at["offset"] if c == at["chunk"] else 0
-                writer.write(tokens_N[skipped:], c, skipped, (text_bytes, documents))
-                text_bytes, documents = text_bytes + nbytes, documents + ndocs
-                progress_bar.update(nbytes)
-        writer.close((text_bytes, documents))
+                writer.write(tokens_N[skipped:], c, skipped, dict(counters))
+                counters = {key: value + add for (key, value), add in zip(counters.items(), counts, strict=True)}
+                progress_bar.update(counts[0])
+        writer.close(counters)
         if not shards:
             raise empty_split_error(o.data_config(), split, files)
-        at = {"text_bytes": text_bytes, "documents": documents}
-    state.update(done=True, text_bytes=at["text_bytes"], documents=at["documents"],
+        at = counters
+    state.update(done=True, text_bytes=at["text_bytes"], documents=at["documents"], replaced=at["replaced"],
                  tokens=sum(s["tokens"] for s in shards))
     _save(partial / PROGRESS, progress)
     log(f"{split}: {state['tokens']:,} tokens from {state['text_bytes']:,} bytes of text in "
-        f"{state['documents']:,} documents -> {len(shards)} shard(s)")
+        f"{state['documents']:,} documents -> {len(shards)} shard(s)"
+        + (f"; {state['replaced']:,} U+FFFD characters (undecodable input)" if state["replaced"] else ""))
 
 
 def _estimate(files: list[pathlib.Path], o: PrepareOptions, split: str) -> int:
     """About the text bytes of ``split`` (for the progress bar)."""
     share = o.validation_fraction if split == "validation" else 1 - o.validation_fraction
-    total = sum(f.stat().st_size for f in files) * (share if len(files) == 1 else 1)
+    total = sum(f.stat().st_size for f in files) * share
     return int(min(total, o.max_bytes * share) if o.max_bytes else total)
 
 
@@ -349,8 +332,11 @@ def _finish(o: PrepareOptions, out: pathlib.Path, partial: pathlib.Path, progres
     for split in SPLITS:
         s = progress["splits"][split]
         splits[split] = {"tokens": s["tokens"], "text_bytes": s["text_bytes"], "documents": s["documents"],
-                         "eos_id": tokenizer.eos_id,
-                         "shards": [{k: shard[k] for k in ("file", "tokens", "bytes", "sha256")} for shard in s["shards"]]}
+                         "replaced_chars": s["replaced"], "eos_id": tokenizer.eos_id,
+                         "shards": [{k: v for k, v in shard.items() if k != "next"} for shard in s["shards"]]}
+    text = sum(v["text_bytes"] for v in splits.values())
+    splits["validation"]["share"] = round(splits["validation"]["text_bytes"] / max(1, text), 6)
+    log(f"validation: {splits['validation']['share']:.2%} of the text ({o.validation_fraction:.2%} asked)")
     index = {"format": FORMAT, "version": VERSION, "dtype": dtype, "byte_order": "little",
              "tokenizer": {"kind": kind, "file": file, "identity": tokenizer_identity(tokenizer),
                            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
@@ -360,6 +346,7 @@ def _finish(o: PrepareOptions, out: pathlib.Path, partial: pathlib.Path, progres
     index["input"] = o.input  # as typed: for the reader, not part of the fingerprint
     _save(partial / INDEX, index)  # last: a folder with an index is complete
     (partial / PROGRESS).unlink()
+    (partial / LOCK_FILE).unlink(missing_ok=True)  # held until this process exits; not part of the folder
     if out.is_dir():
         out.rmdir()  # an empty folder given as --output (checked above)
     os.rename(partial, out)

@@ -5,8 +5,9 @@ Shape letters: N tokens in a stream, K shards.
 A prepared folder DIR holds:
 
     index.json                format and version, dtype, the tokenizer, the settings and source
-                              fingerprint, and per split: its shards (file, tokens, bytes, sha256),
-                              token count, text bytes, document count and eos id
+                              fingerprint, and per split: its shards (file, tokens, bytes, sha256,
+                              largest id, histogram of ids: ``train.data.shards``), token count,
+                              text bytes, document count and eos id
     train-00000.bin ...       the train split's tokens in stream order, ``shard_tokens`` per shard
     validation-00000.bin ...  the validation split's
     tokenizer.json            a Hugging Face tokenizer (the BPE trained by prepare, or a pretrained
@@ -44,6 +45,7 @@ import numpy as np
 
 from train.core.config import DataConfig, fingerprint
 from train.data.batches import TokenSource
+from train.data.shards import check_shard, decode_counts, sample_shards, shard_name, size_problem
 from train.data.sources import Corpus, corpus_texts, data_fingerprint, describe_path, load_corpus
 from train.data.tokenizers import (
     BPETokenizer,
@@ -56,16 +58,12 @@ from train.data.tokenizers import (
 from train.errors import DataError
 
 FORMAT = "switchyard.prepared"
-VERSION = 1
+VERSION = 2  # 2: each shard's largest id and histogram; the validation split by documents
 INDEX = "index.json"
 PROGRESS = "progress.json"  # only in an unfinished DIR.partial
 SPLITS = ("train", "validation")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 BYTE_NOTE = "tokenizer.txt"
-
-
-def shard_name(split: str, k: int) -> str:
-    return f"{split}-{k:05d}.bin"
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -175,7 +173,29 @@ class Prepared:
         files = [self.path / s["file"] for s in shards]
         tokens = ShardedTokens(files, [s["tokens"] for s in shards], self.index["dtype"])
         num_bytes = sum(self.index["splits"][name]["text_bytes"] for name in names)
-        return Corpus(tokens=tokens, num_bytes=num_bytes, files=[str(f) for f in files])
+        vocab = self.index["tokenizer"]["vocab_size"]
+        counts_V = sum((decode_counts(s["counts"], vocab) for s in shards), np.zeros((vocab,), np.int64))
+        return Corpus(tokens=tokens, num_bytes=num_bytes, files=[str(f) for f in files], counts=counts_V)
+
+    def problems(self, full: bool = True) -> list[str]:
+        """One line per shard that does not match the index (``full``: every shard, its ids read too;
+        else the SHA-256 of ``shards.sample_shards`` of each split)."""
+        dtype, vocab = self.index["dtype"], self.index["tokenizer"]["vocab_size"]
+        found = []
+        for split in SPLITS:
+            shards = self.index["splits"][split]["shards"]
+            for shard in shards if full else sample_shards(shards, self.index["fingerprint"]):
+                problem = check_shard(self.path, shard, dtype, vocab, full)
+                if problem:
+                    found.append(f"{self.where}: {problem}")
+        return found
+
+    def check_sample(self) -> None:
+        """At a start: ``DataError`` naming the first sampled shard whose SHA-256 does not match."""
+        found = self.problems(full=False)
+        if found:
+            raise DataError(f"{found[0]}; run moe-data verify --data={self.path} to check every shard, "
+                            "and prepare the folder again")
 
     def tokenizer(self) -> Tokenizer:
         info = self.index["tokenizer"]
@@ -236,10 +256,13 @@ class Prepared:
 
 
 def open_prepared(path: str | os.PathLike, where: str = "") -> Prepared:
-    """Open a prepared folder: reads ``index.json`` and checks every shard's size (no data read)."""
+    """Open a prepared folder: reads ``index.json`` and checks every shard's size and largest id
+    (no data read)."""
     folder = pathlib.Path(path).expanduser()
     where = where or describe_path(str(path))
     index_file = folder / INDEX
+    if not folder.is_dir():
+        raise DataError(f"{where}: no such folder")
     if not index_file.is_file():
         if (folder / PROGRESS).is_file():
             raise DataError(f"{where}: an unfinished moe-data prepare output (no {INDEX}); rerun that command to finish it")
@@ -249,17 +272,19 @@ def open_prepared(path: str | os.PathLike, where: str = "") -> Prepared:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{where}: {INDEX} cannot be read ({getattr(e, 'msg', None) or e}); prepare the folder again") from e
     _check_index(index, where)
-    itemsize = np.dtype(index["dtype"]).itemsize
+    itemsize, vocab = np.dtype(index["dtype"]).itemsize, index["tokenizer"]["vocab_size"]
     for split in SPLITS:
         for shard in index["splits"][split]["shards"]:
-            file = folder / shard["file"]
             try:
-                size = file.stat().st_size
+                size = (folder / shard["file"]).stat().st_size
             except OSError:
                 raise DataError(f"{where}: shard {shard['file']} is missing; prepare the folder again") from None
-            expected = shard["tokens"] * itemsize
-            if size != expected or size != shard["bytes"]:
-                raise DataError(f"{where}: shard {shard['file']} has {size} bytes, index says {shard['bytes']}")
+            problem = size_problem(shard["file"], size, shard, itemsize)
+            if problem:
+                raise DataError(f"{where}: {problem}")
+            if shard["max_id"] >= vocab:
+                raise DataError(f"{where}: shard {shard['file']} holds token id {shard['max_id']} (index.json), "
+                                f"outside the tokenizer's vocabulary of {vocab} ids; prepare the folder again")
     return Prepared(folder, index, where)
 
 
@@ -274,7 +299,9 @@ def _check_index(index, where: str) -> None:
         for split in SPLITS:
             for shard in index["splits"][split]["shards"]:
                 assert isinstance(shard["file"], str) and "/" not in shard["file"]
-                assert int(shard["tokens"]) > 0 and int(shard["bytes"]) >= 0
+                assert int(shard["tokens"]) > 0 and int(shard["bytes"]) >= 0 and isinstance(shard["sha256"], str)
+                assert isinstance(shard["max_id"], int) and isinstance(shard["counts"], str)
+        assert isinstance(index["tokenizer"]["vocab_size"], int)
         for key in ("identity", "kind"):
             assert isinstance(index["tokenizer"][key], str)
         assert isinstance(index["settings"], dict) and isinstance(index["fingerprint"], str)
@@ -304,6 +331,7 @@ def open_run_data(cfg: DataConfig, workdir: pathlib.Path, *, write: bool = True,
         train, validation = (load_corpus(cfg, tokenizer, split) for split in SPLITS)
         return RunData(cfg, tokenizer, train, validation, data_fingerprint(cfg))
     prepared = open_prepared(cfg.path)
+    prepared.check_sample()
     resolved = prepared.resolve(cfg, log)
     tokenizer = prepared.tokenizer()
     if write:
@@ -321,5 +349,6 @@ def open_eval_data(cfg: DataConfig, workdir: pathlib.Path, data_path: str | None
         data_cfg = cfg if data_path is None else dataclasses.replace(cfg, path=data_path, max_bytes=0)
         return tokenizer, load_corpus(data_cfg, tokenizer, split)
     prepared = open_prepared(path, describe_path(path) if data_path is None else f"--data_path={data_path}")
+    prepared.check_sample()
     prepared.check_tokenizer(tokenizer)
     return tokenizer, prepared.corpus(split)

@@ -158,14 +158,18 @@ def split_files(
     files = list(files)
     if len(files) <= 1:
         return files, files
-    names = _relative_names(files)
     k = min(len(files) - 1, max(1, int(len(files) * validation_fraction + 0.5)))
-    ranked = sorted(range(len(files)), key=lambda i: (hashlib.sha256(os.fsencode(names[i])).hexdigest(), names[i]))
-    held = set(ranked[:k])
+    held = set(held_out_order(files)[:k])
     return [f for i, f in enumerate(files) if i not in held], [f for i, f in enumerate(files) if i in held]
 
 
-def _capped(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
+def held_out_order(files: Sequence[pathlib.Path]) -> list[int]:
+    """Indices of ``files`` by the SHA-256 of their relative path: the order validation takes from."""
+    names = _relative_names(files)
+    return sorted(range(len(files)), key=lambda i: (hashlib.sha256(os.fsencode(names[i])).hexdigest(), names[i]))
+
+
+def capped(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
     """Non-empty documents until ``max_bytes`` of UTF-8 text (0 = all); the last one cut."""
     remaining = max_bytes
     for doc in docs:
@@ -207,7 +211,7 @@ def _split_sources(cfg: DataConfig, split: str) -> tuple[list[pathlib.Path], Ite
         raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
     files = list_files(cfg.path)
     if len(files) == 1:  # one file: cap its text as a whole, then split it by position
-        docs = list(_capped(read_documents(files[0], max_bytes=cfg.max_bytes), cfg.max_bytes))
+        docs = list(capped(read_documents(files[0], max_bytes=cfg.max_bytes), cfg.max_bytes))
         return files, iter(docs if split == "all" else _split_by_position(docs, cfg.validation_fraction, split))
     if split == "all":
         chosen, share = files, 1.0
@@ -226,7 +230,7 @@ def _split_sources(cfg: DataConfig, split: str) -> tuple[list[pathlib.Path], Ite
             if budget and read >= budget:
                 return
 
-    return chosen, _capped(documents(), budget)
+    return chosen, capped(documents(), budget)
 
 
 def split_sources(cfg: DataConfig, split: str) -> tuple[list[pathlib.Path], Iterator[str]]:
@@ -245,6 +249,7 @@ class Corpus:
     tokens: np.ndarray  # int32 [N]; a prepared folder's: a lazily read batches.TokenSource
     num_bytes: int  # UTF-8 bytes of the text the tokens came from (for bits per byte)
     files: list[str]
+    counts: np.ndarray | None = None  # int64 [V] occurrences of each id, when known without reading (prepared)
 
 
 def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, split: str, chunk: int = 512) -> Corpus:

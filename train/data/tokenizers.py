@@ -128,10 +128,12 @@ class BPETokenizer(Tokenizer):
         path = pathlib.Path(path)
         if not path.is_file():
             raise DataError(f"{flag}={path}: no such file")
+        _check_json(path, flag)
         try:
             tokenizer = HFTokenizer.from_file(str(path))
-        except Exception as e:  # corrupt JSON, unknown model type, unreadable file
-            raise DataError(f"{flag}={path}: not a valid tokenizer.json ({_first_line(e)})") from e
+        except Exception as e:  # valid JSON, but not the tokenizer.json schema (a missing field, an unknown model)
+            raise DataError(f"{flag}={path}: JSON, but not the Hugging Face tokenizer.json schema "
+                            f"({_first_line(e)})") from e
         return cls(tokenizer, specials)
 
     @classmethod
@@ -187,6 +189,22 @@ class SentencePieceTokenizer(Tokenizer):
         except OSError as e:
             raise DataError(f"{flag}={path}: cannot read ({e.strerror or e})") from e
         return cls(proto, where=f"{flag}={path}")
+
+
+def _check_json(path: pathlib.Path, flag: str) -> None:
+    """``DataError`` unless ``path`` holds a JSON object (the tokenizer.json schema is checked by its loader)."""
+    import json
+
+    try:
+        value = json.loads(path.read_bytes())
+    except OSError as e:
+        raise DataError(f"{flag}={path}: cannot read ({e.strerror or e})") from e
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise DataError(f"{flag}={path}: not a valid tokenizer.json (not JSON: {getattr(e, 'msg', e)}{where})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{flag}={path}: JSON, but not the Hugging Face tokenizer.json schema "
+                        f"(a {type(value).__name__}, not an object)")
 
 
 def _first_line(e: BaseException) -> str:
