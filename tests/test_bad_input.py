@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from train.cli import train_main
+from train.cli import eval_main, generate_main, train_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TYPO_CONFIG = """
@@ -53,6 +53,27 @@ BAD_INPUTS = [
     (["--workdir=/sys/kernel"], "--workdir=/sys/kernel: cannot create or write it"),  # a folder nobody may write
     (["--config.train.batch_size=100000"], "config.train.batch_size=100000: a training step needs about"),
     (["--config=TYPO_CONFIG"], "get_config() failed: AttributeError: TrainConfig has no field 'step' (did you mean 'steps'?)"),
+    (["--plan", "--device_memory_gb=inf"], "--device_memory_gb=inf: must be a finite number > 0 and <= 1048576 GiB"),
+    (["--plan", "--device_memory_gb=-1"], "--device_memory_gb=-1.0: must be a finite number > 0 and <= 1048576 GiB"),
+    (["--device_memory_gb=80"], "--device_memory_gb=80.0: goes with --plan"),
+    (["--cpu_devices=100000"], "--cpu_devices=100000: must be >= 1 and <= 4096"),
+    (["--init_timeout=0"], "--init_timeout=0: must be >= 1 and <= 604800 seconds"),
+    (["--sync_timeout=1000000000000"], "--sync_timeout=1000000000000: must be >= 1 and <= 604800 seconds"),
+    (["--process_id=-1"], "--process_id=-1: must be >= 0 and <= 65535"),
+]
+# moe-eval and moe-generate: every numeric flag outside its range, before JAX starts or the workdir is read
+BAD_FLAGS = [
+    ("generate", ["--max_new_tokens=1000000000"], "--max_new_tokens=1000000000: must be >= 1 and <= 1048576"),
+    ("generate", ["--max_new_tokens=0"], "--max_new_tokens=0: must be >= 1 and <= 1048576"),
+    ("generate", ["--temperature=nan"], "--temperature=nan: must be a finite number >= 0 and <= 100"),
+    ("generate", ["--temperature=1e9"], "--temperature=1000000000.0: must be a finite number >= 0 and <= 100"),
+    ("generate", ["--top_k=-1"], "--top_k=-1: must be >= 0 and <= 2147483647"),
+    ("generate", ["--seed=-3"], "--seed=-3: must be >= 0 and <= 2147483647"),
+    ("generate", ["--step=-1"], "--step=-1: must be >= 0 and <= 2147483647"),
+    ("generate", ["--cpu_devices=0"], "--cpu_devices=0: must be >= 1 and <= 4096"),
+    ("eval", ["--step=99999999999"], "--step=99999999999: must be >= 0 and <= 2147483647"),
+    ("eval", ["--max_batches=-1"], "--max_batches=-1: must be >= 0 and <= 2147483647"),
+    ("eval", ["--shutdown_timeout=-5"], "--shutdown_timeout=-5: must be >= 0 and <= 604800 seconds"),
 ]
 
 
@@ -75,3 +96,14 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert "Traceback" not in err
     assert not (tmp_path / "w").exists()  # nothing written: a failed start leaves no trace
     assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("command, argv, message", BAD_FLAGS, ids=[f"{c} {' '.join(a)}" for c, a, _ in BAD_FLAGS])
+def test_a_numeric_flag_out_of_range_gets_one_line_and_exit_2(tmp_path, capsys, command, argv, message):
+    main = {"eval": eval_main, "generate": generate_main}[command]
+    extra = ["--prompt=def "] if command == "generate" else []
+    with pytest.raises(SystemExit) as exc:
+        main([f"--workdir={tmp_path / 'w'}", *extra, *argv])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err == f"moe-{command}: {message}", err
+    assert not (tmp_path / "w").exists()

@@ -176,7 +176,8 @@ def test_moe_eval_and_moe_generate_cli(resumed_runs, capsys):
     assert "--step=5: not among the checkpoints" in capsys.readouterr().err
 
 
-def test_eval_and_generate_read_a_workdir_a_run_holds_and_bad_generation_flags_get_one_line(resumed_runs, capsys):
+def test_eval_and_generate_read_a_workdir_a_run_holds_and_bad_generation_flags_get_one_line(resumed_runs, capsys,
+                                                                                           monkeypatch):
     from train.core.workdir import RunFolder
 
     work = str(resumed_runs["tmp"] / "straight")
@@ -192,6 +193,13 @@ def test_eval_and_generate_read_a_workdir_a_run_holds_and_bad_generation_flags_g
                 generate_main([f"--workdir={work}", "--prompt=def add", flag])
             err = capsys.readouterr().err.strip()
             assert exc.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+        monkeypatch.setattr("train.core.memory.device_memory", lambda devices: (1 << 20, "a 1 MiB device"))
+        with pytest.raises(SystemExit) as exc:  # a KV cache the device cannot hold is refused before it is allocated
+            generate_main([f"--workdir={work}", "--prompt=def add", "--max_new_tokens=4000"])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "--max_new_tokens=4000: the KV cache of 4007 positions needs" in err and "new tokens fit" in err, err
+        monkeypatch.undo()
         assert generate_main([f"--workdir={work}", "--prompt=def add", "--max_new_tokens=20"]) == 0
         err = capsys.readouterr().err  # trained on 16 positions: the 27 asked for go past them
         assert "reach position 27, past the 16 positions the model was trained on (train.seq_len)" in err
@@ -237,3 +245,39 @@ print(step, jax.device_count(), float(abs(params["embed"]).sum()), meta["config"
     step, devices, total, d_model = proc.stdout.split()
     assert (step, devices, d_model) == ("6", "1", "32")
     assert float(total) == pytest.approx(float(np.abs(np.asarray(resumed_runs["straight"].params["embed"])).sum()), rel=1e-6)
+
+
+def _largest_file(folder):
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's aborted reads
+def test_eval_and_generate_fall_back_from_an_unreadable_checkpoint_without_renaming_it(resumed_runs, tmp_path, capsys):
+    work = tmp_path / "w"
+    shutil.copytree(resumed_runs["tmp"] / "straight", work)
+    ckpts = work / "checkpoints"
+    victim = _largest_file(ckpts / "6" / "params")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # truncated
+    names = sorted(p.name for p in ckpts.iterdir())
+    fallback = f"checkpoint 6 at {ckpts / '6'} cannot be read ("
+    assert eval_main([f"--workdir={work}", "--max_batches=1"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["step"] == 4
+    said = [line for line in captured.err.splitlines() if "cannot be read" in line]
+    assert len(said) == 1 and said[0].startswith(f"moe-eval: {fallback}") and "trying an older one" in said[0], said
+    assert generate_main([f"--workdir={work}", "--prompt=def add", "--max_new_tokens=2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def add") and f"moe-generate: {fallback}" in captured.err
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+    with pytest.raises(SystemExit) as exc:  # the step asked for is unreadable: no fallback
+        eval_main([f"--workdir={work}", "--step=6"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and err.startswith(f"moe-eval: --step=6: {fallback}") and len(err.splitlines()) == 1, err
+    (ckpts / "4" / "meta" / "metadata").unlink()  # missing files
+    (ckpts / "2" / "params" / "manifest.ocdbt").unlink()
+    with pytest.raises(SystemExit) as exc:
+        generate_main([f"--workdir={work}", "--prompt=def add", "--max_new_tokens=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and err[-1] == f"moe-generate: {ckpts}: no checkpoint can be read (steps 2, 4, 6)", err
+    assert len(err) == 4 and not any("Traceback" in line for line in err)
+    assert sorted(p.name for p in ckpts.iterdir()) == names  # read-only: nothing renamed

@@ -15,9 +15,11 @@ from test_train import tiny_config
 from train.cli import train_main
 from train.core.loop import Trainer
 from train.core.plan import make_plan
+from train.data.batches import eval_batches
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-KEYS = ("params_bytes", "optimizer_bytes", "temp_bytes", "total_bytes", "flops_per_step", "compile_s", "init_compile_s", "fits")
+KEYS = ("params_bytes", "optimizer_bytes", "temp_bytes", "total_bytes", "flops_per_step", "compile_s", "init_compile_s",
+        "eval_total_bytes", "eval_compile_s", "probe_total_bytes", "probe_compile_s", "peak_bytes", "fits")
 
 
 def device0_bytes(tree) -> int:
@@ -28,6 +30,11 @@ def device0_bytes(tree) -> int:
         data = jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
         total += sum(s.data.nbytes for s in data.addressable_shards if s.device == device)
     return total
+
+
+def peak(memory) -> int:
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
 
 
 def test_plan_equals_what_a_real_step_holds(tmp_path):
@@ -50,6 +57,12 @@ def test_plan_equals_what_a_real_step_holds(tmp_path):
         assert plan.total_bytes > plan.params_bytes + plan.optimizer_bytes
         tokens = cfg.train.batch_size * cfg.train.seq_len
         assert plan.flops_per_step > 6 * tokens * 1000  # model FLOPs: at least 6 per active parameter and token
+        with trainer.context():  # evaluation and the router probe, as the run compiles them, on their real batches
+            batch = trainer.global_batch(next(iter(eval_batches(trainer.val_corpus.tokens, cfg.train.seq_len,
+                                                                cfg.train.batch_size, 1))))
+            evaluation = trainer.eval_step.lower(state.params, state.model_state, batch).compile()
+        assert plan.eval_total_bytes == peak(evaluation.memory_analysis())
+        assert plan.probe_total_bytes == peak(trainer.probe_step.memory_analysis())
     finally:
         trainer.close()
     assert plan.fits is None
@@ -66,6 +79,27 @@ def test_plan_cli_prints_json_last_and_exits_0_without_a_limit(tmp_path, capsys)
     result = json.loads(out[-1])
     assert all(k in result for k in KEYS) and result["fits"] is None
     assert not (tmp_path / "run").exists()  # a plan needs and writes no workdir
+
+
+def test_the_plan_fits_its_largest_program_which_can_be_the_evaluation(tmp_path, capsys):
+    """With 8 micro-batches the step runs 1/8 of the global batch; evaluation runs all of it, and
+    gives every expert a slot for every token: it is the largest program, and what must fit."""
+    cfg = tiny_config(tmp_path)
+    cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum_steps = 64, 64, 8
+    cfg.model.moe.capacity_factor = 1.25  # training drops past 1.25x; evaluation never does
+    plan = make_plan(cfg)
+    assert plan.largest_program() == "evaluation"
+    assert plan.eval_total_bytes > plan.total_bytes and plan.probe_total_bytes is not None
+    assert plan.peak_bytes == plan.eval_total_bytes
+    between = (plan.total_bytes + plan.eval_total_bytes) / 2 / 2**30  # the step fits, the evaluation does not
+    tight = make_plan(cfg, device_memory_gb=between)
+    assert tight.fits is False
+    assert "the biggest part is the evaluation" in tight.lines()[-1]
+    assert "model.moe.eval_capacity_factor" in tight.lines()[-1]
+    assert any(line.lstrip().startswith("evaluation") for line in tight.lines())
+    assert any(line.lstrip().startswith("router probe") for line in tight.lines())
+    assert tight.as_json()["peak_bytes"] == plan.eval_total_bytes
+    assert make_plan(cfg, device_memory_gb=plan.eval_total_bytes * 1.01 / 2**30).fits is True
 
 
 @pytest.mark.slow

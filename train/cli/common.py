@@ -6,8 +6,56 @@ JAX is imported only after the device count is set, since XLA reads it when its 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import sys
+
+INT32_MAX = 2**31 - 1  # step numbers and token positions are int32
+WEEK_S = 7 * 24 * 3600
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric flag accepts: ``low`` (or above it, ``low_open``) to ``high``."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    unit: str = ""
+
+    def holds(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return math.isfinite(value) and above and value <= self.high
+
+    def text(self, value) -> str:
+        kind = "a finite number " if isinstance(value, float) else ""
+        low = ">" if self.low_open else ">="
+        return f"must be {kind}{low} {_number(self.low)} and <= {_number(self.high)}{self.unit}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+# the flags of every command (common_args) and of multi-process jobs (sharding.distributed.add_arguments)
+SHARED_RANGES = {
+    "cpu_devices": Range(1, 4096),
+    "num_processes": Range(1, 65536),
+    "process_id": Range(0, 65535),
+    "init_timeout": Range(1, WEEK_S, unit=" seconds"),
+    "shutdown_timeout": Range(0, WEEK_S, unit=" seconds"),
+    "sync_timeout": Range(1, WEEK_S, unit=" seconds"),
+}
+
+
+def check_ranges(prog: str, args, ranges: dict[str, Range]) -> None:
+    """One line naming the flag and its range, exit code 2, for a numeric flag outside its range;
+    a flag left unset (None) or absent is not checked. ``start_jax`` checks ``SHARED_RANGES``."""
+    for name, allowed in ranges.items():
+        value = getattr(args, name, None)
+        if value is not None and not allowed.holds(value):
+            fail(prog, f"--{name}={value}: {allowed.text(value)}")
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -42,6 +90,13 @@ def fail(prog: str, message: str, code: int = 2):
 
     print(f"{prefix()}{prog}: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def stderr_log(prog: str):
+    """A ``log(message)`` that prints one line on stderr, named by the command (and process)."""
+    from sharding.distributed import prefix
+
+    return lambda message: print(f"{prefix()}{prog}: {message}", file=sys.stderr, flush=True)
 
 
 def check_workdir(prog: str, workdir: str) -> None:
@@ -110,9 +165,10 @@ def start_jax(prog: str, args, distributed: bool = False) -> None:
 
     # Orbax logs informational warnings, and every failure of a background save as tracebacks from
     # several threads; the run reports such a failure itself, in one line (--verbose shows them)
+    check_ranges(prog, args, SHARED_RANGES)
     logging.getLogger("absl").setLevel(logging.ERROR if args.verbose else logging.CRITICAL)
-    if args.cpu_devices < 1:
-        fail(prog, f"--cpu_devices={args.cpu_devices}: must be >= 1")
+    if not args.verbose:
+        _quiet_aborted_reads()
     from sharding.mesh import emulate_cpu_devices
 
     emulate_cpu_devices(args.cpu_devices)
@@ -124,6 +180,20 @@ def start_jax(prog: str, args, distributed: bool = False) -> None:
         except dist.DistributedError as e:
             print(f"{prog}: {e}", file=sys.stderr, flush=True)
             raise SystemExit(3) from None
+
+
+def _quiet_aborted_reads() -> None:
+    """An unreadable checkpoint aborts Orbax's other reads of it; their coroutines report the same
+    failure as one traceback each when collected. The command names the checkpoint in one line."""
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def write_json(path: str | None, payload: dict) -> None:

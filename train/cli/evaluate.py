@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli.common import check_workdir, common_args, run_guarded, start_jax
+from train.cli.common import INT32_MAX, Range, check_ranges, check_workdir, common_args, run_guarded, start_jax, stderr_log
 
 
 def eval_main(argv=None) -> int:
@@ -24,6 +24,7 @@ def eval_main(argv=None) -> int:
 
     add_arguments(p)
     args = p.parse_args(argv)
+    check_ranges(prog, args, {"step": Range(0, INT32_MAX), "max_batches": Range(0, INT32_MAX)})
     check_workdir(prog, args.workdir)
     start_jax(prog, args, distributed=True)
 
@@ -32,7 +33,8 @@ def eval_main(argv=None) -> int:
 
         from train.inference.evaluate import evaluate_run, load_run
 
-        loaded = load_run(args.workdir, args.step, scan_layers=args.scan_layers)
+        loaded = load_run(args.workdir, args.step, scan_layers=args.scan_layers,
+                          log=stderr_log(prog))
         m = loaded.cfg.model
         if m.non_causal_routing:
             print(f"{prog}: note: {m.non_causal_message()}; this loss is not a causal language-model loss",

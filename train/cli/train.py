@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli.common import check_workdir, common_args, fail, load_config, run_guarded, split_overrides, start_jax
+from train.cli.common import (Range, check_ranges, check_workdir, common_args, fail, load_config, run_guarded,
+                              split_overrides, start_jax)
 
 
 def train_main(argv=None) -> int:
@@ -27,8 +28,9 @@ def train_main(argv=None) -> int:
 
     add_arguments(p)
     args, rest = p.parse_known_args(argv)
-    if args.device_memory_gb is not None and not (args.plan and args.device_memory_gb > 0):
-        fail(prog, f"--device_memory_gb={args.device_memory_gb}: must be > 0, and goes with --plan")
+    check_ranges(prog, args, {"device_memory_gb": Range(0, 1 << 20, low_open=True, unit=" GiB")})
+    if args.device_memory_gb is not None and not args.plan:
+        fail(prog, f"--device_memory_gb={args.device_memory_gb}: goes with --plan")
     if not args.plan:
         if not args.workdir:
             fail(prog, "--workdir: required (a run folder for config, logs and checkpoints)")
@@ -104,13 +106,11 @@ def _train(cfg, args) -> int:
         signals.restore()
     if "preempted" in summary:
         return 130 if summary["stopped_by"] == "Ctrl-C" else 0
+    if summary.get("nothing_to_do"):
+        return 0
     if jax.process_index() == 0:
         w = args.workdir
-        trained = (
-            f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
-            if summary["first_loss"] is not None
-            else f"already trained to step {trainer.cfg.train.steps}"
-        )
+        trained = f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
         print(
             f"done: {trained}, eval loss {summary['eval_loss']:.3f}, {summary['tokens_per_sec'] or 0:,.0f} tokens/s\n"
             f"  checkpoints: {w}/checkpoints   (evaluate: moe-eval --workdir={w}; sample: moe-generate --workdir={w} --prompt='def ')\n"

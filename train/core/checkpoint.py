@@ -57,6 +57,17 @@ def is_no_space(error: BaseException) -> bool:
     return False
 
 
+def read_error_reason(error: BaseException) -> str:
+    """The first line of the innermost cause of a failed read (Orbax wraps TensorStore's own
+    message, e.g. OUT_OF_RANGE for a truncated file, in one that names only an array index)."""
+    seen = set()
+    while id(error) not in seen and (error.__cause__ or error.__context__) is not None:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    text = (str(error).strip().splitlines() or [""])[0].strip()
+    return f"{type(error).__name__}: {text}"[:300] if text else type(error).__name__
+
+
 def state_bytes(state) -> int:
     """Bytes of every array in ``state`` (global sizes): what one checkpoint writes in all."""
     total = 0

@@ -140,6 +140,8 @@ class Trainer(TrainerSetup):
         cfg, t = self.cfg, self.cfg.train
         start_step = int(self.state.step)
         end = t.steps if stop_at is None else min(stop_at, t.steps)
+        if start_step and start_step >= end:
+            return self._nothing_to_do(start_step, end, stop_at)
         own_signals = signals is None
         signals = StopSignals(self.log) if own_signals else signals
         # armed at the first finished step: compiling is not stalling
@@ -163,6 +165,13 @@ class Trainer(TrainerSetup):
             if own_signals:
                 signals.restore()
         return self._finish(end, final_eval, log.summary, clock, profiler)
+
+    def _nothing_to_do(self, reached: int, end: int, stop_at: int | None) -> dict:
+        """A resumed run asked to end at or before the step it restored: no step, checkpoint, metrics
+        row or summary is written (one below ``reached`` would hold a later state under an earlier name)."""
+        asked = f"train.steps={self.cfg.train.steps}" if end == self.cfg.train.steps else f"stop_at={stop_at}"
+        self.log(f"{asked}: the run in {self.workdir} is already at step {reached}; nothing to do")
+        return {"nothing_to_do": True, "reached": reached, "end": end}
 
     def _train_steps(self, start_step, end, signals, log: StepLog, profiler) -> dict | None:
         """The steps; a summary if a stop signal ended them early, else None."""

@@ -26,9 +26,17 @@ from sharding.rules import logical_to_spec, mesh_and_rules
 from train.core.config import Config, for_backend, validate, validate_mesh, with_vocab
 from train.core.memory import human_bytes, shard_bytes
 from train.core.optimizer import make_optimizer
-from train.core.setup import jit_train_step, state_init, state_shardings, with_shardings
+from train.core.setup import jit_train_step, probe_graphdef, state_init, state_shardings, with_shardings
+from train.core.step import make_eval_step, make_probe_step
+from train.core.telemetry import has_probe
 
 GIB = 2**30
+OTHER_PROGRAMS = {  # what lowers the programs that run the whole global batch at once
+    "evaluation": "it scores the whole global batch at once: a smaller train.batch_size or train.seq_len, or "
+                  "model.moe.eval_capacity_factor > 0 (evaluation gives every expert a slot for every token by default)",
+    "router probe": "it routes the whole first validation batch at once: router_probe=false, or a smaller "
+                    "train.batch_size or train.seq_len",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +54,36 @@ class Plan:
     flops_per_step: float
     compile_s: float
     init_compile_s: float = 0.0  # the parameter initialisation's compile (one scanned pattern)
+    eval_total_bytes: int = 0  # the evaluation program: the whole global batch, forward only
+    eval_compile_s: float = 0.0
+    probe_total_bytes: int | None = None  # the router probe (None: the run has none)
+    probe_compile_s: float | None = None
     device_memory_bytes: int | None = None
+
+    def programs(self) -> dict[str, int]:
+        """What each program a run compiles holds per device at its peak."""
+        out = {"training step": self.total_bytes, "evaluation": self.eval_total_bytes}
+        if self.probe_total_bytes is not None:
+            out["router probe"] = self.probe_total_bytes
+        return out
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.programs().values())
 
     @property
     def fits(self) -> bool | None:
-        return None if self.device_memory_bytes is None else self.total_bytes <= self.device_memory_bytes
+        return None if self.device_memory_bytes is None else self.peak_bytes <= self.device_memory_bytes
+
+    def largest_program(self) -> str:
+        programs = self.programs()
+        return max(programs, key=lambda k: programs[k])
 
     def biggest(self) -> tuple[str, int, str]:
-        """(consumer, bytes, what lowers it) of the largest part of the total."""
+        """(consumer, bytes, what lowers it) of the largest part of the largest program."""
+        name = self.largest_program()
+        if name != "training step":
+            return name, self.programs()[name], OTHER_PROGRAMS[name]
         activations = max(self.temp_bytes - self.gradient_bytes, 0)
         parts = {
             "parameters": (self.params_bytes, "more devices on the expert/fsdp axes, or mesh.rules=fsdp"),
@@ -69,7 +99,9 @@ class Plan:
     def as_json(self) -> dict:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "device_memory_bytes"}
         out["compile_s"] = round(self.compile_s, 2)
-        out["init_compile_s"] = round(self.init_compile_s, 2)
+        for key in ("init_compile_s", "eval_compile_s", "probe_compile_s"):
+            out[key] = None if out[key] is None else round(out[key], 2)
+        out["peak_bytes"] = self.peak_bytes
         out["fits"] = self.fits
         out["device_memory_bytes"] = self.device_memory_bytes
         return out
@@ -86,18 +118,23 @@ class Plan:
             f"  total             {human_bytes(self.total_bytes):>12} per device at the step's peak",
             f"  FLOPs per step    {self.flops_per_step:.3e} (model FLOPs, all devices)",
             f"  compile time      {self.compile_s:.1f} s (initialisation: {self.init_compile_s:.1f} s)",
+            f"  evaluation        {human_bytes(self.eval_total_bytes):>12} per device at its peak (the whole global "
+            f"batch; compile {self.eval_compile_s:.1f} s)",
         ]
+        if self.probe_total_bytes is not None:
+            out.append(f"  router probe      {human_bytes(self.probe_total_bytes):>12} per device at its peak (the first "
+                       f"validation batch; compile {self.probe_compile_s:.1f} s)")
         if self.device_memory_bytes is not None:
-            have = human_bytes(self.device_memory_bytes)
-            if self.fits:
-                out.append(f"fits: {human_bytes(self.total_bytes)} of {have} per device")
-            else:
-                name, size, fix = self.biggest()
-                out.append(
-                    f"does not fit: {human_bytes(self.total_bytes)} per device, more than {have}; the biggest part is "
-                    f"{name} ({human_bytes(size)}): {fix}"
-                )
+            out.append(self._verdict())
         return out
+
+    def _verdict(self) -> str:
+        have, peak, largest = human_bytes(self.device_memory_bytes), human_bytes(self.peak_bytes), self.largest_program()
+        if self.fits:
+            return f"fits: {peak} of {have} per device (the largest program: the {largest})"
+        name, size, fix = self.biggest()
+        part = f"the {name} ({human_bytes(size)})" if name in OTHER_PROGRAMS else f"{name} ({human_bytes(size)})"
+        return f"does not fit: {peak} per device, more than {have}; the biggest part is {part}: {fix}"
 
 
 def resolved_vocab(cfg: Config) -> Config:
@@ -120,7 +157,8 @@ def resolved_vocab(cfg: Config) -> Config:
 
 
 def make_plan(cfg: Config, devices=None, device_memory_gb: float | None = None) -> Plan:
-    """Compile the training step of ``cfg`` on ``devices`` (default: all) from abstract shapes."""
+    """Compile the programs a run of ``cfg`` compiles on ``devices`` (default: all) from abstract
+    shapes: the training step, the parameter initialisation, the evaluation and the router probe."""
     validate(cfg)
     devices = list(jax.devices() if devices is None else devices)
     sizes = validate_mesh(cfg, len(devices))
@@ -129,34 +167,58 @@ def make_plan(cfg: Config, devices=None, device_memory_gb: float | None = None) 
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
     b, s = cfg.train.batch_size, cfg.train.seq_len
     with mesh_and_rules(mesh, cfg.mesh.rules):
-        graphdef, _, _, init = state_init(cfg, tx)
-        abstract = jax.eval_shape(init)
-        shardings, spread = state_shardings(cfg, abstract, tx)
-        abstract = with_shardings(abstract, shardings)
+        graphdef, eval_graphdef, _, init = state_init(cfg, tx)
+        shardings, spread = state_shardings(cfg, jax.eval_shape(init), tx)
+        state = with_shardings(jax.eval_shape(init), shardings)
         batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "seq"), mesh))
-        step = jit_train_step(cfg, graphdef, tx, schedule, shardings, batch_sharding, spread)
-        state = abstract
         tokens = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=batch_sharding)
+        step = jit_train_step(cfg, graphdef, tx, schedule, shardings, batch_sharding, spread)
         stop = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=batch_sharding)
-        start = time.perf_counter()
-        compiled = step.lower(state, {"inputs": tokens, "targets": tokens}, stop).compile()
-        compile_s = time.perf_counter() - start
+        memory, compile_s = _compiled(step, state, {"inputs": tokens, "targets": tokens}, stop)
         start = time.perf_counter()
         jax.jit(init, out_shardings=shardings).lower().compile()  # what Trainer runs first
         init_compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    params = shard_bytes(abstract.params)
+        evaluation, probe = _eval_and_probe(cfg, eval_graphdef, state, shardings, batch_sharding, tokens)
+    params = shard_bytes(state.params)
     grads = params * (2 if cfg.train.grad_accum_steps > 1 else 1)
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-             + memory.temp_size_in_bytes)
     limit = None if device_memory_gb is None else int(device_memory_gb * GIB)
     return Plan(
-        devices=len(devices), mesh=sizes, params_bytes=params, optimizer_bytes=shard_bytes(abstract.opt_state),
-        model_state_bytes=shard_bytes(abstract.model_state), gradient_bytes=grads,
-        temp_bytes=int(memory.temp_size_in_bytes), total_bytes=int(total),
+        devices=len(devices), mesh=sizes, params_bytes=params, optimizer_bytes=shard_bytes(state.opt_state),
+        model_state_bytes=shard_bytes(state.model_state), gradient_bytes=grads,
+        temp_bytes=int(memory.temp_size_in_bytes), total_bytes=_peak(memory),
         flops_per_step=float(flops_per_token(cfg.model, s) * b * s), compile_s=compile_s, init_compile_s=init_compile_s,
+        eval_total_bytes=_peak(evaluation[0]), eval_compile_s=evaluation[1],
+        probe_total_bytes=None if probe is None else _peak(probe[0]), probe_compile_s=None if probe is None else probe[1],
         device_memory_bytes=limit,
     )
+
+
+def _eval_and_probe(cfg: Config, eval_graphdef, state, shardings, batch_sharding, tokens):
+    """(memory, compile seconds) of the evaluation and of the router probe (None: the run has none),
+    jitted as ``TrainerSetup`` jits them, on the whole global batch each runs."""
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.P())
+    in_shardings = (shardings.params, shardings.model_state, batch_sharding)
+    weights = jax.ShapeDtypeStruct(tokens.shape, jnp.float32, sharding=batch_sharding)
+    eval_step = jax.jit(make_eval_step(eval_graphdef), in_shardings=in_shardings, out_shardings=replicated)
+    evaluation = _compiled(eval_step, state.params, state.model_state,
+                           {"inputs": tokens, "targets": tokens, "weights": weights})
+    if not has_probe(cfg):
+        return evaluation, None
+    probe_step = jax.jit(make_probe_step(probe_graphdef(cfg)), in_shardings=in_shardings, out_shardings=replicated)
+    return evaluation, _compiled(probe_step, state.params, state.model_state, tokens)
+
+
+def _compiled(fn, *args):
+    """(memory analysis, compile seconds) of jitted ``fn`` compiled for abstract ``args``."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled.memory_analysis(), time.perf_counter() - start
+
+
+def _peak(memory) -> int:
+    """What a compiled program holds at its peak: arguments, outputs that do not alias them, temporaries."""
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+               + memory.temp_size_in_bytes)
 
 
 def parameter_line(cfg: Config) -> str:

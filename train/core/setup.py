@@ -33,8 +33,8 @@ from train.core.optimizer import make_optimizer
 from train.core.step import (TrainState, loss_for, make_eval_step, make_probe_step, make_train_step, shardings_of,
                              split_model)
 from train.core.workdir import RunFolder, write_text_atomic
-from train.core.telemetry import RoutingProbe
-from train.data.batches import TrainBatches, eval_batches, token_counts
+from train.core.telemetry import RoutingProbe, has_probe
+from train.data.batches import TrainBatches, eval_batches, split_counts
 from train.data.prepared import open_run_data
 from train.errors import CheckpointError, ConfigError, WorkdirError
 
@@ -63,9 +63,8 @@ def state_init(cfg: Config, tx):
     """(graphdef, eval-mode graphdef, whether routers fit token counts, ``init() -> TrainState``)
     for the model of ``cfg``; call under the run's mesh and rules. Nothing is allocated here.
 
-    An unrolled model whose blocks could be scanned is initialised scanned, then unstacked: the
-    draws are the same (``BlockStack`` draws what unrolled blocks draw), and the program compiles
-    one block pattern instead of every block (seconds instead of minutes for 16 layers)."""
+    An unrolled model whose blocks could be scanned is initialised scanned, then unstacked: the same
+    draws, and one block pattern to compile instead of every block."""
     seed = cfg.train.seed
 
     def build(model_cfg=cfg.model):
@@ -192,7 +191,8 @@ class TrainerSetup:
             self._check_process_rows()
             self._make_probe()
             self._maybe_resume()
-        if self.proc == 0:  # only once the checkpoints (if any) are known to match it
+        # only once the checkpoints (if any) are known to match it; a run already done writes nothing
+        if self.proc == 0 and int(self.state.step) < cfg.train.steps:
             write_text_atomic(self.workdir / "config.json", cfg.to_json())
 
     def _abandon(self) -> None:
@@ -223,12 +223,12 @@ class TrainerSetup:
         self.state_shardings = shardings_of(self.state)
 
     def _fit_routers(self) -> None:
-        """Routers that learn from the training split's token counts (balanced_hash's table) do,
-        before training (a resumed run then restores the saved state, which is the same)."""
+        """Routers that learn from the training split's token counts (balanced_hash's table) do, before
+        training (a resume restores the same state); a prepared folder's index has the counts."""
         if not self.fits_routers:
             return
         v = self.cfg.model.vocab_size
-        counts = token_counts(self.train_corpus.tokens, v)  # block by block: a memory-mapped split stays on disk
+        counts = split_counts(self.train_corpus, v)
         model = nnx.merge(self.graphdef, self.state.params, self.state.model_state)
         model.fit_routers(counts)
         _, _, rest = split_model(model)
@@ -342,14 +342,13 @@ class TrainerSetup:
         """The router telemetry's fixed batch (the first validation batch), or None: no probe."""
         cfg = self.cfg
         self.probe = self.probe_inputs = self.probe_step = None
-        moe = cfg.model.moe
-        if not cfg.router_probe or not cfg.model.moe_every or moe.router_class.stochastic:
+        if not has_probe(cfg):
             return
         t = cfg.train
         full = next(iter(eval_batches(self.val_corpus.tokens, t.seq_len, t.batch_size, 1)))  # the global batch
         rows = slice(self.proc * t.batch_size // self.nproc, (self.proc + 1) * t.batch_size // self.nproc)
         self.probe_inputs = self.global_batch({"inputs": full["inputs"][rows]})["inputs"]
-        self.probe = RoutingProbe(full["inputs"], moe.num_experts, full["weights"] > 0)
+        self.probe = RoutingProbe(full["inputs"], cfg.model.moe.num_experts, full["weights"] > 0)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
         step = jax.jit(make_probe_step(probe_graphdef(cfg)), out_shardings=replicated,
                        in_shardings=(self.state_shardings.params, self.state_shardings.model_state, self.batch_sharding))

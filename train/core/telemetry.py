@@ -75,3 +75,9 @@ class RoutingProbe:
         if churns:
             out["moe/churn"] = float(np.mean(churns))
         return out
+
+
+def has_probe(cfg) -> bool:
+    """Whether a run of ``cfg`` (a run config) routes a fixed batch for router telemetry: MoE layers
+    with a router that is not stochastic, and ``router_probe`` on."""
+    return bool(cfg.router_probe and cfg.model.moe_every and not cfg.model.moe.router_class.stochastic)

@@ -19,12 +19,11 @@ from moe.transformer import Transformer
 from sharding.distributed import aligned
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, mesh_and_rules
-from train.core.checkpoint import Checkpoints
+from train.core.checkpoint import Checkpoints, read_error_reason
 from train.core.config import Config, for_backend, from_dict
-from train.errors import ConfigError
+from train.errors import CheckpointError, ConfigError, DataError
 from train.data.batches import eval_batches
 from train.data.prepared import open_eval_data
-from train.errors import DataError
 from train.core.step import make_eval_step, score, shardings_of, split_model
 
 
@@ -52,40 +51,58 @@ class LoadedRun:
         return nnx.merge(self.graphdef, self.params, self.model_state)
 
 
-def load_run(workdir: str | pathlib.Path, step: int | None = None, devices=None, scan_layers: str | None = None
-             ) -> LoadedRun:
-    """Parameters of ``step`` (default: the latest) in eval mode, placed on ``devices``;
-    ``scan_layers`` overrides the run's ``model.scan_layers`` (either layout reads either)."""
+def load_run(workdir: str | pathlib.Path, step: int | None = None, devices=None, scan_layers: str | None = None,
+             log=None) -> LoadedRun:
+    """Parameters of ``step`` (default: the latest readable one) in eval mode, placed on ``devices``;
+    ``scan_layers`` overrides the run's ``model.scan_layers`` (either layout reads either).
+
+    Reading only (training may be writing the folder), nothing is renamed: an unreadable latest step
+    is named in one line (``log``) and the one before it is read; ``CheckpointError`` when the
+    requested ``step`` or every step is unreadable."""
     workdir = pathlib.Path(workdir)
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise ConfigError(f"--workdir={workdir}: no checkpoints folder")
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    devices = list(jax.devices() if devices is None else devices)
     checkpoints = Checkpoints(ckpt_dir, read_only=True)
     try:
         steps = checkpoints.all_steps()
         if not steps:
             raise ConfigError(f"--workdir={workdir}: no complete checkpoint")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+        if step is not None and step not in steps:
             raise ConfigError(f"--step={step}: not among the checkpoints in {ckpt_dir} ({', '.join(map(str, steps))})")
-        meta, _ = checkpoints.read_meta(step)
-        devices = list(jax.devices() if devices is None else devices)
-        cfg = for_backend(from_dict(meta["config"]), devices[0].platform)
-        if scan_layers is not None:
-            cfg.model.scan_layers = scan_layers
-        mesh = make_mesh(devices=devices, **inference_mesh_sizes(cfg, len(devices)))
-        with mesh_and_rules(mesh, "ep"):
-            abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(params=0, routing=1)))
-            abstract.eval()
-            graphdef, params, model_state = split_model(abstract)
-
-            def placed(tree):  # abstract shardings -> the same specs on this concrete mesh
-                return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s.spec), shardings_of(tree))
-
-            params, model_state, _ = checkpoints.restore_params(step, params, placed(params), model_state, placed(model_state))
+        for candidate in [step] if step is not None else steps[::-1]:
+            try:
+                return _load_step(checkpoints, candidate, devices, scan_layers, workdir)
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - truncated or missing files: name them, try an older step
+                where = f"checkpoint {candidate} at {ckpt_dir / str(candidate)} cannot be read ({read_error_reason(e)})"
+                if step is not None:
+                    raise CheckpointError(f"--step={step}: {where}") from None
+                log(f"{where}; trying an older one")
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint can be read (steps {', '.join(map(str, steps))})")
     finally:
         checkpoints.close()
+
+
+def _load_step(checkpoints: Checkpoints, step: int, devices, scan_layers: str | None, workdir: pathlib.Path
+               ) -> LoadedRun:
+    meta, _ = checkpoints.read_meta(step)
+    cfg = for_backend(from_dict(meta["config"]), devices[0].platform)
+    if scan_layers is not None:
+        cfg.model.scan_layers = scan_layers
+    mesh = make_mesh(devices=devices, **inference_mesh_sizes(cfg, len(devices)))
+    with mesh_and_rules(mesh, "ep"):
+        abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(params=0, routing=1)))
+        abstract.eval()
+        graphdef, params, model_state = split_model(abstract)
+
+        def placed(tree):  # abstract shardings -> the same specs on this concrete mesh
+            return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s.spec), shardings_of(tree))
+
+        params, model_state, _ = checkpoints.restore_params(step, params, placed(params), model_state, placed(model_state))
     return LoadedRun(cfg, step, mesh, graphdef, params, model_state, workdir)
 
 

@@ -24,6 +24,12 @@ def sample_logits(logits_V: jax.Array, key: jax.Array, temperature: float, top_k
     return jax.random.categorical(key, logits_V, axis=-1).astype(jnp.int32)
 
 
+def cache_bytes(model: Transformer, length: int) -> int:
+    """Bytes of the KV cache ``generate`` allocates for ``length`` positions (nothing is allocated)."""
+    cache = jax.eval_shape(lambda: model.init_cache(1, length))
+    return sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
+
+
 @nnx.jit(static_argnames=("temperature", "top_k"))
 def _decode_and_sample(model, tokens_BS, positions_BS, cache, key, temperature, top_k):
     logits_BSV, cache = model.decode(tokens_BS, positions_BS, cache)
