@@ -116,7 +116,7 @@ class MoEFeedForward(nnx.Module):
                     f"MoEConfig.capacity_group_size={cfg.capacity_group_size}: must divide the {local_tokens} tokens "
                     "per device"
                 )
-        capacity = group if no_drops else cfg.capacity(group, self.deterministic, always=self.router.ranks_group)
+        capacity = group if no_drops else self.router.capacity(group, self.deterministic)
         ep_axis = mesh_axis_of("experts", mesh)
         return DispatchPlan(
             num_experts=cfg.num_experts, capacity=capacity, group_tokens=group, expert_axis=ep_axis,

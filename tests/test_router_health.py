@@ -53,12 +53,13 @@ def stable_spec(freeze, k=1, **kw):
 
 @pytest.mark.parametrize("mesh_name, k", [("1dev", 1), ("d2e4", 2)])
 def test_stable_router_in_stage_one_is_topk(mesh_name, k):
-    """Before the freeze step: the same outputs and gradients as topk with the same weights (to
-    float rounding: the gates are gathered, not top_k's values; the distillation's gradient
-    reaches only its own logits)."""
+    """Before the freeze step: the same outputs and gradients as topk with the same weights and
+    slots per expert (to float rounding: the gates are gathered, not top_k's values; the
+    distillation's gradient reaches only its own logits)."""
     x, ids, ct = make_inputs()
     stable = run_layer(stable_spec(100, k, capacity_factor=1.0), mesh_name, x, ids, ct)
-    topk = run_layer(layer_spec(num_experts=8, experts_per_token=k, router="topk", capacity_factor=1.0),
+    # the same slots: stable's are sized for stable_balance (1.25) equal shares per expert
+    topk = run_layer(layer_spec(num_experts=8, experts_per_token=k, router="topk", capacity_factor=1.25),
                      mesh_name, x, ids, ct)
     np.testing.assert_array_equal(stable["y"], topk["y"])
     for name in ("x", "wi", "wg", "wo", "router_w"):
@@ -91,6 +92,59 @@ def test_stable_router_in_stage_two_routes_by_its_table_on_any_mesh():
             logits = np.asarray(jnp.einsum("bsd,de->bse", x, layer.router.w[...]))
             expected = 1 / (1 + np.exp(-np.take_along_axis(logits, table[np.asarray(ids)], axis=-1)))
         np.testing.assert_allclose(np.asarray(other.gates), expected, rtol=1e-5)
+
+
+def router_terms(aux):
+    return {name: float(aux[name]) for name in ("aux_loss", "z_loss", "router_loss", "router_entropy")}
+
+
+def test_stable_router_losses_come_from_what_routes():
+    """Before the freeze: topk's balance loss, z-loss and entropy, and their gradients (the
+    expert outputs carry no cotangent here, so the gradients are the router losses' alone).
+    After it with gate one: the learned router neither routes nor gates, so no router loss, entropy
+    0, and not one nonzero gradient from the router terms to its weights or to the layer's input;
+    the total loss gives its weights none either. With the softmax gate its logits still gate:
+    their z-loss and entropy stay."""
+    x, ids, ct = make_inputs()
+    no_ct = jnp.zeros_like(ct)
+    topk = run_layer(layer_spec(num_experts=8, experts_per_token=2, router="topk", capacity_factor=1.25),
+                     "1dev", x, ids, no_ct)
+    before = run_layer(stable_spec(100, k=2, capacity_factor=1.0), "1dev", x, ids, no_ct)
+    for name in ("aux_loss", "z_loss", "router_entropy"):
+        assert float(before["aux"][name]) == float(topk["aux"][name]) > 0, name
+    assert float(before["aux"]["router_loss"]) > float(topk["aux"]["router_loss"])  # plus the distillation
+    for name in ("x", "router_w"):
+        np.testing.assert_allclose(before["grads"][name], topk["grads"][name], rtol=1e-6, atol=1e-9, err_msg=name)
+        assert np.abs(topk["grads"][name]).max() > 0, name
+    after = run_layer(stable_spec(0, k=2), "1dev", x, ids, no_ct)
+    assert router_terms(after["aux"]) == {"aux_loss": 0.0, "z_loss": 0.0, "router_loss": 0.0, "router_entropy": 0.0}
+    for name in ("x", "router_w"):
+        assert not np.any(after["grads"][name]), name
+    trained = run_layer(stable_spec(0, k=2), "1dev", x, ids, ct)
+    assert not np.any(trained["grads"]["router_w"]) and np.abs(trained["grads"]["x"]).max() > 0
+    gated = run_layer(stable_spec(0, k=2, stable_gate="softmax"), "1dev", x, ids, no_ct)
+    assert float(gated["aux"]["z_loss"]) == float(topk["aux"]["z_loss"])
+    assert float(gated["aux"]["router_entropy"]) == float(topk["aux"]["router_entropy"])
+    assert float(gated["aux"]["aux_loss"]) == 0.0 and np.abs(gated["grads"]["router_w"]).max() > 0
+
+
+def test_stable_capacity_is_sized_for_the_balanced_tables_share():
+    """Slots per expert: capacity_factor x stable_balance equal shares (the cap of the frozen table's
+    expert shares), as topk with that factor; the config's slots without a cap; no drops in eval
+    without an eval capacity factor."""
+    x, _, _ = make_inputs()
+
+    def slots(router, **kw):
+        return layer_spec(num_experts=8, experts_per_token=2, router=router, **kw).build(
+            rngs=nnx.Rngs(0), vocab_size=50).plan(x).capacity
+
+    group = x.shape[0] * x.shape[1]
+    assert slots("stable", capacity_factor=1.0) == slots("topk", capacity_factor=1.25) == math.ceil(1.25 * 2 * group / 8)
+    assert slots("stable", capacity_factor=1.0, stable_balance=2.0) == slots("topk", capacity_factor=2.0)
+    assert slots("stable", capacity_factor=1.0, stable_balance=0) == slots("topk", capacity_factor=1.0)
+    layer = stable_spec(0, k=2, eval_capacity_factor=0).build(rngs=nnx.Rngs(0), vocab_size=50)
+    layer.eval()
+    assert layer.plan(x).capacity == group
 
 
 def test_stable_router_freezes_what_it_distilled_at_the_freeze_step():

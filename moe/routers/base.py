@@ -101,6 +101,18 @@ class Router(nnx.Module):
     def fit(self, token_counts_V) -> None:
         """Before training, from the training split's token counts (``wants_token_counts``)."""
 
+    def capacity(self, group_tokens: int, deterministic: bool) -> int:
+        """Slots per expert (C) for a capacity group of ``group_tokens`` tokens: the config's
+        (``MoEConfig.capacity``); a router whose expected load is known may size them otherwise.
+        A Python int: shapes are fixed at compile time."""
+        return self.cfg.capacity(group_tokens, deterministic, always=self.ranks_group)
+
+    @classmethod
+    def slot_scale(cls, cfg) -> float:
+        """How many times ``capacity_factor``'s slots this router's ``capacity`` gives (memory
+        estimates read it; 1 unless a router sizes its own)."""
+        return 1.0
+
     # ---------------------------------------------------------------- shared by the subclasses
     def draw_key(self, inp: RouteInput) -> jax.Array:
         """The key of this call's draws: ``inp.key``, else the fixed eval key (``inp.eval_seed`` or

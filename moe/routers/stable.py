@@ -17,7 +17,17 @@ it:
   then on a token's experts are its id's row, and the learned router only gates them
   (``stable_gate``: "softmax", its probabilities of the table's experts, renormalised for k > 1
   as ``topk``; "sigmoid", StableMoE's sigmoid(x . w_e); "one", 1/k each as a hash router), with
-  no balance loss. Token ids the distillation never saw keep the ``hash`` router's experts.
+  no balance loss. Token ids the distillation never saw keep the ``hash`` router's experts. With
+  gate "one" the learned router then neither routes nor gates: no z-loss (nothing pushes on the
+  hidden states for it) and router entropy 0 (a token's experts are a point mass, as ``hash``'s).
+  With "softmax" or "sigmoid" its logits still set the gates, so their z-loss (keeping them
+  bounded) and the entropy of its softmax stay.
+
+Capacity: ``stable_balance`` caps each expert's share of the frozen table's token mass at that
+many equal shares, so each expert gets ``capacity_factor`` x ``stable_balance`` equal shares of
+slots (``capacity``). Shapes are fixed at compile time while the stage is a traced step count, so
+stage 1 runs with the same slots (``topk`` at that capacity factor). An id whose own share exceeds
+the cap (a byte tokenizer's space) still overflows its expert: the cap bounds the others.
 
 Routing depends only on the token itself (its id, and its own hidden state for the gates), so it
 is causal; after the switch a token's experts never change (routing churn 0, H(expert | token) 0).
@@ -85,16 +95,30 @@ class Stable(LearnedRouter):
                 frozen_gates_BSK = jnp.full_like(gates_BSK, 1.0 / k)
             gates_BSK = jnp.where(frozen, frozen_gates_BSK, gates_BSK)
         distill = distill_loss(self.distill[...].at[tokens_BS].get(mode="clip", out_sharding=spec), learned.expert_ids)
+        idle = jnp.logical_and(frozen, cfg.stable_gate == "one")  # the learned router neither routes nor gates
         zero = jnp.zeros((), jnp.float32)
         return Routing(
             expert_ids=ids_BSK,
             gates=gates_BSK,
             aux_loss=jnp.where(frozen, zero, learned.aux_loss),
-            z_loss=learned.z_loss,
+            z_loss=jnp.where(idle, zero, learned.z_loss),
             expert_load=expert_load(ids_BSK, cfg.num_experts),
-            router_entropy=learned.router_entropy,
+            router_entropy=jnp.where(idle, zero, learned.router_entropy),
             distill_loss=jnp.where(frozen, zero, DISTILL_WEIGHT * distill),
         )
+
+    def capacity(self, group_tokens: int, deterministic: bool) -> int:
+        """The config's capacity with ``stable_balance`` x its capacity factor (see the module's
+        docstring); the config's own without a cap (``stable_balance`` 0)."""
+        cfg = self.cfg
+        cf = cfg.eval_capacity_factor if deterministic else cfg.capacity_factor
+        if not cf:
+            return group_tokens
+        return cfg.slots(group_tokens, cf * self.slot_scale(cfg))
+
+    @classmethod
+    def slot_scale(cls, cfg) -> float:
+        return max(cfg.stable_balance, 1.0)
 
     def update(self, expert_load_E: jax.Array) -> None:
         """Count the step; at ``stable_freeze_step`` freeze the distilled choices into ``table``."""

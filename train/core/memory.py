@@ -75,7 +75,7 @@ def activation_bytes(cfg: Config, batch_shards: int, tensor: int = 1) -> int:
     dense = (glu * m.d_ff // tensor + d) * act
     e = m.moe
     h = (e.expert_d_ff or m.d_ff) // tensor
-    slots = e.capacity_factor * e.experts_per_token if e.dispatch == "capacity" else e.experts_per_token
+    slots = e.experts_per_token * (e.capacity_factor * e.router_class.slot_scale(e) if e.dispatch == "capacity" else 1)
     moe = 3 * e.num_experts * 4 + slots * (3 * d + glu * h) * act + e.experts_per_token * d * 4
     per_block = [attention + (moe if m.is_moe_block(i) else dense) for i in range(m.num_layers)]
     layers = float(sum(per_block))
