@@ -44,8 +44,10 @@ trap 'shutdown INT 130' INT
 trap 'shutdown TERM 143' TERM
 
 for ((i = 0; i < nproc; i++)); do
-  # each process in its own process group (setsid), so that stopping it stops its pipeline too
-  setsid bash -c 'set -o pipefail; '"$cmd"' "$@" 2>&1 | sed -u "s/^/['"$i"'] /"' _ "$@" \
+  # each process in its own process group (setsid), so that stopping it stops its pipeline too; the
+  # prefixing sed ignores TERM and INT and ends with its input, so a process's last lines (its reason
+  # for stopping) still come through when the launcher stops it
+  setsid bash -c 'set -o pipefail; '"$cmd"' "$@" 2>&1 | { trap "" TERM INT; exec sed -u "s/^/['"$i"'] /"; }' _ "$@" \
     --cpu_devices="$devices" --coordinator_address="127.0.0.1:$port" \
     --num_processes="$nproc" --process_id="$i" &
   pgids+=($!)

@@ -79,6 +79,11 @@ def test_plan_cli_prints_json_last_and_exits_0_without_a_limit(tmp_path, capsys)
     result = json.loads(out[-1])
     assert all(k in result for k in KEYS) and result["fits"] is None
     assert not (tmp_path / "run").exists()  # a plan needs and writes no workdir
+    from train.cli import data_main
+
+    assert data_main(["prepare", f"--input={ROOT / 'tests/data/corpus'}", f"--output={tmp_path / 'prep'}"]) == 0
+    assert train_main([*args, f"--config.data.path={tmp_path / 'prep'}"]) == 0  # the folder's vocabulary
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params_bytes"] == result["params_bytes"]
 
 
 def test_the_plan_fits_its_largest_program_which_can_be_the_evaluation(tmp_path, capsys):

@@ -146,7 +146,7 @@ def resolved_vocab(cfg: Config) -> Config:
     from train.data.tokenizers import BPETokenizer, ByteTokenizer
 
     if is_prepared(cfg.data.path):
-        return with_vocab(cfg, open_prepared(cfg.data.path, f"data.path={cfg.data.path}").tokenizer.vocab_size)
+        return with_vocab(cfg, open_prepared(cfg.data.path, f"data.path={cfg.data.path}").tokenizer().vocab_size)
     if cfg.data.tokenizer == "byte":
         return with_vocab(cfg, ByteTokenizer().vocab_size)
     if cfg.data.tokenizer_path:
