@@ -136,3 +136,17 @@ def test_routing_study_trains_evaluates_and_tabulates_each_variant(tmp_path):
     assert row["token_entropy"] == 0.0 and row["churn"] == 0.0
     assert f"| hash | {row['eval_loss']:.4f} ± {row['eval_loss_std']:.4f} |" in (out / "results.md").read_text()
     assert (out / "loss.png").stat().st_size > 0 and (out / "eval.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["layer", "--repeats=0"], "moe-bench layer: --repeats=0: must be >= 1 and <= 1000"),
+    (["layer", "--capacity_factor=inf"], "moe-bench layer: --capacity_factor=inf: must be a finite number > 0 and <= 64"),
+    (["layer", "--d_model=0"], "moe-bench layer: --d_model=0: must be >= 1 and <= 1048576"),
+    (["train", "--steps=-1"], "moe-bench train: --steps=-1: must be >= 1 and <= 10000"),
+])
+def test_bench_flags_out_of_range_are_one_line(argv, line, capsys):
+    from train.cli import bench_main
+
+    with pytest.raises(SystemExit) as exc:
+        bench_main(argv)
+    assert exc.value.code == 2 and capsys.readouterr().err.strip() == line

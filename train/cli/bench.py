@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli.common import common_args, fail, ints, load_config, split_overrides, write_json
+from train.cli.common import Range, check_ranges, common_args, fail, ints, load_config, split_overrides, write_json
 
 
 def grouped_matmuls(text: str) -> tuple[str, ...]:
@@ -72,6 +72,7 @@ def bench_layer_main(argv) -> int:
     p.add_argument("--plot", help="write a PNG plot of the results here")
     _bench_outputs(p, "layer")
     args = p.parse_args(argv)
+    check_ranges(prog, args, LAYER_RANGES)  # the comma-separated counts: positive by ``ints``
     if args.sweep:
         args.experts, args.tokens_per_device, args.experts_per_token = (8, 64, 128), (1024, 4096), (1, 2)
     cfg = BenchConfig(**{f: getattr(args, f) for f in BenchConfig.__dataclass_fields__})
@@ -124,6 +125,7 @@ def bench_train_main(argv) -> int:
                    help="also time every MoE model with optimizer.sharded_state=True (ZeRO-1), side by side")
     _bench_outputs(p, "train")
     args, rest = p.parse_known_args(argv)
+    check_ranges(prog, args, TRAIN_RANGES)
     overrides = split_overrides(rest, prog)  # --config.KEY=VALUE applies to both configs
     moe_cfg = load_config(prog, args.config, overrides)
     if args.dense_config == "auto":
@@ -155,3 +157,10 @@ def bench_main(argv=None) -> int:
     if argv[:1] == ["train"]:
         return bench_train_main(argv[1:])
     return bench_layer_main(argv[1:] if argv[:1] == ["layer"] else argv)
+
+
+LAYER_RANGES = {"d_model": Range(1, 1 << 20), "d_ff": Range(1, 1 << 20), "capacity_factor": Range(0, 64, low_open=True),
+                "seq_len": Range(1, 1 << 20), "data": Range(1, 4096), "expert": Range(1, 4096),
+                "repeats": Range(1, 1000), "iters": Range(1, 10_000)}
+TRAIN_RANGES = {"steps": Range(1, 10_000), "repeats": Range(1, 1000), "peak_size": Range(1, 1 << 16)}
+
