@@ -229,3 +229,15 @@ def test_byte_tokenizer_run_exports_and_imports_back(tmp_path):
     assert back.cfg.data.special_tokens == "<pad>,<bos>,<eos>"
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), ours.params, back.params)
     assert all(jax.tree.leaves(same)) and jax.tree.leaves(same)
+
+
+@pytest.mark.parametrize("flag, line", [
+    ("--step=-3", "moe-export: --step=-3: must be >= 0 and <= 2147483647"),
+    ("--max_shard_gb=inf", "moe-export: --max_shard_gb=inf: must be a finite number > 0 and <= 1048576"),
+])
+def test_export_flags_out_of_range_are_one_line(tmp_path, flag, line, capsys):
+    from train.cli import export_main
+
+    with pytest.raises(SystemExit) as exc:
+        export_main([f"--workdir={tmp_path}", f"--hf_dir={tmp_path / 'out'}", flag])
+    assert exc.value.code == 2 and capsys.readouterr().err.strip() == line

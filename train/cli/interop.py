@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from train.cli.common import check_workdir, common_args, fail, run_guarded, start_jax
+from train.cli.common import Range, check_ranges, check_workdir, common_args, fail, run_guarded, start_jax
 
 
 def import_main(argv=None) -> int:
@@ -51,6 +51,7 @@ def export_main(argv=None) -> int:
     p.add_argument("--max_shard_gb", type=float, default=2.0, help="largest safetensors file (GiB)")
     common_args(p)
     args = p.parse_args(argv)
+    check_ranges(prog, args, {"step": Range(0, 2**31 - 1), "max_shard_gb": Range(0, 1 << 20, low_open=True)})
     absolute_paths(prog, args)
     start_jax(prog, args)
 
