@@ -44,9 +44,9 @@ $(STAMP312): $(BIN312)/python pyproject.toml lanes/py312.txt
 	touch $(STAMP312)
 
 # The tests that touch what differs between the stacks: scanned layers, layout conversion and remat,
-# --plan, the grouped matmul with tokamax, the families (parity and layout invariance), checkpoint
-# restore, and scanned training end to end.
-STACK_TESTS ?= tests/test_stack.py tests/test_scan.py tests/test_plan.py tests/test_grouped_matmul.py \
+# --plan, the grouped matmul with tokamax, the stage split of profiles, the families (parity and
+# layout invariance), checkpoint restore, and scanned training end to end.
+STACK_TESTS ?= tests/test_stack.py tests/test_scan.py tests/test_plan.py tests/test_grouped_matmul.py tests/test_stages.py \
 	tests/test_families.py tests/test_interop.py tests/test_checkpoint.py
 
 test: test-311 test-312
