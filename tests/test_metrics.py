@@ -139,6 +139,16 @@ def test_progress_defaults_to_plain_lines_off_a_terminal(tmp_path):
     w.close()
 
 
+def test_default_stream_is_the_stderr_of_the_moment_not_of_the_import(tmp_path, monkeypatch):
+    # the module is imported once per process; a writer made later (a second run, a test's capsys)
+    # writes to whatever sys.stderr is then
+    later = io.StringIO()
+    monkeypatch.setattr("sys.stderr", later)
+    with MetricsWriter(tmp_path, total_steps=1, tensorboard=False) as w:
+        w.log("to the current stderr")
+    assert later.getvalue() == "to the current stderr\n"
+
+
 def test_flops_dense_and_moe():
     base = dict(num_layers=2, d_model=8, num_heads=2, seq_len=4, vocab_size=16, d_ff=32, num_experts=4)
     # active = 2*4*64 + 2*2*8*32 + 8*16 = 1664; attention = 2*2*4*8 = 128; 3*(2*1664 + 128)

@@ -61,12 +61,12 @@ class MetricsWriter:
         enabled: bool = True,
         tensorboard: bool = True,
         progress: bool | None = None,
-        stream: IO[str] = sys.stderr,
+        stream: IO[str] | None = None,
     ) -> None:
         self.workdir = pathlib.Path(workdir)
         self.total_steps = int(total_steps)
         self.enabled = enabled
-        self.stream = stream
+        self.stream = sys.stderr if stream is None else stream  # resolved per run, not at import
         self._closed = False
         self._jsonl: IO[str] | None = None
         self._tb: Any = None  # tensorboardX.SummaryWriter
@@ -84,11 +84,11 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(logdir=str(self.workdir / TENSORBOARD_DIR))
         if progress is None:
-            progress = _is_terminal(stream)
+            progress = _is_terminal(self.stream)
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total_steps, file=stream, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=self.total_steps, file=self.stream, unit="step", dynamic_ncols=True)
 
     # ------------------------------------------------------------------ writing
     def write(self, step: int, metrics: Mapping[str, Any], *, split: str = "train") -> None:
