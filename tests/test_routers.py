@@ -193,6 +193,7 @@ def test_expert_choice_is_non_causal_and_refused_for_the_causal_lm_unless_allowe
     assert row["moe/layer0/load_imbalance"] == pytest.approx(1.0)  # each expert takes its C tokens
     assert 0 < row["moe/layer0/dropped_fraction"] < 1  # tokens no expert took
     assert np.isfinite(evaluate_run(load_run(tmp_path / "w"), log=lambda *_: None)["loss"])
+    capsys.readouterr()  # the run's own step lines
     with pytest.raises(SystemExit) as exc:
         generate_main([f"--workdir={tmp_path / 'w'}", "--prompt=def "])
     err = capsys.readouterr().err.strip()
