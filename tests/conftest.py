@@ -47,6 +47,22 @@ def _eight_devices():
     assert jax.device_count() == 8, "tests expect 8 emulated CPU devices"
 
 
+def slow_prepare_script(pause_s: float) -> str:
+    """``python -c`` source of a ``moe-data`` that pauses ``pause_s`` after each finished shard, so a
+    test can act (kill it, start a second one) while it is part-way through a folder."""
+    return f"""
+import sys, time
+from train.data import prepare as p
+finish = p._ShardWriter._finish
+def slow(self, position):
+    finish(self, position)
+    time.sleep({pause_s})
+p._ShardWriter._finish = slow
+from train.cli import data_main
+sys.exit(data_main(sys.argv[1:]))
+"""
+
+
 def tiny_train_args(tmp, workdir, steps):
     """moe-train arguments for a tiny run on a small corpus written under ``tmp``."""
     import pathlib

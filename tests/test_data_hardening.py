@@ -13,8 +13,7 @@ import time
 import numpy as np
 import pytest
 
-import train.core.metrics  # noqa: F401 - imported now: its log stream is bound to the session's stderr
-from conftest import tiny_train_args
+from conftest import slow_prepare_script, tiny_train_args
 from train.cli import data_main, train_main
 from train.core.config import DataConfig
 from train.data import batches
@@ -222,25 +221,12 @@ def test_a_tokenizer_file_with_the_wrong_schema_says_so(tmp_path, folder, capsys
         assert err.startswith(f"moe-data: --tokenizer={tmp_path / name}: {says}"), err
 
 
-SLOW_PREPARE = """
-import sys, time
-from train.data import prepare as p
-finish = p._ShardWriter._finish
-def slow(self, position):
-    finish(self, position)
-    time.sleep(0.5)
-p._ShardWriter._finish = slow
-from train.cli import data_main
-sys.exit(data_main(sys.argv[1:]))
-"""
-
-
 def test_a_second_prepare_on_one_output_is_refused_naming_the_first(tmp_path, folder, capsys):
     src, out = folder.parent / "in", tmp_path / "out"
     argv = ["prepare", f"--input={src}", f"--output={out}", "--workers=1", "--shard_tokens=997"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, *argv], env=env, stderr=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL)
+    first = subprocess.Popen([sys.executable, "-c", slow_prepare_script(0.5), *argv], env=env,
+                             stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (tmp_path / "out.partial" / "train-00000.bin").exists() and time.monotonic() < deadline:
         time.sleep(0.01)

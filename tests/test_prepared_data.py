@@ -13,8 +13,7 @@ import time
 import numpy as np
 import pytest
 
-import train.core.metrics  # noqa: F401 - imported now: its log stream is bound to the session's stderr, not a test's capsys
-from conftest import tiny_train_args
+from conftest import slow_prepare_script, tiny_train_args
 from train.cli import data_main, eval_main, generate_main, train_main
 from train.core.checkpoint import Checkpoints
 from train.core.config import DataConfig
@@ -187,24 +186,12 @@ def test_each_process_reads_only_the_windows_of_its_own_rows(byte_folder):
 
 
 # ---------------------------------------------------------------- resuming an interrupted preparation
-KILLABLE = """
-import sys, time
-from train.data import prepare as p
-finish = p._ShardWriter._finish
-def slow(self, position):
-    finish(self, position)
-    time.sleep(0.3)
-p._ShardWriter._finish = slow
-from train.cli import data_main
-data_main(sys.argv[1:])
-"""
-
-
 def test_kill_9_then_rerun_gives_byte_identical_output(tmp_path, corpus):
     out = tmp_path / "out"
     argv = [f"--input={corpus}", f"--output={out}", "--validation_fraction=0.25", "--shard_tokens=997", "--workers=2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, "prepare", *argv], env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", slow_prepare_script(0.3), "prepare", *argv], env=env,
+                            stderr=subprocess.DEVNULL)
     second = tmp_path / "out.partial" / "train-00001.bin"
     deadline = time.monotonic() + 120
     while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
