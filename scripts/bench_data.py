@@ -42,7 +42,7 @@ TIME = "/usr/bin/time"
 DATA_MAIN = "import sys; from train.cli import data_main; sys.exit(data_main(sys.argv[1:]))"
 DATA_ONLY = """
 import json, pathlib, resource, sys, tempfile, time
-from train.core.config import DataConfig
+from train.data.config import DataConfig
 from train.data.batches import TrainBatches, eval_batches
 from train.data.prepared import open_run_data
 start = time.perf_counter()

@@ -7,8 +7,8 @@ import sysconfig
 import numpy as np
 import pytest
 
-from train.core.config import DataConfig
 from train.data.batches import TrainBatches, eval_batches
+from train.data.config import DataConfig
 from train.data.sources import (
     DataError,
     corpus_texts,
@@ -37,6 +37,35 @@ def same(a, b):
 
 
 # ---------------------------------------------------------------- training batches
+BAD_DATA = [
+    ({"tokenizer": "sentencepiece"}, "config.data.tokenizer='sentencepiece': choose byte or bpe"),
+    ({"bpe_vocab_size": 299}, "config.data.bpe_vocab_size=299: must be >= 300"),
+    ({"validation_fraction": 1.0}, "config.data.validation_fraction=1.0: must be in (0, 1)"),
+    ({"validation_fraction": 0.0}, "config.data.validation_fraction=0.0: must be in (0, 1)"),
+    ({"max_bytes": -1}, "config.data.max_bytes=-1: must be >= 0 (0 = all)"),
+    ({"special_tokens": "a,b"}, "config.data.special_tokens='a,b': three comma-separated tokens PAD,BOS,EOS"),
+    ({"special_tokens": "a,,c"}, "config.data.special_tokens='a,,c': three comma-separated tokens PAD,BOS,EOS"),
+    ({"tokenizer_path": "/no/such.json"}, "config.data.tokenizer_path='/no/such.json': no such file"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD_DATA)
+def test_each_data_rule_lives_in_data_config_and_reaches_validate_as_one_message(fields, message):
+    from moe.fields import FieldError
+    from train.core.config import Config, validate
+    from train.errors import ConfigError
+
+    with pytest.raises(FieldError) as own:
+        DataConfig(**fields).check()
+    assert f"config.data.{own.value.field}={own.value.value!r}: {own.value.why}".startswith(message)
+    cfg = Config()
+    cfg.data = DataConfig(**fields)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value).startswith(message)
+    assert DataConfig(special_tokens="</s>,<s>,</s>").check() and DataConfig().check()
+
+
 def test_same_seed_same_batches_different_seed_different():
     a, b, c = arange_batches(seed=1), arange_batches(seed=1), arange_batches(seed=2)
     xs, ys, zs = [next(a) for _ in range(6)], [next(b) for _ in range(6)], [next(c) for _ in range(6)]

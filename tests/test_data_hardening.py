@@ -15,7 +15,7 @@ import pytest
 
 from conftest import slow_prepare_script, tiny_train_args
 from train.cli import data_main, train_main
-from train.core.config import DataConfig
+from train.data.config import DataConfig
 from train.data import batches
 from train.data.batches import split_counts, token_counts
 from train.data.prepare import PrepareOptions, prepare

@@ -16,7 +16,7 @@ import pytest
 from conftest import slow_prepare_script, tiny_train_args
 from train.cli import data_main, eval_main, generate_main, train_main
 from train.core.checkpoint import Checkpoints
-from train.core.config import DataConfig
+from train.data.config import DataConfig
 from train.data.batches import TokenSource, TrainBatches, eval_batches, token_counts
 from train.data.docsplit import document_split
 from train.data.prepare import PrepareOptions, prepare

@@ -9,7 +9,6 @@ an unknown key is an error. ``validate`` checks the resolved config before JAX s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import math
@@ -20,6 +19,7 @@ import sys
 from moe.config import ACTIVATIONS, ATTENTIONS, DTYPES, QK_NORMS, REMAT_POLICIES, SCAN_MODES, FieldError, StrictFields
 from moe.config import TransformerConfig as ModelConfig
 from moe.grouped_matmul import resolve as resolve_grouped_matmul, tokamax_available
+from train.data.config import DataConfig
 from train.errors import ConfigError
 
 
@@ -62,19 +62,6 @@ class OptimizerConfig(StrictFields):
     # axes the parameter is replicated on (data, fsdp, expert, tensor); the new parameters are
     # gathered back. The same numbers, less optimizer memory and update work per device.
     sharded_state: bool = False
-
-
-@dataclasses.dataclass
-class DataConfig(StrictFields):
-    path: str = ""  # "" = the running Python's standard library sources; else a file, folder or glob
-    tokenizer: str = "byte"  # byte | bpe
-    tokenizer_path: str = ""  # bpe: load this tokenizer.json instead of training one
-    bpe_vocab_size: int = 2048
-    validation_fraction: float = 0.05  # share of files held out for validation
-    max_bytes: int = 0  # read at most this many bytes of text (0 = all)
-    # bpe: the pad, bos and eos tokens as "PAD,BOS,EOS" (an imported model's own, e.g. "</s>,<s>,</s>");
-    # "" = <pad>,<bos>,<eos>, appended to a tokenizer.json that lacks them
-    special_tokens: str = ""
 
 
 @dataclasses.dataclass
@@ -236,14 +223,10 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(0 <= o.b1 < 1, "optimizer.b1", "must be in [0, 1)")
     need(0 <= o.b2 < 1, "optimizer.b2", "must be in [0, 1)")
     need(o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0 = off)")
-    need(d.tokenizer in ("byte", "bpe"), "data.tokenizer", "choose byte or bpe")
-    need(d.bpe_vocab_size >= 300, "data.bpe_vocab_size", "must be >= 300")
-    need(0 < d.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
-    need(d.max_bytes >= 0, "data.max_bytes", "must be >= 0 (0 = all)")
-    need(not d.special_tokens or (len(d.special_tokens.split(",")) == 3 and all(d.special_tokens.split(","))),
-         "data.special_tokens", "three comma-separated tokens PAD,BOS,EOS (or empty)")
-    if d.tokenizer_path:
-        need(pathlib.Path(d.tokenizer_path).is_file(), "data.tokenizer_path", "no such file")
+    try:
+        d.check()
+    except FieldError as e:
+        raise ConfigError(f"config.data.{e.field}={e.value!r}: {e.why}") from None
     if t.init_from:
         need((pathlib.Path(t.init_from) / "checkpoints").is_dir(), "train.init_from", "no checkpoints folder there")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
@@ -363,10 +346,6 @@ def for_backend(cfg: Config, backend: str, environ=None) -> Config:
     kernel = resolve_grouped_matmul(cfg.model.moe.grouped_matmul, backend)
     moe = dataclasses.replace(cfg.model.moe, ragged_exchange=ragged, grouped_matmul=kernel)
     return cfg if moe == cfg.model.moe else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
-
-
-def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Sections a resumed run may change; anything else must match the checkpoint.

@@ -22,7 +22,7 @@ import functools
 import pathlib
 from collections.abc import Iterator
 
-from train.core.config import DataConfig
+from train.data.config import DataConfig
 from train.data.sources import capped, held_out_order, list_files, read_documents, split_sources
 
 TOLERANCE = 0.1  # validation's text stays within this share of its target

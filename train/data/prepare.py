@@ -34,7 +34,7 @@ import shutil
 import sys
 from collections.abc import Callable
 
-from train.core.config import DataConfig, fingerprint
+from train.data.config import DataConfig, fingerprint
 from train.data.docsplit import document_split
 from train.data.guards import LOCK_FILE, check_inputs, output_lock
 from train.data.parallel import CHUNK_CHARS, chunks, encoded, tokenizer_spec

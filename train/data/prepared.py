@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from train.core.config import DataConfig, fingerprint
+from train.data.config import DataConfig, fingerprint
 from train.data.batches import TokenSource
 from train.data.shards import check_shard, decode_counts, sample_shards, shard_name, size_problem
 from train.data.sources import Corpus, corpus_texts, data_fingerprint, describe_path, load_corpus

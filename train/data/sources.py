@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from train.core.config import DataConfig, fingerprint
+from train.data.config import DataConfig, fingerprint
 from train.errors import DataError
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ import numpy as np
 from train.errors import DataError
 
 if TYPE_CHECKING:  # not imported at run time: worker processes import this module, and only this
-    from train.core.config import DataConfig
+    from train.data.config import DataConfig
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # BPE ids 0, 1, 2 when trained here
 
