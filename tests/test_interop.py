@@ -34,24 +34,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def our_routes(run, tokens, monkeypatch):
-    """(logits, {layer: [B*S, K] sorted expert ids}) of the restored Switchyard model."""
+    """(logits, {layer: [B*S, K] sorted expert ids}) of the restored Switchyard model, one jitted
+    forward pass (routing runs on the global arrays, outside the layer's shard_map, so each MoE
+    layer's expert ids leave the program as outputs)."""
     seen = []
     original = MoEFeedForward.route
 
     def route(self, *args, **kwargs):
         r = original(self, *args, **kwargs)
-        seen.append(np.asarray(r.expert_ids).reshape(-1, r.expert_ids.shape[-1]))
+        seen.append(r.expert_ids.reshape(-1, r.expert_ids.shape[-1]))
         return r
 
     monkeypatch.setattr(MoEFeedForward, "route", route)
     with run.context():
         model = run.model()
+
+        def forward(x):
+            seen.clear()
+            logits, _ = model(x)
+            return logits, list(seen)
+
         spec = jax.P(tuple(a for a in ("data", "expert") if run.mesh.shape[a] > 1) or None)
         x = jax.device_put(jnp.asarray(tokens, jnp.int32), jax.sharding.NamedSharding(run.mesh, spec))
-        logits, _ = model(x)
+        logits, routes = jax.jit(forward)(x)
     monkeypatch.setattr(MoEFeedForward, "route", original)
     moe_layers = [i for i in range(run.cfg.model.num_layers) if run.cfg.model.is_moe_block(i)]
-    return np.asarray(logits), {i: np.sort(r, axis=-1) for i, r in zip(moe_layers, seen, strict=True)}
+    return np.asarray(logits), {i: np.sort(np.asarray(r), axis=-1) for i, r in zip(moe_layers, routes, strict=True)}
 
 
 @pytest.fixture(scope="module")
