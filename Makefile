@@ -16,7 +16,7 @@ WORKDIR ?= runs/default
 # pytest worker processes (pytest-xdist; whole files per worker, so module fixtures run once)
 TEST_WORKERS ?= 2
 
-.PHONY: test test-311 test-312 train bench clean
+.PHONY: test test-311 test-312 test-fast train bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,15 @@ test-311: $(STAMP)
 test-312: $(STAMP312) $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" SWITCHYARD_HF_PYTHON=$(CURDIR)/$(BIN)/python \
 		$(BIN312)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) $(STACK_TESTS)
+
+# The inner loop: the structure, the MoE layer against its naive oracle, causal routing, data, the
+# one-line refusals of bad input and metrics (this lane's stack, tests not marked slow).
+FAST_TESTS ?= tests/test_structure.py tests/test_moe_oracle.py tests/test_causality.py tests/test_data.py \
+	tests/test_bad_input.py tests/test_metrics.py
+
+test-fast: $(STAMP)
+	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" $(BIN)/python -m pytest \
+		-n $(TEST_WORKERS) --dist load -m "not slow" $(PYTEST_ARGS) $(FAST_TESTS)
 
 # Trains CONFIG into WORKDIR (re-running resumes from the latest checkpoint), then samples text.
 train: $(RUN_STAMP)
