@@ -223,10 +223,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(0 <= o.b1 < 1, "optimizer.b1", "must be in [0, 1)")
     need(0 <= o.b2 < 1, "optimizer.b2", "must be in [0, 1)")
     need(o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0 = off)")
-    try:
-        d.check()
-    except FieldError as e:
-        raise ConfigError(f"config.data.{e.field}={e.value!r}: {e.why}") from None
+    _check_section("data", d)
     if t.init_from:
         need((pathlib.Path(t.init_from) / "checkpoints").is_dir(), "train.init_from", "no checkpoints folder there")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
@@ -241,6 +238,14 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     need(cfg.mesh.rules in PRESETS, "mesh.rules", f"choose one of {', '.join(PRESETS)}")
     if num_devices is not None:
         validate_mesh(cfg, num_devices)
+
+
+def _check_section(section: str, part) -> None:
+    """Run a section's own ``check()``; its ``FieldError`` becomes the one-line ``config.SECTION.FIELD=...``."""
+    try:
+        part.check()
+    except FieldError as e:
+        raise ConfigError(f"config.{section}.{e.field}={e.value!r}: {e.why}") from None
 
 
 def _validate_model(m: ModelConfig, need) -> None:
@@ -263,10 +268,7 @@ def _validate_model(m: ModelConfig, need) -> None:
     need(type(m.first_dense_layers) is int and 0 <= m.first_dense_layers <= m.num_layers, "model.first_dense_layers",
          f"must be an integer in [0, model.num_layers={m.num_layers}]")
     if m.attention == "mla":
-        try:
-            m.mla.check()
-        except FieldError as e:
-            raise ConfigError(f"config.model.mla.{e.field}={e.value!r}: {e.why}") from None
+        _check_section("model.mla", m.mla)
     need(m.moe_every >= 0, "model.moe_every", "must be >= 0 (0 = dense model)")
     need(m.activation in ACTIVATIONS, "model.activation", f"choose one of {', '.join(ACTIVATIONS)}")
     need(m.dtype in DTYPES, "model.dtype", f"choose one of {', '.join(DTYPES)}")
@@ -274,10 +276,7 @@ def _validate_model(m: ModelConfig, need) -> None:
     need(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     need(m.scan_layers in SCAN_MODES, "model.scan_layers", f"choose one of {', '.join(SCAN_MODES)}")
     need(m.remat in REMAT_POLICIES, "model.remat", f"choose one of {', '.join(REMAT_POLICIES)}")
-    try:
-        m.moe.check()
-    except FieldError as e:
-        raise ConfigError(f"config.model.moe.{e.field}={e.value!r}: {e.why}") from None
+    _check_section("model.moe", m.moe)
     need(m.moe.thor_consistency == 0 or m.moe_every, "model.moe.thor_consistency",
          "is THOR's consistency loss: the model needs MoE blocks (model.moe_every > 0), or leave it 0")
     if m.non_causal_routing and not m.allow_non_causal_router:

@@ -41,7 +41,7 @@ class DataConfig(StrictFields):
             if not cond:
                 raise FieldError("DataConfig", name, getattr(self, name), why)
 
-        need(self.tokenizer in TOKENIZERS, "tokenizer", "choose byte or bpe")
+        need(self.tokenizer in TOKENIZERS, "tokenizer", f"choose {' or '.join(TOKENIZERS)}")
         need(self.bpe_vocab_size >= 300, "bpe_vocab_size", "must be >= 300")
         need(0 < self.validation_fraction < 1, "validation_fraction", "must be in (0, 1)")
         need(self.max_bytes >= 0, "max_bytes", "must be >= 0 (0 = all)")

@@ -34,7 +34,7 @@ import shutil
 import sys
 from collections.abc import Callable
 
-from train.data.config import DataConfig, fingerprint
+from train.data.config import TOKENIZERS, DataConfig, fingerprint
 from train.data.docsplit import document_split
 from train.data.guards import LOCK_FILE, check_inputs, output_lock
 from train.data.parallel import CHUNK_CHARS, chunks, encoded, tokenizer_spec
@@ -150,7 +150,7 @@ def _check_options(o: PrepareOptions) -> Tokenizer | None:
     out, source = pathlib.Path(o.output).expanduser().resolve(), pathlib.Path(o.input).expanduser().resolve()
     if source.is_dir() and (out == source or source in out.parents):
         raise DataError(f"--output={o.output}: inside --input={o.input}; choose a folder outside it")
-    if o.tokenizer in ("byte", "bpe"):
+    if o.tokenizer in TOKENIZERS:
         return None
     if not pathlib.Path(o.tokenizer).expanduser().is_file():
         raise DataError(f"--tokenizer={o.tokenizer}: no such file (give byte, bpe, a tokenizer.json "
