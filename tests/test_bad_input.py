@@ -29,6 +29,7 @@ BAD_INPUTS = [
     (["--config.model.moe.num_experts=6"], "config.model.moe.num_experts=6: not divisible by mesh.expert=4"),
     (["--config.model.moe.experts_per_token=9"], "config.model.moe.experts_per_token=9: cannot exceed num_experts=8"),
     (["--config.model.moe.capacity_factor=0"], "config.model.moe.capacity_factor=0.0: must be a number > 0"),
+    (["--config.model.attention=mla", "--config.model.mla.kv_lora_rank=0"], "config.model.mla.kv_lora_rank=0: must be a positive integer"),
     (["--config.train.batch_size=12"], "config.train.batch_size=12: each micro-batch"),
     (["--config.model.moe.router=learned"], "config.model.moe.router='learned'"),
     (["--config.model.moe.dispatch=ragged"], "config.model.moe.dispatch='ragged': choose one of capacity, dropless"),
