@@ -76,15 +76,15 @@ class Block(nnx.Module):
         x_BSD = x_BSD + attn_BSD
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:  # cached decoding never drops: its steps hold one token per sequence
-            y_BSD, aux = self.ffn(
+            y_BSD, stats = self.ffn(
                 h_BSD, token_ids_BS, positions_BS=positions_BS, prev_token_ids_BS=prev_token_ids_BS,
                 no_drops=cache is not None, layer=layer,
             )
             if self.shared is not None:
                 y_BSD = y_BSD + self.shared_output(h_BSD)
         else:
-            y_BSD, aux = self.ffn(h_BSD), None
-        return x_BSD + y_BSD, aux, new_cache
+            y_BSD, stats = self.ffn(h_BSD), None
+        return x_BSD + y_BSD, stats, new_cache
 
     def shared_output(self, h_BSD):
         shared_BSD = self.shared(h_BSD)

@@ -1,4 +1,4 @@
-"""MoEFeedForward: a router, a dispatch strategy and the experts, returning (y, aux).
+"""MoEFeedForward: a router, a dispatch strategy and the experts, returning (y, stats).
 
 Shape letters: see ``moe/__init__.py``.
 
@@ -27,6 +27,7 @@ from moe.experts import Experts
 from moe.params import compute_value, sharded_param, spec_of
 from moe.routers import RouteInput, Routing, make_router
 from moe.routers.base import ACT_AXES, ROUTE_AXES
+from moe.stats import LayerStats, load_imbalance
 from sharding.mesh import axis_size, current_mesh
 from sharding.rules import logical_to_spec, mesh_axis_of
 
@@ -35,13 +36,12 @@ EXPERT_OUT_AXES = ("experts", "expert_mlp", "expert_embed")
 
 
 class MoEFeedForward(nnx.Module):
-    """Sparse MoE FFN. ``y, aux = layer(x_BSD, token_ids_BS)``.
+    """Sparse MoE FFN. ``y, stats = layer(x_BSD, token_ids_BS)``.
 
-    ``aux`` holds float32 scalars ``aux_loss`` (``aux_loss_coef * E * sum_i f_i P_i``) and
-    ``z_loss`` (``z_loss_coef * mean logsumexp^2``), 0 where the router has none, ``router_loss``
-    (their sum, ready to add to the training loss), ``dropped_fraction`` and ``router_entropy``,
-    and ``expert_load`` [E]; all over the global batch; ``top_expert`` [B,S] int32 is each token's
-    first expert (E where none took it). ``layer.eval()`` switches off router
+    ``stats`` (``moe.stats.LayerStats``): the router losses with their coefficients and their sum
+    ``router_loss`` (ready to add to the training loss), ``dropped_fraction``, ``router_entropy``
+    and ``expert_load`` [E], all over the global batch, and each token's ``first_expert`` [B,S]
+    (E where none took it). ``layer.eval()`` switches off router
     jitter, fixes the random routers' draws (THOR routes per token then), and uses
     ``eval_capacity_factor``; ``layer.train()`` switches back.
     """
@@ -186,19 +186,20 @@ class MoEFeedForward(nnx.Module):
             y_BSD = jax.sharding.reshard(y_BSD, jax.typeof(x_BSD).sharding.spec)
         return y_BSD, stat
 
-    def _statistics(self, r: Routing, dropped: jax.Array) -> dict:
+    def _statistics(self, r: Routing, dropped: jax.Array) -> LayerStats:
         cfg = self.cfg
         # id E (gshard's unused second choice, expert_choice's untaken slot) is not an assignment
         total = jnp.maximum(jnp.sum(r.expert_ids < cfg.num_experts), 1).astype(jnp.float32)
         aux_loss, z_loss = cfg.aux_loss_coef * r.aux_loss, cfg.z_loss_coef * r.z_loss  # with their coefficients
         router_loss = aux_loss + z_loss if r.distill_loss is None else aux_loss + z_loss + r.distill_loss
-        return {
-            "aux_loss": aux_loss,
-            "z_loss": z_loss,
-            "router_loss": router_loss,
+        return LayerStats(
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            router_loss=router_loss,
             # expert_choice: experts never overflow; the tokens no expert took are its drops
-            "dropped_fraction": dropped / total if r.unrouted_fraction is None else r.unrouted_fraction,
-            "expert_load": r.expert_load,
-            "router_entropy": r.router_entropy,
-            "top_expert": r.expert_ids[..., 0],  # [B,S] int32: each token's first expert (router telemetry)
-        }
+            dropped_fraction=dropped / total if r.unrouted_fraction is None else r.unrouted_fraction,
+            router_entropy=r.router_entropy,
+            expert_load=r.expert_load,
+            load_imbalance=load_imbalance(r.expert_load),
+            first_expert=r.expert_ids[..., 0],
+        )

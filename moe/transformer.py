@@ -22,6 +22,7 @@ from moe.dispatch.base import EXCHANGED
 from moe.layer import MoEFeedForward
 from moe.params import RouterState, compute_value, sharded_param
 from moe.routers.hashing import NO_PREVIOUS_TOKEN
+from moe.stats import MoEStats
 from sharding.mesh import current_mesh
 from sharding.rules import logical_to_spec
 
@@ -29,15 +30,13 @@ NON_CAUSAL_HINT = (
     "this causal language model would see the future; set allow_non_causal_router=True to train it anyway "
     "for a routing study"
 )
-LOSS_KEYS = ("aux_loss", "z_loss", "router_loss")  # summed over MoE layers: each layer's coefficient applies in full
-STAT_KEYS = ("dropped_fraction", "router_entropy", "expert_load")  # averaged over MoE layers
-AUX_KEYS = LOSS_KEYS + STAT_KEYS
-__all__ = ["Block", "BlockStack", "DenseFFN", "RMSNorm", "Transformer", "combine_aux", "run_block"]
+__all__ = ["Block", "BlockStack", "DenseFFN", "MoEStats", "RMSNorm", "Transformer", "run_block"]
 
 
 class Transformer(nnx.Module):
-    """``logits_BSV, aux = model(tokens_BS)``; ``aux`` sums the MoE layers' router losses and
-    averages their statistics (``combine_aux``)."""
+    """``logits_BSV, stats = model(tokens_BS)``; ``stats`` (``moe.stats.MoEStats``) sums the MoE
+    layers' router losses and averages their statistics. ``model.routes(tokens_BS)``: each MoE
+    layer's first expert per token (the router telemetry's probe)."""
 
     EMBED_AXES = ("vocab", "embed")
 
@@ -117,14 +116,18 @@ class Transformer(nnx.Module):
         return einsum("bsd,dv->bsv", x_BSD, unembed, out_axes, jnp.float32)
 
     def __call__(self, tokens_BS, positions_BS=None):
-        """Training / scoring forward pass: ``logits_BSV, aux``."""
-        logits_BSV, aux, _ = self.forward(tokens_BS, positions_BS)
-        return logits_BSV, aux
+        """Training / scoring forward pass: ``logits_BSV, stats``."""
+        logits_BSV, stats, _, _ = self.forward(tokens_BS, positions_BS)
+        return logits_BSV, stats
 
-    def update_router_state(self, aux: dict) -> None:
+    def routes(self, tokens_BS) -> dict:
+        """{"layer<i>": [B,S] int32} each MoE block's first expert per token (E where none took it)."""
+        return self.forward(tokens_BS)[3]
+
+    def update_router_state(self, stats: MoEStats) -> None:
         """Once per training step: each MoE layer's router state learns from that layer's load
-        over the whole step (``aux["per_layer"]``; see ``MoEFeedForward.update_router_state``)."""
-        self.each_moe_layer(lambda i, layer: layer.update_router_state(aux["per_layer"][f"layer{i}"]["expert_load"]))
+        over the whole step (``stats.per_layer``; see ``MoEFeedForward.update_router_state``)."""
+        self.each_moe_layer(lambda i, layer: layer.update_router_state(stats.per_layer[f"layer{i}"].expert_load))
 
     def decode(self, tokens_BS, positions_BS, cache):
         """Incremental decoding with a KV cache (see ``init_cache``): ``logits_BSV, new_cache``.
@@ -133,7 +136,7 @@ class Transformer(nnx.Module):
         layers never drop while decoding, so decoding equals the full forward pass without drops
         (it differs from ``moe-eval`` only where ``eval_capacity_factor`` makes that drop).
         """
-        logits_BSV, _, cache = self.forward(tokens_BS, positions_BS, cache)
+        logits_BSV, _, cache, _ = self.forward(tokens_BS, positions_BS, cache)
         return logits_BSV, cache
 
     def init_cache(self, batch: int, max_len: int) -> dict:
@@ -159,6 +162,7 @@ class Transformer(nnx.Module):
                 "tokens": split(jnp.zeros((batch, max_len), jnp.int32), 0)}
 
     def forward(self, tokens_BS, positions_BS=None, cache=None):
+        """(logits, ``MoEStats``, the new cache or None, {"layer<i>": first expert per token})."""
         if positions_BS is None:
             b, s = tokens_BS.shape
             positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -172,29 +176,30 @@ class Transformer(nnx.Module):
             prev_BS = jnp.take_along_axis(seen_BT, jnp.maximum(positions_BS - 1, 0), axis=1)
             prev_BS = jnp.where(positions_BS > 0, prev_BS, NO_PREVIOUS_TOKEN)
             new_cache = {"head": [], "stack": None, "blocks": [], "tokens": seen_BT}
-        auxes = {}
+        stats = {}
         policy = self.cfg.remat
         for i, block in enumerate(self.head):
             block_cache = None if cache is None else cache["head"][i]
-            x_BSD, aux, block_cache = run_block(block, policy, x_BSD, positions_BS, tokens_BS, block_cache, prev_BS)
+            x_BSD, block_stats, block_cache = run_block(block, policy, x_BSD, positions_BS, tokens_BS, block_cache, prev_BS)
             if cache is not None:
                 new_cache["head"].append(block_cache)
-            if aux is not None:
-                auxes[i] = aux
+            if block_stats is not None:
+                stats[i] = block_stats
         if self.stack is not None:
-            x_BSD, auxes, stack_cache = self.stack(
+            x_BSD, stats, stack_cache = self.stack(
                 x_BSD, positions_BS, tokens_BS, None if cache is None else cache["stack"], prev_BS, policy
             )
             if cache is not None:
                 new_cache["stack"] = stack_cache
         for i, block in enumerate(self.blocks, self.first_unscanned):
             block_cache = None if cache is None else cache["blocks"][i - self.first_unscanned]
-            x_BSD, aux, block_cache = run_block(block, policy, x_BSD, positions_BS, tokens_BS, block_cache, prev_BS)
+            x_BSD, block_stats, block_cache = run_block(block, policy, x_BSD, positions_BS, tokens_BS, block_cache, prev_BS)
             if cache is not None:
                 new_cache["blocks"].append(block_cache)
-            if aux is not None:
-                auxes[i] = aux
-        return self.logits(x_BSD), combine_aux(auxes, self.cfg.moe.num_experts), new_cache
+            if block_stats is not None:
+                stats[i] = block_stats
+        moe_stats, routes = MoEStats.combine(stats, self.cfg.moe.num_experts)
+        return self.logits(x_BSD), moe_stats, new_cache, routes
 
 
 def remat_policy(name: str):
@@ -281,72 +286,33 @@ class BlockStack(nnx.Module):
                 nnx.update(stacked, jax.tree.map(lambda w, one: w.at[r].set(one), whole, after))
 
     def __call__(self, x_BSD, positions_BS, token_ids_BS, cache, prev_token_ids_BS, policy: str):
-        """(x, {block index: aux} of the MoE blocks, the new stacked cache or None)."""
+        """(x, {block index: LayerStats} of the MoE blocks, the new stacked cache or None)."""
         graphdefs, states = zip(*(nnx.split(block) for block in self.pattern), strict=True)
         period, offset = self.period, self.offset
 
         def body(x_BSD, xs):
             states, r, caches = xs
-            auxes, new_caches, counts = [], [], []
+            stats, new_caches, counts = [], [], []
             for j in range(period):
                 block = nnx.merge(graphdefs[j], states[j])
                 block_cache = None if caches is None else caches[j]
-                x_BSD, aux, block_cache = block(
+                x_BSD, block_stats, block_cache = block(
                     x_BSD, positions_BS, token_ids_BS, block_cache, prev_token_ids_BS, layer=offset + r * period + j
                 )
-                auxes.append(aux)
+                stats.append(block_stats)
                 new_caches.append(block_cache)
                 counts.append(nnx.state(block, nnx.RngCount))
-            return x_BSD, (auxes, None if caches is None else new_caches, counts)
+            return x_BSD, (stats, None if caches is None else new_caches, counts)
 
         if policy != "none":
             body = jax.checkpoint(body, policy=remat_policy(policy), prevent_cse=False)
         xs = (list(states), jnp.arange(self.repeats, dtype=jnp.int32), cache)
-        x_BSD, (auxes, new_cache, counts) = jax.lax.scan(body, x_BSD, xs)
+        x_BSD, (stats, new_cache, counts) = jax.lax.scan(body, x_BSD, xs)
         for block, count in zip(self.pattern, counts, strict=True):
             nnx.update(block, count)
         out = {}
         for r in range(self.repeats):
-            for j, aux in enumerate(auxes):
-                if aux is not None:
-                    out[offset + r * period + j] = jax.tree.map(lambda a: a[r], aux)
+            for j, block_stats in enumerate(stats):
+                if block_stats is not None:
+                    out[offset + r * period + j] = jax.tree.map(lambda a: a[r], block_stats)
         return x_BSD, out, new_cache
-
-
-def load_imbalance(load_E: jax.Array) -> jax.Array:
-    """max / mean of the per-expert load (1 = perfectly balanced, E = everything on one expert)."""
-    return jnp.max(load_E) * load_E.shape[-1] / jnp.maximum(jnp.sum(load_E), 1e-9)
-
-
-def combine_aux(auxes: dict[int, dict], num_experts: int) -> dict:
-    """The model's MoE statistics from each MoE layer's (zeros for a dense model).
-
-    Router losses (``aux_loss``, ``z_loss``, ``router_loss``) are summed over the layers, as in
-    Switch Transformer and GShard: each layer adds its own ``aux_loss_coef * E * sum f_i P_i``,
-    so a coefficient means the same at any depth. The statistics (``dropped_fraction``,
-    ``router_entropy``, ``expert_load``) are averaged; ``load_imbalance`` is the mean over layers
-    of each layer's; ``per_layer[f"layer{i}"]`` holds, for the MoE block with index i, that
-    layer's aux_loss, z_loss, expert_load, dropped_fraction, router_entropy and load_imbalance;
-    ``top_expert[f"layer{i}"]`` its [B,S] first expert per token (the router telemetry's probe reads
-    it; a training step drops it)."""
-    zero = jnp.zeros((), jnp.float32)
-    if not auxes:
-        out = {k: (jnp.zeros((num_experts,), jnp.float32) if k == "expert_load" else zero) for k in AUX_KEYS}
-        return {**out, "load_imbalance": zero, "per_layer": {}, "top_expert": {}}
-    layers = list(auxes.values())
-    out = {k: sum(a[k] for a in layers) for k in LOSS_KEYS}
-    out.update({k: sum(a[k] for a in layers) / len(layers) for k in STAT_KEYS})
-    per_layer = {
-        f"layer{i}": {
-            "aux_loss": a["aux_loss"],
-            "z_loss": a["z_loss"],
-            "expert_load": a["expert_load"],
-            "dropped_fraction": a["dropped_fraction"],
-            "router_entropy": a["router_entropy"],
-            "load_imbalance": load_imbalance(a["expert_load"]),
-        }
-        for i, a in auxes.items()
-    }
-    out["load_imbalance"] = sum(v["load_imbalance"] for v in per_layer.values()) / len(per_layer)
-    top_expert = {f"layer{i}": a["top_expert"] for i, a in auxes.items()}
-    return {**out, "per_layer": per_layer, "top_expert": top_expert}

@@ -82,7 +82,7 @@ def run_layer(cfg: LayerSpec, mesh_name, x, token_ids, ct, key=None, determinist
 
         def loss_fn(layer, x):
             y, aux = layer(x, token_ids, key=key)
-            return jnp.sum(y * ct) + aux["router_loss"], (y, aux)
+            return jnp.sum(y * ct) + aux.router_loss, (y, aux)
 
         step = nnx.jit(nnx.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
         (_, (y, aux)), (g_layer, g_x) = step(layer, x)

@@ -99,8 +99,8 @@ def test_onehot_baseline_computes_the_same_layer(k, cf):
         y, aux = nnx.jit(lambda m, x: m(x))(layer, x)
         y1, aux1 = nnx.jit(lambda m, x: m(x, dispatch=onehot_dispatch))(layer, x)
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y), rtol=1e-5, atol=1e-6)
-    assert float(aux1["dropped_fraction"]) == float(aux["dropped_fraction"])
-    assert float(aux["dropped_fraction"]) > (0.2 if cf < 1 else 0.0)  # the drop path is exercised
+    assert float(aux1.dropped_fraction) == float(aux.dropped_fraction)
+    assert float(aux.dropped_fraction) > (0.2 if cf < 1 else 0.0)  # the drop path is exercised
 
 
 def test_routing_study_trains_evaluates_and_tabulates_each_variant(tmp_path):

@@ -26,7 +26,7 @@ def test_half_capacity_drops_about_half_and_dropped_rows_are_exactly_zero():
     x, token_ids, ct = make_inputs(b=8, s=64)
     cfg = _cfg(router="random", capacity_factor=0.5)
     out = run_layer(cfg, "d2e4", x, token_ids, ct, key=jax.random.key(3))
-    dropped = float(out["aux"]["dropped_fraction"])
+    dropped = float(out["aux"].dropped_fraction)
     assert 0.45 <= dropped <= 0.65
     zero_rows = np.all(out["y"] == 0.0, axis=-1)
     assert zero_rows.mean() == pytest.approx(dropped, abs=1e-9)
@@ -37,14 +37,14 @@ def test_half_capacity_drops_about_half_and_dropped_rows_are_exactly_zero():
 def test_large_capacity_drops_nothing():
     x, token_ids, ct = make_inputs(b=8, s=64)
     out = run_layer(_cfg(router="random", capacity_factor=float(E)), "d2e4", x, token_ids, ct, key=jax.random.key(3))
-    assert float(out["aux"]["dropped_fraction"]) == 0.0
+    assert float(out["aux"].dropped_fraction) == 0.0
     assert not np.any(np.all(out["y"] == 0.0, axis=-1))
 
 
 def test_eval_mode_uses_eval_capacity_and_drops_nothing():
     x, token_ids, ct = make_inputs()
     out = run_layer(_cfg(capacity_factor=0.25), "d2e4", x, token_ids, ct, deterministic=True)
-    assert float(out["aux"]["dropped_fraction"]) == 0.0
+    assert float(out["aux"].dropped_fraction) == 0.0
 
 
 def test_capacity_groups_make_drops_layout_invariant():
@@ -52,10 +52,10 @@ def test_capacity_groups_make_drops_layout_invariant():
     x, token_ids, ct = make_inputs()
     cfg = _cfg(experts_per_token=2, capacity_factor=0.5, capacity_group_size=16)
     outs = {m: run_layer(cfg, m, x, token_ids, ct) for m in ("none", "d2e4", "d1e8")}
-    assert float(outs["none"]["aux"]["dropped_fraction"]) > 0.2
+    assert float(outs["none"]["aux"].dropped_fraction) > 0.2
     for m in ("d2e4", "d1e8"):
         np.testing.assert_allclose(outs[m]["y"], outs["none"]["y"], rtol=1e-5, atol=1e-6)
-        assert float(outs[m]["aux"]["dropped_fraction"]) == float(outs["none"]["aux"]["dropped_fraction"])
+        assert float(outs[m]["aux"].dropped_fraction) == float(outs["none"]["aux"].dropped_fraction)
 
 
 # ---------------------------------------------------------------- layout invariance
@@ -68,11 +68,11 @@ def test_routing_and_statistics_do_not_depend_on_the_mesh(router):
     for m in ("1dev", "d2e4", "d1e8", "d8e1"):
         out = run_layer(cfg, m, x, token_ids, ct, key=key)
         for name in ("expert_load", "aux_loss", "z_loss", "router_entropy", "dropped_fraction"):
-            np.testing.assert_allclose(out["aux"][name], ref["aux"][name], rtol=1e-6, atol=1e-7, err_msg=name)
+            np.testing.assert_allclose(getattr(out["aux"], name), getattr(ref["aux"], name), rtol=1e-6, atol=1e-7, err_msg=name)
         np.testing.assert_allclose(out["y"], ref["y"], rtol=1e-5, atol=1e-6)
     if router == "random":
-        assert np.isclose(ref["aux"]["expert_load"].sum(), 1.0)
-        assert ref["aux"]["aux_loss"] == ref["aux"]["z_loss"] == ref["aux"]["router_loss"] == 0.0  # no router
+        assert np.isclose(ref["aux"].expert_load.sum(), 1.0)
+        assert ref["aux"].aux_loss == ref["aux"].z_loss == ref["aux"].router_loss == 0.0  # no router
 
 
 def test_expert_gradients_are_not_averaged_over_the_expert_axis():
@@ -177,13 +177,13 @@ def test_layer_reports_router_losses_with_their_coefficients():
     x, token_ids, ct = make_inputs()
     unit = run_layer(_cfg(aux_loss_coef=1.0, z_loss_coef=1.0), "d2e4", x, token_ids, ct)["aux"]
     a = run_layer(_cfg(aux_loss_coef=0.5, z_loss_coef=0.25), "d2e4", x, token_ids, ct)["aux"]
-    assert float(a["aux_loss"]) == pytest.approx(0.5 * float(unit["aux_loss"]), rel=1e-6)
-    assert float(a["z_loss"]) == pytest.approx(0.25 * float(unit["z_loss"]), rel=1e-6)
-    assert float(a["router_loss"]) == pytest.approx(float(a["aux_loss"]) + float(a["z_loss"]), rel=1e-6)
-    assert float(unit["aux_loss"]) > 0.0 and float(unit["z_loss"]) > 0.0
-    assert a["expert_load"].shape == (E,)
+    assert float(a.aux_loss) == pytest.approx(0.5 * float(unit.aux_loss), rel=1e-6)
+    assert float(a.z_loss) == pytest.approx(0.25 * float(unit.z_loss), rel=1e-6)
+    assert float(a.router_loss) == pytest.approx(float(a.aux_loss) + float(a.z_loss), rel=1e-6)
+    assert float(unit.aux_loss) > 0.0 and float(unit.z_loss) > 0.0
+    assert a.expert_load.shape == (E,)
     hashed = run_layer(_cfg(router="hash"), "d2e4", x, token_ids, ct)["aux"]
-    assert hashed["aux_loss"] == hashed["z_loss"] == hashed["router_loss"] == 0.0  # no router, no losses
+    assert hashed.aux_loss == hashed.z_loss == hashed.router_loss == 0.0  # no router, no losses
 
 
 # ---------------------------------------------------------------- bad configs

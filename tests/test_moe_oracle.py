@@ -39,11 +39,11 @@ def check_against_oracle(cfg, mesh_name, seed=0, deterministic=False):
     num_groups = x.shape[0] * x.shape[1] // cfg.capacity_group_size if cfg.capacity_group_size else GROUPS[mesh_name]
     y_ref, g_ref, dropped_ref, ids, router_loss_ref = oracle(cfg, out, x, token_ids, ct, num_groups, key, deterministic)
     np.testing.assert_allclose(out["y"], y_ref, rtol=1e-5, atol=1e-5)
-    assert out["aux"]["dropped_fraction"] == pytest.approx(dropped_ref, abs=1e-7)
+    assert out["aux"].dropped_fraction == pytest.approx(dropped_ref, abs=1e-7)
     routed = ids[ids < cfg.num_experts]  # id E: no assignment (gshard's unused second choice, EC's untaken slot)
-    np.testing.assert_allclose(out["aux"]["expert_load"], np.bincount(routed, minlength=cfg.num_experts) / len(routed),
+    np.testing.assert_allclose(out["aux"].expert_load, np.bincount(routed, minlength=cfg.num_experts) / len(routed),
                                atol=1e-6, err_msg="expert_load")
-    assert float(out["aux"]["router_loss"]) == pytest.approx(router_loss_ref, rel=1e-5, abs=1e-7)
+    assert float(out["aux"].router_loss) == pytest.approx(router_loss_ref, rel=1e-5, abs=1e-7)
     assert set(out["grads"]) == set(g_ref)
     for name in g_ref:
         np.testing.assert_allclose(out["grads"][name], g_ref[name], rtol=1e-4, atol=1e-5, err_msg=name)
@@ -85,7 +85,7 @@ def test_dropless_dispatch_matches_oracle_and_drops_nothing(mesh_name, k, router
         capacity_factor=0.5, activation="silu", gated=k == 2,
     )
     out, dropped = check_against_oracle(cfg, mesh_name)
-    assert dropped == 0 and out["aux"]["dropped_fraction"] == 0
+    assert dropped == 0 and out["aux"].dropped_fraction == 0
 
 
 @pytest.mark.parametrize("mesh_name, impl", [("d2e4", "megablox"), ("e4t2", "megablox"), ("d1e8", "tokamax")])
@@ -237,7 +237,7 @@ def test_loss_free_bias_moves_toward_balance_outside_the_gradient():
     def step(layer, x):
         (_, aux), grads = nnx.value_and_grad(lambda m: (lambda y, a: (jnp.sum(y), a))(*m(x)), has_aux=True)(layer)
         unchanged = layer.router.bias[...]  # the forward pass itself never moves the bias
-        layer.update_router_state(aux["expert_load"])  # once per training step
+        layer.update_router_state(aux.expert_load)  # once per training step
         return aux, grads, unchanged
 
     loads = []
@@ -245,10 +245,10 @@ def test_loss_free_bias_moves_toward_balance_outside_the_gradient():
         before = np.asarray(layer.router.bias[...])
         aux, grads, during = step(layer, x)
         np.testing.assert_array_equal(during, before)
-        load = np.asarray(aux["expert_load"])
+        load = np.asarray(aux.expert_load)
         loads.append(load.max() * E)
         np.testing.assert_allclose(layer.router.bias[...], before + 0.02 * np.sign(load.mean() - load), atol=1e-7)
-    assert "bias" not in grads["router"] and float(aux["aux_loss"]) == 0.0
+    assert "bias" not in grads["router"] and float(aux.aux_loss) == 0.0
     assert loads[0] > 2.0 and loads[-1] < 0.6 * loads[0]  # the overloaded expert sheds load
     assert np.asarray(layer.router.bias[...])[0] < 0  # ... because its bias went down
 
@@ -263,7 +263,7 @@ def test_thor_training_runs_one_expert_on_every_token(mesh_name, dispatch, gated
     cfg = layer_spec(num_experts=E, router="thor", dispatch=dispatch, gated=gated, capacity_factor=0.5)
     out, dropped = check_against_oracle(cfg, mesh_name)
     expert = int(jax.random.randint(jax.random.key(7), (), 0, E))
-    assert dropped == 0 and out["aux"]["expert_load"][expert] == 1.0
+    assert dropped == 0 and out["aux"].expert_load[expert] == 1.0
     touched = np.abs(out["grads"]["wi"]).sum(axis=(1, 2)) > 0
     assert touched.tolist() == [e == expert for e in range(E)]
 
@@ -272,7 +272,7 @@ def test_thor_training_runs_one_expert_on_every_token(mesh_name, dispatch, gated
 def test_thor_evaluation_routes_each_token_to_a_random_expert(mesh_name, dispatch):
     cfg = layer_spec(num_experts=E, router="thor", dispatch=dispatch)
     out, dropped = check_against_oracle(cfg, mesh_name, deterministic=True)
-    assert dropped == 0 and np.count_nonzero(out["aux"]["expert_load"]) == E  # every expert used
+    assert dropped == 0 and np.count_nonzero(out["aux"].expert_load) == E  # every expert used
 
 
 @pytest.mark.parametrize("mesh_name, dispatch, group", [
@@ -283,5 +283,5 @@ def test_expert_choice_matches_oracle(mesh_name, dispatch, group):
     cfg = layer_spec(num_experts=E, router="expert_choice", dispatch=dispatch,
                     capacity_factor=1.0, capacity_group_size=group, gated=True, activation="silu")
     out, unrouted = check_against_oracle(cfg, mesh_name)
-    np.testing.assert_allclose(out["aux"]["expert_load"], np.full(E, 1 / E), rtol=1e-6)  # C tokens each
+    np.testing.assert_allclose(out["aux"].expert_load, np.full(E, 1 / E), rtol=1e-6)  # C tokens each
     assert 0 < unrouted < 1  # some tokens got no expert (and others several)

@@ -65,8 +65,8 @@ def test_stable_router_in_stage_one_is_topk(mesh_name, k):
     for name in ("x", "wi", "wg", "wo", "router_w"):
         scale = np.abs(topk["grads"][name]).max()
         np.testing.assert_allclose(stable["grads"][name], topk["grads"][name], rtol=1e-5, atol=1e-6 * scale, err_msg=name)
-    assert float(stable["aux"]["aux_loss"]) == float(topk["aux"]["aux_loss"]) > 0
-    assert float(stable["aux"]["router_loss"]) > float(topk["aux"]["router_loss"])  # plus the distillation
+    assert float(stable["aux"].aux_loss) == float(topk["aux"].aux_loss) > 0
+    assert float(stable["aux"].router_loss) > float(topk["aux"].router_loss)  # plus the distillation
 
 
 def test_stable_router_in_stage_two_routes_by_its_table_on_any_mesh():
@@ -77,7 +77,7 @@ def test_stable_router_in_stage_two_routes_by_its_table_on_any_mesh():
     one, eight = run_layer(spec, "1dev", x, ids, ct), run_layer(spec, "d2e4", x, ids, ct)
     np.testing.assert_allclose(eight["y"], one["y"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(eight["grads"]["router_w"], one["grads"]["router_w"], rtol=1e-4, atol=1e-6)
-    assert float(one["aux"]["aux_loss"]) == 0.0
+    assert float(one["aux"].aux_loss) == 0.0
     layer = spec.build(rngs=nnx.Rngs(0), vocab_size=50)
     route = layer.route(x, ids)
     table = hash_table(50, 8, 2, 0)
@@ -95,7 +95,7 @@ def test_stable_router_in_stage_two_routes_by_its_table_on_any_mesh():
 
 
 def router_terms(aux):
-    return {name: float(aux[name]) for name in ("aux_loss", "z_loss", "router_loss", "router_entropy")}
+    return {name: float(getattr(aux, name)) for name in ("aux_loss", "z_loss", "router_loss", "router_entropy")}
 
 
 def test_stable_router_losses_come_from_what_routes():
@@ -111,8 +111,8 @@ def test_stable_router_losses_come_from_what_routes():
                      "1dev", x, ids, no_ct)
     before = run_layer(stable_spec(100, k=2, capacity_factor=1.0), "1dev", x, ids, no_ct)
     for name in ("aux_loss", "z_loss", "router_entropy"):
-        assert float(before["aux"][name]) == float(topk["aux"][name]) > 0, name
-    assert float(before["aux"]["router_loss"]) > float(topk["aux"]["router_loss"])  # plus the distillation
+        assert float(getattr(before["aux"], name)) == float(getattr(topk["aux"], name)) > 0, name
+    assert float(before["aux"].router_loss) > float(topk["aux"].router_loss)  # plus the distillation
     for name in ("x", "router_w"):
         np.testing.assert_allclose(before["grads"][name], topk["grads"][name], rtol=1e-6, atol=1e-9, err_msg=name)
         assert np.abs(topk["grads"][name]).max() > 0, name
@@ -123,9 +123,9 @@ def test_stable_router_losses_come_from_what_routes():
     trained = run_layer(stable_spec(0, k=2), "1dev", x, ids, ct)
     assert not np.any(trained["grads"]["router_w"]) and np.abs(trained["grads"]["x"]).max() > 0
     gated = run_layer(stable_spec(0, k=2, stable_gate="softmax"), "1dev", x, ids, no_ct)
-    assert float(gated["aux"]["z_loss"]) == float(topk["aux"]["z_loss"])
-    assert float(gated["aux"]["router_entropy"]) == float(topk["aux"]["router_entropy"])
-    assert float(gated["aux"]["aux_loss"]) == 0.0 and np.abs(gated["grads"]["router_w"]).max() > 0
+    assert float(gated["aux"].z_loss) == float(topk["aux"].z_loss)
+    assert float(gated["aux"].router_entropy) == float(topk["aux"].router_entropy)
+    assert float(gated["aux"].aux_loss) == 0.0 and np.abs(gated["grads"]["router_w"]).max() > 0
 
 
 def test_stable_capacity_is_sized_for_the_balanced_tables_share():

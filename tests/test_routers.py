@@ -127,7 +127,7 @@ def test_thor_draws_one_expert_per_batch_in_training_and_a_fixed_one_per_token_i
     np.testing.assert_array_equal(first, again)  # fixed seed
     assert len(np.unique(first)) == 8  # per token
     y, aux = layer(x)
-    assert float(aux["dropped_fraction"]) == 0 and jnp.all(jnp.isfinite(y))
+    assert float(aux.dropped_fraction) == 0 and jnp.all(jnp.isfinite(y))
 
 
 def test_symmetric_kl():
@@ -282,7 +282,7 @@ def test_cached_decoding_never_drops_even_with_an_eval_capacity(tmp_path):
         m.eval()
     prompt = [3, 9, 27, 5, 11, 40, 2, 8]
     _, aux = model(jax.numpy.asarray([prompt]))
-    assert float(aux["dropped_fraction"]) > 0  # the full forward pass does drop
+    assert float(aux.dropped_fraction) > 0  # the full forward pass does drop
     cached, cached_logits = generate(model, prompt, 3)
     full, full_logits = generate_without_cache(reference, prompt, 3)
     assert cached == full

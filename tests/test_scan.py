@@ -57,7 +57,7 @@ def loss_and_grads(cfg: TransformerConfig, mesh):
 
             def loss(model):
                 logits, aux = model(tokens)
-                return jnp.mean(jnp.square(logits)) + aux["router_loss"], aux
+                return jnp.mean(jnp.square(logits)) + aux.router_loss, aux
 
             (value, aux), grads = nnx.value_and_grad(loss, has_aux=True)(model)
             model.update_router_state(aux)
@@ -66,7 +66,7 @@ def loss_and_grads(cfg: TransformerConfig, mesh):
         value, aux, grads, new_rest = jax.jit(step)(params, rest)
     unrolled = lambda tree: jax.tree.map(np.asarray, layout.unroll(to_nested(tree), cfg.period))  # noqa: E731
     return {"loss": np.asarray(value), "grads": unrolled(grads), "params": unrolled(params),
-            "state": unrolled(new_rest), "per_layer": jax.tree.map(np.asarray, aux["per_layer"])}
+            "state": unrolled(new_rest), "per_layer": jax.tree.map(np.asarray, aux.per_layer)}
 
 
 def assert_same(a: dict, b: dict, exact_grads=False):
@@ -101,11 +101,11 @@ def test_scanned_eval_draws_are_those_of_each_layer():
             model = nnx.merge(graphdef, params, rest)
             model.eval()
             tokens = tokens_on(mesh)
-            out = nnx.jit(lambda m, t: (m(t)[0], m(t)[1]["per_layer"]))(model, tokens)
+            out = nnx.jit(lambda m, t: (m(t)[0], m(t)[1].per_layer))(model, tokens)
             logits[scan] = jax.tree.map(np.asarray, out)
     jax.tree.map(np.testing.assert_array_equal, logits["on"], logits["off"])
     loads = logits["on"][1]
-    assert not np.array_equal(loads["layer1"]["expert_load"], loads["layer3"]["expert_load"])
+    assert not np.array_equal(loads["layer1"].expert_load, loads["layer3"].expert_load)
 
 
 def test_a_dense_model_scans_every_block():

@@ -185,7 +185,7 @@ def test_moe_train_cli_end_to_end(tmp_path, capsys, caplog):
     probe = next(iter(eval_batches(corpus.tokens, 16, 8, 1)))
     with run.context():
         model = run.model()
-        routes = jax.jit(lambda m, t: m(t)[1]["top_expert"])(model, jnp.asarray(probe["inputs"]))
+        routes = jax.jit(lambda m, t: m.routes(t))(model, jnp.asarray(probe["inputs"]))
     assert token_entropy(np.asarray(routes["layer1"]), probe["inputs"], 8) == pytest.approx(
         last["moe/layer1/token_entropy"], abs=1e-9)
     evals = [r for r in rows if r["split"] == "eval"]
@@ -353,7 +353,7 @@ def test_bfloat16_activations_track_float32_with_float32_master_weights(tmp_path
     route = jax.eval_shape(lambda t: model.blocks[0].ffn.route(model.embed_tokens(t), t), tokens)
     logits, aux = jax.eval_shape(model, tokens)
     assert x.dtype == h.dtype == jnp.bfloat16
-    assert route.gates.dtype == jnp.float32 and logits.dtype == jnp.float32 and aux["router_loss"].dtype == jnp.float32
+    assert route.gates.dtype == jnp.float32 and logits.dtype == jnp.float32 and aux.router_loss.dtype == jnp.float32
 
 
 def test_dropless_training_equals_capacity_training_that_never_drops(tmp_path):
@@ -378,21 +378,21 @@ def test_per_layer_router_telemetry_sums_to_the_router_loss_and_averages_to_the_
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
     _, aux = model(tokens)
-    layers = aux["per_layer"]
+    layers = aux.per_layer
     assert sorted(layers) == ["layer0", "layer1"]
     for stats in layers.values():
-        load = np.asarray(stats["expert_load"])
+        load = np.asarray(stats.expert_load)
         assert load.shape == (8,) and load.sum() == pytest.approx(1.0, abs=1e-6)
-        assert float(stats["load_imbalance"]) == pytest.approx(8 * load.max(), rel=1e-6)
+        assert float(stats.load_imbalance) == pytest.approx(8 * load.max(), rel=1e-6)
     for key in ("dropped_fraction", "router_entropy", "load_imbalance"):
-        mean = np.mean([float(v[key]) for v in layers.values()])
-        assert float(aux[key]) == pytest.approx(mean, rel=1e-6), key
+        mean = np.mean([float(getattr(v, key)) for v in layers.values()])
+        assert float(getattr(aux, key)) == pytest.approx(mean, rel=1e-6), key
     # router losses add up over the layers (Switch, GShard): each layer's coefficient applies in full
     for key in ("aux_loss", "z_loss"):
-        assert float(aux[key]) == pytest.approx(sum(float(v[key]) for v in layers.values()), rel=1e-6), key
-        assert all(float(v[key]) > 0 for v in layers.values())
-    assert float(aux["router_loss"]) == pytest.approx(float(aux["aux_loss"]) + float(aux["z_loss"]), rel=1e-6)
+        assert float(getattr(aux, key)) == pytest.approx(sum(float(getattr(v, key)) for v in layers.values()), rel=1e-6), key
+        assert all(float(getattr(v, key)) > 0 for v in layers.values())
+    assert float(aux.router_loss) == pytest.approx(float(aux.aux_loss) + float(aux.z_loss), rel=1e-6)
     # the two layers' routers are different parameters: their loads are not the same numbers
-    assert not np.allclose(layers["layer0"]["expert_load"], layers["layer1"]["expert_load"])
-    assert float(aux["dropped_fraction"]) > 0  # capacity 0.5 drops: the statistic is exercised
+    assert not np.allclose(layers["layer0"].expert_load, layers["layer1"].expert_load)
+    assert float(aux.dropped_fraction) > 0  # capacity 0.5 drops: the statistic is exercised
 

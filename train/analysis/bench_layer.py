@@ -137,11 +137,11 @@ def _cases(cfg: BenchConfig, num_experts: int, k: int, ids_BS):
 
     def moe_loss(layer, x_BSD):
         y_BSD, aux = layer(x_BSD, ids_BS)
-        return jnp.sum(y_BSD) + aux["router_loss"], aux["dropped_fraction"]
+        return jnp.sum(y_BSD) + aux.router_loss, aux.dropped_fraction
 
     def onehot_loss(layer, x_BSD):
         y_BSD, aux = layer(x_BSD, ids_BS, dispatch=onehot_dispatch)
-        return jnp.sum(y_BSD) + aux["router_loss"], aux["dropped_fraction"]
+        return jnp.sum(y_BSD) + aux.router_loss, aux.dropped_fraction
 
     def dense_loss(dense, x_BSD):
         return jnp.sum(dense(x_BSD)), jnp.zeros((), jnp.float32)

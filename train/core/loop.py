@@ -71,12 +71,12 @@ class StepLog:
         self.nonfinite_run = 0
 
     def read(self, pending) -> None:
-        """Wait for step ``pending = (step, device metrics)`` (if any) and account for it."""
+        """Wait for step ``pending = (step, device metrics, the router probe's routes or None)`` (if
+        any) and account for it."""
         if pending is None:
             return
-        step, dev_metrics = pending
-        host = jax.device_get(dev_metrics)  # waits for that step only
-        routes = host.pop("top_expert", None)  # the router probe's, on logged steps
+        step, dev_metrics, routes = pending
+        host, routes = jax.device_get((dev_metrics, routes))  # waits for that step only
         self.watchdog.beat(step)
         self.trainer.steps_done += 1
         now = time.perf_counter()
@@ -176,7 +176,7 @@ class Trainer(TrainerSetup):
     def _train_steps(self, start_step, end, signals, log: StepLog, profiler) -> dict | None:
         """The steps; a summary if a stop signal ended them early, else None."""
         cfg = self.cfg
-        pending = None  # (step, device metrics) of the step dispatched last
+        pending = None  # (step, device metrics, probe routes) of the step dispatched last
         for step in range(start_step, end):
             if self.nproc == 1 and signals.requested:  # alone: stop at this boundary, no step more
                 log.read(pending)
@@ -185,11 +185,12 @@ class Trainer(TrainerSetup):
             profiler.maybe_start(step + 1, warm=step > start_step, previous=self.state)  # after the compiling step
             with profiler.annotate(step + 1):
                 self.state, dev_metrics = self.jit_step(self.state, batch, self.stop_flags(signals.requested))
+            routes = None
             if log.logs(step) and self.probe is not None:  # router telemetry of the state this step made
-                dev_metrics = {**dev_metrics, "top_expert": self.routing_probe()}
-            profiler.step_done((self.state, dev_metrics))
+                routes = self.routing_probe()
+            profiler.step_done((self.state, dev_metrics, routes))
             log.read(pending)
-            pending = (step, dev_metrics)
+            pending = (step, dev_metrics, routes)
             if log.stop_requested:  # read back from the previous step: every process stops after this one
                 log.read(pending)
                 return self._stop(step + 1, start_step, signals.reason or "a signal to another process", log.summary)

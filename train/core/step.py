@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from moe.stats import MoEStats
 from moe.transformer import Transformer
 
 
@@ -58,25 +59,35 @@ def symmetric_kl(logits1_BSV, logits2_BSV, weights_BS):
     return jnp.sum(kl_BS * weights_BS) / jnp.maximum(jnp.sum(weights_BS), 1.0)
 
 
-LossFn = Callable[[Transformer, dict], tuple[jax.Array, tuple[jax.Array, dict]]]
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LossParts:
+    """What a loss function reports besides its total: the mean cross-entropy, the model's MoE
+    statistics, and any further objective's value by its metric name (``thor/consistency``)."""
+
+    ce: jax.Array
+    moe: MoEStats
+    extra: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+LossFn = Callable[[Transformer, dict], tuple[jax.Array, LossParts]]
 
 
 def _forward(model: Transformer, batch: dict, weights=None):
-    """One forward pass: (logits, aux, mean cross-entropy, token weights)."""
+    """One forward pass: (logits, MoE statistics, mean cross-entropy, token weights)."""
     if weights is None:
         weights = batch.get("weights")
     if weights is None:
         weights = jnp.ones(batch["targets"].shape, jnp.float32)
-    logits, aux = model(batch["inputs"])
-    aux = {k: v for k, v in aux.items() if k != "top_expert"}  # token ids for telemetry: not a statistic to average
+    logits, stats = model(batch["inputs"])
     nll_sum, count = cross_entropy(logits, batch["targets"], weights)
-    return logits, aux, nll_sum / jnp.maximum(count, 1.0), weights
+    return logits, stats, nll_sum / jnp.maximum(count, 1.0), weights
 
 
 def lm_loss(model: Transformer, batch: dict):
-    """Mean cross-entropy plus the router losses: (total, (cross-entropy, aux))."""
-    _, aux, ce, _ = _forward(model, batch)
-    return ce + aux["router_loss"], (ce, aux)
+    """Mean cross-entropy plus the router losses: (total, ``LossParts``)."""
+    _, stats, ce, _ = _forward(model, batch)
+    return ce + stats.router_loss, LossParts(ce, stats)
 
 
 def consistency_loss(alpha: float) -> LossFn:
@@ -84,13 +95,12 @@ def consistency_loss(alpha: float) -> LossFn:
     of both cross-entropies plus ``alpha`` times the symmetric KL between their predictions."""
 
     def loss(model: Transformer, batch: dict):
-        logits, aux, ce1, weights = _forward(model, batch)
-        logits2, aux2, ce2, _ = _forward(model, batch, weights)
+        logits, stats, ce1, weights = _forward(model, batch)
+        logits2, stats2, ce2, _ = _forward(model, batch, weights)
         ce = 0.5 * (ce1 + ce2)
-        aux = jax.tree.map(lambda a, b: 0.5 * (a + b), aux, aux2)
+        stats = jax.tree.map(lambda a, b: 0.5 * (a + b), stats, stats2)
         kl = symmetric_kl(logits, logits2, weights)
-        aux["thor_consistency"] = kl
-        return ce + aux["router_loss"] + alpha * kl, (ce, aux)
+        return ce + stats.router_loss + alpha * kl, LossParts(ce, stats, {"thor/consistency": kl})
 
     return loss
 
@@ -109,13 +119,13 @@ def _micro_step(graphdef, params, model_state, batch, loss_fn: LossFn):
     router jitter) come out as new state.
     """
     model = nnx.merge(graphdef, params, model_state)
-    (total, (ce, aux)), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch), has_aux=True)(model)
-    return total, ce, aux, grads, nnx.state(model, nnx.Not(nnx.Param))
+    (total, parts), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch), has_aux=True)(model)
+    return total, parts, grads, nnx.state(model, nnx.Not(nnx.Param))
 
 
 def accumulate_grads(graphdef, params, model_state, batch, loss_fn: LossFn, micro_batches: int):
-    """Gradients averaged over ``micro_batches`` micro-batches, their mean losses and statistics,
-    and the model state after the last. Micro-batch i takes rows i, M+i, 2M+i, ... so that every
+    """(mean total loss, mean ``LossParts``, gradients, the model state after the last micro-batch),
+    over ``micro_batches`` micro-batches. Micro-batch i takes rows i, M+i, 2M+i, ... so that every
     micro-batch stays spread over the batch axes (no resharding)."""
     if micro_batches == 1:
         return _micro_step(graphdef, params, model_state, batch, loss_fn)
@@ -125,22 +135,21 @@ def accumulate_grads(graphdef, params, model_state, batch, loss_fn: LossFn, micr
 
     def body(carry, mb):  # params ride in the carry: NNX graphs must not close over outer traces
         grads_acc, model_state, params = carry
-        total, ce, aux, grads, model_state = _micro_step(graphdef, params, model_state, mb, loss_fn)
+        total, parts, grads, model_state = _micro_step(graphdef, params, model_state, mb, loss_fn)
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-        return (grads_acc, model_state, params), (total, ce, aux)
+        return (grads_acc, model_state, params), (total, parts)
 
     carry = (jax.tree.map(jnp.zeros_like, params), model_state, params)
-    (grads, model_state, _), (totals, ces, auxes) = jax.lax.scan(body, carry, jax.tree.map(split, batch))
+    (grads, model_state, _), (totals, parts) = jax.lax.scan(body, carry, jax.tree.map(split, batch))
     grads = jax.tree.map(lambda g: g / micro_batches, grads)
-    aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)
-    return jnp.mean(totals), jnp.mean(ces), aux, grads, model_state
+    return jnp.mean(totals), jax.tree.map(lambda a: jnp.mean(a, axis=0), parts), grads, model_state
 
 
-def update_router_state(graphdef, params, model_state, aux):
+def update_router_state(graphdef, params, model_state, stats: MoEStats):
     """Router state that learns from the load (loss_free's bias) moves once per step, from the
     whole step's load (with accumulation, the mean over the micro-batches)."""
     model = nnx.merge(graphdef, params, model_state)
-    model.update_router_state(aux)
+    model.update_router_state(stats)
     return nnx.state(model, nnx.Not(nnx.Param))
 
 
@@ -187,30 +196,20 @@ def guarded_update(state: TrainState, grads, total, ce, model_state, old_model_s
     return TrainState(state.step + 1, params, opt_state, model_state, window), (ok, finite, grad_norm)
 
 
-def step_metrics(ce, total, aux, ok, finite, grad_norm, learning_rate, stop) -> dict:
-    """The metrics row of a step: losses, the update's fate, and the MoE statistics (global, and
-    per MoE layer as ``moe/layer<i>/<name>``)."""
-    metrics = {
-        "loss": ce,
+def step_metrics(parts: LossParts, total, ok, finite, grad_norm, learning_rate, stop) -> dict:
+    """The metrics row of a step: losses, the update's fate, further objectives, and the MoE
+    statistics (global, and per MoE layer as ``moe/layer<i>/<name>``)."""
+    return {
+        "loss": parts.ce,
         "total_loss": total,
         "grad_norm": grad_norm,
         "skipped": (~ok).astype(jnp.int32),
         "nonfinite": (~finite).astype(jnp.int32),
         "learning_rate": learning_rate,
-        "moe/aux_loss": aux["aux_loss"],
-        "moe/z_loss": aux["z_loss"],
-        "moe/router_loss": aux["router_loss"],
-        "moe/dropped_fraction": aux["dropped_fraction"],
-        "moe/expert_load": aux["expert_load"],
-        "moe/router_entropy": aux["router_entropy"],
-        "moe/load_imbalance": aux["load_imbalance"],
+        **parts.moe.metrics(),
         "stop": jnp.max(stop),
+        **parts.extra,
     }
-    if "thor_consistency" in aux:
-        metrics["thor/consistency"] = aux["thor_consistency"]
-    for layer, stats in aux["per_layer"].items():
-        metrics.update({f"moe/{layer}/{name}": value for name, value in stats.items()})
-    return metrics
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
@@ -222,14 +221,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
         # a copy: the model built from state.model_state writes its updates (loss_free's bias)
         # into those same Variables, and a skipped step must be able to go back to them
         old_model_state = jax.tree.map(lambda x: x, state.model_state)
-        total, ce, aux, grads, model_state = accumulate_grads(
+        total, parts, grads, model_state = accumulate_grads(
             graphdef, state.params, state.model_state, batch, loss_fn, grad_accum_steps
         )
-        model_state = update_router_state(graphdef, state.params, model_state, aux)
+        model_state = update_router_state(graphdef, state.params, model_state, parts.moe)
         new_state, (ok, finite, grad_norm) = guarded_update(
-            state, grads, total, ce, model_state, old_model_state, tx, spike_sigma, spread
+            state, grads, total, parts.ce, model_state, old_model_state, tx, spike_sigma, spread
         )
-        return new_state, step_metrics(ce, total, aux, ok, finite, grad_norm, schedule(state.step), stop)
+        return new_state, step_metrics(parts, total, ok, finite, grad_norm, schedule(state.step), stop)
 
     return train_step
 
@@ -240,9 +239,9 @@ def make_eval_step(eval_graphdef):
 
     def eval_step(params, model_state, batch):
         model = nnx.merge(eval_graphdef, params, model_state)
-        logits, aux = model(batch["inputs"])
+        logits, stats = model(batch["inputs"])
         nll_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
-        return {"nll_sum": nll_sum, "tokens": count, "moe/dropped_fraction": aux["dropped_fraction"]}
+        return {"nll_sum": nll_sum, "tokens": count, "moe/dropped_fraction": stats.dropped_fraction}
 
     return eval_step
 
@@ -252,7 +251,7 @@ def make_probe_step(probe_graphdef):
     router telemetry's forward pass (``train.core.telemetry``), in evaluation mode."""
 
     def probe_step(params, model_state, inputs):
-        return nnx.merge(probe_graphdef, params, model_state)(inputs)[1]["top_expert"]
+        return nnx.merge(probe_graphdef, params, model_state).routes(inputs)
 
     return probe_step
 
