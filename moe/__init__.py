@@ -15,8 +15,20 @@ Shape letters, used as suffixes of array names (``x_BSD``) in every file of this
 A trailing 1 marks a size-1 axis kept for broadcasting (``ids_BS1``).
 """
 
-from moe.config import FFNConfig, MoEConfig, TransformerConfig
-from moe.layer import MoEFeedForward
-from moe.routers import ROUTERS, Routing
+from __future__ import annotations
 
-__all__ = ["FFNConfig", "MoEConfig", "MoEFeedForward", "ROUTERS", "Routing", "TransformerConfig"]
+import importlib
+
+# the package's names, imported when first used: ``moe.config`` (the typed settings, no JAX) can be
+# read by a command line before JAX is imported
+_EXPORTS = {"FFNConfig": "moe.config", "MoEConfig": "moe.config", "TransformerConfig": "moe.config",
+            "MoEFeedForward": "moe.layer", "ROUTERS": "moe.routers", "Routing": "moe.routers"}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moe' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+__all__ = sorted(_EXPORTS)

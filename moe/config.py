@@ -1,5 +1,6 @@
-"""The model's typed configuration: ``TransformerConfig`` with its MoE section ``MoEConfig``, and
-``FFNConfig``, the shape of one feed-forward network (dense, or each expert).
+"""The model's typed configuration: ``TransformerConfig`` with its MoE section ``MoEConfig`` and its
+MLA section ``MLAConfig``, and ``FFNConfig``, the shape of one feed-forward network (dense, or each
+expert); the MoE layer's two live in ``moe.layer_config`` and are re-exported here.
 
 Every setting lives in exactly one place: ``TransformerConfig.moe`` is the MoE layer's own
 config (the command line sets it as ``--config.model.moe.router=hash``), and the layer's FFN
@@ -10,18 +11,19 @@ naming the field, so a caller can label it (``config.model.moe.router=...``) wit
 from __future__ import annotations
 
 import dataclasses
-import math
 
-from moe.fields import FieldError, StrictFields
+from moe.fields import FieldError, StrictFields, finite, positive_int, resumable
+from moe.layer_config import (  # noqa: F401 - re-exported: the model's config names them all
+    ACTIVATIONS,
+    CAPACITY_PRIORITIES,
+    DISPATCHES,
+    DTYPES,
+    NORM_TOPK,
+    STABLE_GATES,
+    FFNConfig,
+    MoEConfig,
+)
 
-ACTIVATIONS = ("gelu", "silu", "relu")
-DTYPES = ("float32", "bfloat16")
-DISPATCHES = ("capacity", "dropless")
-# Which assignments of a capacity group get an expert's slots first. "token": token by token in
-# (batch, sequence) order, a token's first choice before its second; an earlier token's slots
-# never depend on later tokens (causal). "choice": GShard's order, every first choice before
-# any second choice; a later token's first choice can evict an earlier token's second (non-causal).
-CAPACITY_PRIORITIES = ("token", "choice")
 # model.scan_layers: "on" runs the repeating block pattern as one jax.lax.scan over stacked
 # parameters (compile time and compile memory independent of depth); "auto" does so from
 # SCAN_MIN_LAYERS blocks on (shallower models compile in seconds either way, and keep the unrolled
@@ -41,194 +43,6 @@ ATTENTIONS = ("mha", "mla")
 # model.qk_norm: RMSNorm of queries and keys before RoPE: "head" over each head's dimension (Qwen3),
 # "proj" over the whole projection (all heads together, OLMoE), "none"
 QK_NORMS = ("none", "head", "proj")
-STABLE_GATES = ("softmax", "sigmoid", "one")  # moe.stable_gate
-# moe.norm_topk_prob: whether a learned router's k chosen gates are divided by their sum. "auto": when
-# k > 1 (Mixtral; Switch's k = 1 keeps its probability); "on" always; "off" never (Qwen2-MoE, OLMoE)
-NORM_TOPK = ("auto", "on", "off")
-
-
-@dataclasses.dataclass(frozen=True)
-class FFNConfig:
-    """The shape of one feed-forward network: a dense FFN, or each expert of an MoE layer."""
-
-    d_model: int
-    d_ff: int
-    activation: str = "silu"
-    gated: bool = True  # GLU (SwiGLU with silu) when True; plain wi/wo MLP when False
-    dtype: str = "float32"  # activations and matmul inputs; the router is always float32
-    param_dtype: str = "float32"
-
-    def check(self) -> FFNConfig:
-        for name in ("d_model", "d_ff"):
-            if not _positive_int(getattr(self, name)):
-                raise FieldError("FFNConfig", name, getattr(self, name), "must be a positive integer")
-        if self.activation not in ACTIVATIONS:
-            raise FieldError("FFNConfig", "activation", self.activation, f"choose one of {', '.join(ACTIVATIONS)}")
-        if not isinstance(self.gated, bool):
-            raise FieldError("FFNConfig", "gated", self.gated, "must be True or False")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise FieldError("FFNConfig", name, getattr(self, name), f"choose one of {', '.join(DTYPES)}")
-        return self
-
-
-@dataclasses.dataclass
-class MoEConfig(StrictFields):
-    """One MoE feed-forward layer: its experts, router, dispatch and router losses.
-
-    ``check()`` raises ``FieldError("MoEConfig", field, ...)`` for an invalid field; the router
-    named by ``router`` checks the settings it needs (``moe.routers``).
-    """
-
-    num_experts: int = 8
-    experts_per_token: int = 1
-    expert_d_ff: int = 0  # hidden width of each expert; 0 = the model's d_ff
-    # one of moe.routers.ROUTERS: "topk", "frozen", "gshard", "loss_free", "expert_choice", "hash",
-    # "balanced_hash", "bigram_hash", "random", "thor", "sigmoid", "stable" (see the README's router list)
-    router: str = "topk"
-    # "capacity": fixed slots per expert, overflow dropped (the static-shape classic);
-    # "dropless": every assignment is computed (worst-case buffer or ragged_all_to_all, grouped matmul)
-    dispatch: str = "capacity"
-    # slots per expert = ceil(cf * k * group_tokens / E); for expert_choice, the number of
-    # tokens each expert takes from a group (k = the mean number of experts per token)
-    capacity_factor: float = 1.25
-    # order in which a group's assignments take slots (see CAPACITY_PRIORITIES); "choice" is non-causal
-    capacity_priority: str = "token"
-    eval_capacity_factor: float = 0.0  # capacity in eval mode (layer.eval()); 0 = no token is ever dropped
-    # tokens that share one capacity budget; 0 = all tokens on one device (the usual per-device
-    # rule). A fixed size makes drops independent of the mesh layout, as long as each device
-    # holds a whole number of groups.
-    capacity_group_size: int = 0
-    aux_loss_coef: float = 0.01  # Switch load-balance loss, per MoE layer (the LM sums its layers')
-    z_loss_coef: float = 1e-3  # router z-loss, per MoE layer, summed likewise
-    router_jitter: float = 0.0  # multiplicative router-input noise in training: x * U(1-eps, 1+eps)
-    hash_seed: int = 0  # seeds the hash routers' token -> expert tables
-    gshard_threshold: float = 0.2  # gshard: the second expert is used with probability min(1, g2 / this)
-    loss_free_gamma: float = 1e-3  # loss_free: bias step per training step toward equal load
-    # stable (StableMoE): training steps of stage 1 (the learned router routes, and a token -> expert table
-    # is distilled from its choices); from this step on the frozen table routes. The three stable_* defaults
-    # are the best measured on configs/default.py (README, "Learned routing that beats dense")
-    stable_freeze_step: int = 10
-    # stable: at the freeze, no expert may take more than this multiple of an equal share of the training
-    # split's token mass: ids in decreasing frequency take their best distilled experts with room left
-    # (the least loaded when none has); 0 = every id takes its best experts, whatever the balance
-    stable_balance: float = 1.25
-    # stable: the gates once the table routes: "softmax" (the learned router's probabilities of the table's
-    # experts, renormalised for k > 1), "sigmoid" (StableMoE's sigmoid(x . w_e)), "one" (1/k each, as hash)
-    stable_gate: str = "one"
-    # thor: weight of THOR's consistency loss, the symmetric KL between the predictions of two
-    # forward passes through independently drawn experts (0 = one pass, no consistency loss)
-    thor_consistency: float = 0.0
-    # dropless: exchange only the real rows with ragged_all_to_all (GPU/TPU; XLA:CPU cannot run
-    # it) instead of an all_to_all of the worst-case buffer. Set by the program for its backend.
-    ragged_exchange: bool = False
-    # dropless: the grouped matmul of the experts (moe.grouped_matmul.GROUPED_MATMULS): "auto" (Megablox on
-    # TPU, tokamax's kernels on GPU when installed, jax.lax.ragged_dot otherwise), or one of "ragged_dot",
-    # "megablox" (Pallas interpret mode off TPU: slow, for tests), "tokamax" (pip install 'switchyard[gpu]')
-    grouped_matmul: str = "auto"
-    norm_topk_prob: str = "auto"  # see NORM_TOPK
-    # shared experts: a dense FFN of this hidden width beside the routed experts, seen by every token
-    # (DeepSeek: n_shared_experts * expert width; Qwen2-MoE: shared_expert_intermediate_size); 0 = none
-    shared_d_ff: int = 0
-    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . w) (Qwen2-MoE)
-    # router "sigmoid" (DeepSeek-V3): experts in num_groups groups; a token picks its topk_groups best
-    # groups (by the sum of each group's two best scores) and its k experts among them
-    num_groups: int = 1
-    topk_groups: int = 1
-    routed_scaling: float = 1.0  # router "sigmoid": the gates are multiplied by this
-
-    def check(self) -> MoEConfig:
-        from moe.routers import ROUTERS
-
-        for name in ("num_experts", "experts_per_token"):
-            if not _positive_int(getattr(self, name)):
-                self._fail(name, "must be a positive integer")
-        if not isinstance(self.expert_d_ff, int) or self.expert_d_ff < 0:
-            self._fail("expert_d_ff", "must be an integer >= 0 (0 = the model's d_ff)")
-        if self.router not in ROUTERS:
-            self._fail("router", f"unknown router; choose one of {', '.join(ROUTERS)}")
-        if self.dispatch not in DISPATCHES:
-            self._fail("dispatch", f"choose one of {', '.join(DISPATCHES)}")
-        from moe.grouped_matmul import GROUPED_MATMULS
-
-        if self.grouped_matmul not in GROUPED_MATMULS:
-            self._fail("grouped_matmul", f"choose one of {', '.join(GROUPED_MATMULS)}")
-        if self.capacity_priority not in CAPACITY_PRIORITIES:
-            self._fail("capacity_priority", f"choose one of {', '.join(CAPACITY_PRIORITIES)}")
-        if self.norm_topk_prob not in NORM_TOPK:
-            self._fail("norm_topk_prob", f"choose one of {', '.join(NORM_TOPK)}")
-        if not isinstance(self.shared_d_ff, int) or isinstance(self.shared_d_ff, bool) or self.shared_d_ff < 0:
-            self._fail("shared_d_ff", "must be an integer >= 0 (0 = no shared experts)")
-        if not isinstance(self.shared_gate, bool):
-            self._fail("shared_gate", "must be True or False")
-        if self.shared_gate and not self.shared_d_ff:
-            self._fail("shared_gate", "gates the shared experts: set shared_d_ff > 0 too")
-        if not _positive_finite(self.routed_scaling):
-            self._fail("routed_scaling", "must be a number > 0")
-        if self.experts_per_token > self.num_experts:
-            self._fail("experts_per_token", f"cannot exceed num_experts={self.num_experts}")
-        for name in ("capacity_factor", "gshard_threshold", "loss_free_gamma"):
-            if not _positive_finite(getattr(self, name)):
-                self._fail(name, "must be a number > 0")
-        if not isinstance(self.stable_freeze_step, int) or isinstance(self.stable_freeze_step, bool) \
-                or self.stable_freeze_step < 0:
-            self._fail("stable_freeze_step", "must be an integer >= 0 (a training step)")
-        if self.stable_gate not in STABLE_GATES:
-            self._fail("stable_gate", f"choose one of {', '.join(STABLE_GATES)}")
-        if not _finite(self.stable_balance) or not (self.stable_balance == 0 or self.stable_balance >= 1):
-            self._fail("stable_balance", "must be 0 (off) or a number >= 1 (a multiple of an equal share)")
-        if not _finite(self.eval_capacity_factor) or self.eval_capacity_factor < 0:
-            self._fail("eval_capacity_factor", "must be a number >= 0 (0 = no drops)")
-        if not isinstance(self.capacity_group_size, int) or self.capacity_group_size < 0:
-            self._fail("capacity_group_size", "must be an integer >= 0 (0 = all tokens of a device)")
-        for name in ("aux_loss_coef", "z_loss_coef", "thor_consistency"):
-            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
-                self._fail(name, "must be a finite number >= 0")
-        if not _finite(self.router_jitter) or not 0 <= self.router_jitter < 1:
-            self._fail("router_jitter", "must be in [0, 1)")
-        if self.thor_consistency and not ROUTERS[self.router].consistency:
-            self._fail("thor_consistency", "is THOR's consistency loss: set router='thor' or leave it 0")
-        ROUTERS[self.router].check(self)
-        return self
-
-    @property
-    def router_class(self):
-        from moe.routers import ROUTERS
-
-        return ROUTERS[self.router]
-
-    def non_causal_reason(self) -> tuple[str, str] | None:
-        """``(field, why)`` when a token's output may depend on later tokens of its sequence (through
-        routing, or through who gets a capacity slot); None when it never does."""
-        if not self.router_class.causal:
-            return "router", "routes each token by later tokens of its group"
-        if self.capacity_priority == "choice" and self.dispatch == "capacity" and self.experts_per_token > 1:
-            return "capacity_priority", (
-                "gives every first choice a slot before any second choice, so a later token can take an earlier "
-                "token's slot"
-            )
-        return None
-
-    def slots(self, group_tokens: int, capacity_factor: float) -> int:
-        """ceil(cf * k * group / E) slots per expert, at least 1 and at most the group."""
-        slots = math.ceil(capacity_factor * self.experts_per_token * group_tokens / self.num_experts)
-        return max(1, min(slots, group_tokens))
-
-    def capacity(self, group_tokens: int, deterministic: bool = False, always: bool = False) -> int:
-        """Slots per expert for a group of ``group_tokens`` tokens (C in the shape names): the
-        whole group (nothing dropped) when the capacity factor in use is 0, unless ``always``
-        (expert choice: capacity is how many tokens each expert takes), which then falls back to
-        ``capacity_factor``."""
-        cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-        if always and not cf:
-            cf = self.capacity_factor
-        return self.slots(group_tokens, cf) if cf else group_tokens
-
-    def can_drop(self, deterministic: bool) -> bool:
-        """Whether an assignment can overflow its expert's capacity."""
-        if self.dispatch == "dropless":
-            return False
-        return not deterministic or self.eval_capacity_factor > 0
 
 
 @dataclasses.dataclass
@@ -248,7 +62,7 @@ class MLAConfig(StrictFields):
         if not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0:
             self._fail("q_lora_rank", "must be an integer >= 0 (0 = no query compression)")
         for name in ("kv_lora_rank", "nope_head_dim", "rope_head_dim", "v_head_dim"):
-            if not _positive_int(getattr(self, name)):
+            if not positive_int(getattr(self, name)):
                 self._fail(name, "must be a positive integer")
         if self.rope_head_dim % 2:
             self._fail("rope_head_dim", "must be even (RoPE)")
@@ -286,8 +100,66 @@ class TransformerConfig(StrictFields):
     param_dtype: str = "float32"
     # scan the repeating block pattern (one dense-or-MoE period of moe_every blocks) over stacked
     # parameters: "auto" (from 8 layers on), "on", "off"; see SCAN_MODES
-    scan_layers: str = "auto"
-    remat: str = "none"  # what a block keeps for its backward pass; see REMAT_POLICIES
+    scan_layers: str = resumable("auto")
+    remat: str = resumable("none")  # what a block keeps for its backward pass; see REMAT_POLICIES
+
+    def check(self) -> TransformerConfig:
+        """The model's rules, each stated once: raise ``FieldError("TransformerConfig", field, ...)``,
+        a section's field dotted (``moe.router``, ``mla.kv_lora_rank``)."""
+        for name in ("num_layers", "d_model", "num_heads", "d_ff"):
+            if getattr(self, name) < 1:
+                self._fail(name, "must be >= 1")
+        if self.vocab_size < 0:
+            self._fail("vocab_size", "must be >= 0 (0 = from the tokenizer)")
+        if self.head_dim < 0:
+            self._fail("head_dim", "must be >= 0 (0 = d_model / num_heads)")
+        if not self.head_dim and self.d_model % self.num_heads:
+            self._fail("d_model", f"must be divisible by model.num_heads={self.num_heads}")
+        if not self.head_dim and (self.d_model // self.num_heads) % 2:
+            self._fail("num_heads", "head dimension d_model/num_heads must be even (RoPE)")
+        if self.head_dim % 2:
+            self._fail("head_dim", "must be even (RoPE)")
+        if self.num_kv_heads < 0 or self.num_heads % max(self.num_kv_heads, 1):
+            self._fail("num_kv_heads", f"must divide model.num_heads={self.num_heads} (0 = num_heads)")
+        self._choose("attention", ATTENTIONS)
+        self._choose("qk_norm", QK_NORMS)
+        if self.attention != "mha" and (self.qk_norm != "none" or self.attn_bias or self.num_kv_heads):
+            self._fail("attention", "mla has its own key/value layout: leave qk_norm, attn_bias and num_kv_heads unset")
+        if not (finite(self.norm_eps) and self.norm_eps > 0):
+            self._fail("norm_eps", "must be > 0")
+        if type(self.first_dense_layers) is not int or not 0 <= self.first_dense_layers <= self.num_layers:
+            self._fail("first_dense_layers", f"must be an integer in [0, model.num_layers={self.num_layers}]")
+        if self.attention == "mla":
+            self._section("mla", self.mla)
+        if self.moe_every < 0:
+            self._fail("moe_every", "must be >= 0 (0 = dense model)")
+        self._section("", self.ffn())  # activation, dtype, param_dtype: FFNConfig's rules
+        if not self.rope_theta > 0:
+            self._fail("rope_theta", "must be > 0")
+        self._choose("scan_layers", SCAN_MODES)
+        self._choose("remat", REMAT_POLICIES)
+        self._section("moe", self.moe)
+        if self.moe.thor_consistency and not self.moe_every:
+            raise FieldError("TransformerConfig", "moe.thor_consistency", self.moe.thor_consistency,
+                             "is THOR's consistency loss: the model needs MoE blocks (model.moe_every > 0), or leave it 0")
+        reason = self.non_causal_reason()
+        if reason and not self.allow_non_causal_router:
+            field, why = reason
+            raise FieldError("TransformerConfig", f"moe.{field}", getattr(self.moe, field), f"{why} (non-causal): "
+                             "a causal LM would see the future; set model.allow_non_causal_router=True to train it "
+                             "anyway for a routing study")
+        return self
+
+    def _choose(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            self._fail(name, f"choose one of {', '.join(choices)}")
+
+    def _section(self, name: str, part) -> None:
+        """``part.check()``, its ``FieldError`` named as this config's field ``name.field``."""
+        try:
+            part.check()
+        except FieldError as e:
+            raise FieldError("TransformerConfig", f"{name}.{e.field}" if name else e.field, e.value, e.why) from None
 
     def ffn(self, expert: bool = False, shared: bool = False) -> FFNConfig:
         """The shape of the dense FFN blocks, of each expert (``expert``), or of the shared experts."""
@@ -348,15 +220,3 @@ class TransformerConfig(StrictFields):
             return ""
         field, why = reason
         return f"model.moe.{field}={getattr(self.moe, field)!r}: {why} (non-causal)"
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_finite(value) -> bool:
-    return _finite(value) and value > 0

@@ -1,9 +1,33 @@
-"""Typed config building blocks: an error that names its field, and dataclasses that refuse
-misspelt fields. No project imports, so any module may use them."""
+"""Typed config building blocks: an error that names its field, dataclasses that refuse misspelt
+fields, and the kinds of field a run treats specially (``resumable``, ``run_time``). No project
+imports, so any module may use them."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+
+
+def resumable(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, run_time: bool = False):
+    """A field (or a whole section) a resumed run may change: it decides how the run computes,
+    lays out or reports, not what its checkpoint holds. ``run_time``: the program resolves the
+    value for the backend it runs on (``"auto"`` -> a kernel); a run's saved config keeps the
+    value as it was asked for."""
+    metadata = {"resumable": True, "run_time": run_time}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def flagged_keys(obj, flag: str, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys of ``obj``'s fields (nested dataclasses walked) whose metadata sets ``flag``; a
+    flagged section gives its prefix ("checkpoint.")."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get(flag):
+            out.append(f"{prefix}{f.name}." if dataclasses.is_dataclass(value) else f"{prefix}{f.name}")
+        elif dataclasses.is_dataclass(value):
+            out.extend(flagged_keys(value, flag, f"{prefix}{f.name}."))
+    return tuple(out)
 
 
 class FieldError(ValueError):
@@ -30,3 +54,15 @@ class StrictFields:
 
     def _fail(self, name: str, why: str):
         raise FieldError(type(self).__name__, name, getattr(self, name), why)
+
+
+def positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_finite(value) -> bool:
+    return finite(value) and value > 0

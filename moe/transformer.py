@@ -26,10 +26,6 @@ from moe.stats import MoEStats
 from sharding.mesh import current_mesh
 from sharding.rules import logical_to_spec
 
-NON_CAUSAL_HINT = (
-    "this causal language model would see the future; set allow_non_causal_router=True to train it anyway "
-    "for a routing study"
-)
 __all__ = ["Block", "BlockStack", "DenseFFN", "MoEStats", "RMSNorm", "Transformer", "run_block"]
 
 
@@ -43,10 +39,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size < 1:
             raise ValueError(f"TransformerConfig.vocab_size={cfg.vocab_size}: must be set (>= 1) to build a model")
-        if cfg.moe_every:
-            cfg.moe.check()
-        if cfg.non_causal_routing and not cfg.allow_non_causal_router:
-            raise ValueError(f"TransformerConfig{cfg.non_causal_message()[len('model'):]}; {NON_CAUSAL_HINT}")
+        cfg.check()
         self.cfg = cfg
         pdtype = jnp.dtype(cfg.param_dtype)
         self.embed = sharded_param(rngs.params(), (cfg.vocab_size, cfg.d_model), self.EMBED_AXES, 1.0, pdtype)

@@ -84,7 +84,7 @@ def test_auto_picks_by_platform(monkeypatch):
 
 def test_the_program_resolves_auto_for_its_backend(monkeypatch):
     """moe/ reads no backend: train.core.config.for_backend turns "auto" into the backend's kernel."""
-    from train.core.config import Config, for_backend
+    from train.core.config import Config, as_asked, for_backend
 
     cfg = Config()
     cfg.model.moe.dispatch = "dropless"
@@ -93,6 +93,11 @@ def test_the_program_resolves_auto_for_its_backend(monkeypatch):
     monkeypatch.setattr(gm, "tokamax_available", lambda: True)
     assert for_backend(cfg, "gpu").model.moe.grouped_matmul == "tokamax"
     assert cfg.model.moe.grouped_matmul == "auto"  # a copy: the saved config keeps "auto"
+    ran = for_backend(cfg, "gpu")
+    assert (ran.model.moe.grouped_matmul, ran.model.moe.ragged_exchange) == ("tokamax", True)
+    saved = as_asked(ran, cfg)  # what the run saves: another backend resolves for itself
+    assert (saved.model.moe.grouped_matmul, saved.model.moe.ragged_exchange) == ("auto", False)
+    assert saved.model.moe.dispatch == "dropless" and ran.model.moe.grouped_matmul == "tokamax"
 
 
 def test_megablox_tiles_are_lane_wide_or_the_whole_dimension():

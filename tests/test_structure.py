@@ -98,8 +98,38 @@ def test_no_router_is_named_outside_its_own_module_and_the_training_code_names_n
     from moe.routers import ROUTERS
 
     quoted = {f'"{name}"' for name in ROUTERS} | {f"'{name}'" for name in ROUTERS}
-    users = [p for p in (ROOT / "moe").glob("*.py") if p.name != "config.py"]  # config: the default's name
+    users = [p for p in (ROOT / "moe").glob("*.py") if p.name != "layer_config.py"]  # MoEConfig: the default's name
     for path in [*(ROOT / "train").rglob("*.py"), *users, *(ROOT / "moe/dispatch").rglob("*.py")]:
         text = path.read_text()
         named = [q for q in quoted if q in text]
         assert not named, f"{path.relative_to(ROOT)} names routers {named}"
+
+
+def test_the_command_lines_import_no_jax_and_take_their_choices_from_the_typed_config():
+    """Parsing a command line (and ``--help``) starts no JAX; a choice list (activations, dtypes,
+    scan modes...) is the config's own tuple, never a copy of its strings."""
+    import subprocess
+    import sys
+
+    clis = sorted(p.stem for p in (ROOT / "train" / "cli").glob("*.py") if p.stem != "__init__")
+    code = (f"import sys\nfor m in {clis!r}: __import__('train.cli.' + m)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    for path in (ROOT / "train" / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "choices":
+                assert not isinstance(node.value, (ast.Tuple, ast.List, ast.Set)), \
+                    f"{path.relative_to(ROOT)}:{node.value.lineno}: a literal choice list"
+
+
+def test_what_a_resumed_run_may_change_is_declared_on_the_fields():
+    from train.core.config import RESUMABLE, Config
+    from moe.fields import flagged_keys
+
+    assert RESUMABLE == flagged_keys(Config(), "resumable")
+    assert {"train.steps", "checkpoint.", "mesh.", "optimizer.", "model.remat", "model.moe.grouped_matmul"} <= set(RESUMABLE)
+    keys = set(RESUMABLE)
+    for fixed in ("model.d_model", "model.moe.router", "train.batch_size", "train.seq_len", "data.path", "train.seed"):
+        assert not any(fixed.startswith(k) for k in keys), fixed
+    assert flagged_keys(Config(), "run_time") == ("model.moe.ragged_exchange", "model.moe.grouped_matmul")

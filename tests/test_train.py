@@ -366,6 +366,9 @@ def test_dropless_training_equals_capacity_training_that_never_drops(tmp_path):
     dropless.model.moe.dispatch, dropless.model.moe.capacity_factor = "dropless", 0.25
     losses, params, m = run_steps(dropless, tmp_path / "dropless", 2)
     assert float(m["moe/dropped_fraction"]) == 0.0 == float(m_ref["moe/dropped_fraction"])
+    # CPU resolved grouped_matmul="auto" to ragged_dot for the run; what the run saves keeps "auto"
+    saved = json.loads((tmp_path / "dropless" / "config.json").read_text())["model"]["moe"]
+    assert (saved["grouped_matmul"], saved["ragged_exchange"]) == ("auto", False)
     np.testing.assert_allclose(losses, losses_ref, rtol=1e-5)
     assert jax.tree.structure(params) == jax.tree.structure(params_ref)
     for (path, a), b in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(params_ref), strict=True):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moe.config import ACTIVATIONS, DTYPES
 from train.cli.common import Range, check_ranges, common_args, fail, ints, load_config, split_overrides, write_json
 
 
@@ -54,7 +55,7 @@ def bench_layer_main(argv) -> int:
     p.add_argument("--d_ff", type=int, default=d.d_ff)
     p.add_argument("--capacity_factor", type=float, default=d.capacity_factor)
     p.add_argument("--router", default=d.router, choices=tuple(ROUTERS))
-    p.add_argument("--activation", default=d.activation, choices=("gelu", "silu", "relu"))
+    p.add_argument("--activation", default=d.activation, choices=ACTIVATIONS)
     p.add_argument("--seq_len", type=int, default=d.seq_len)
     p.add_argument("--data", type=int, default=d.data, help="mesh 'data' axis size")
     p.add_argument("--expert", type=int, default=d.expert, help="mesh 'expert' axis size")
@@ -66,7 +67,7 @@ def bench_layer_main(argv) -> int:
                         "(auto, ragged_dot, megablox, tokamax; default auto)")
     p.add_argument("--stages", action="store_true",
                    help="also profile the MoE (and dropless) layer: device time by named stage (route, permute, ...)")
-    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="activation dtype")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="activation dtype")
     p.add_argument("--sweep", action="store_true",
                    help="the full sweep: E 8,64,128 x tokens/device 1024,4096 x k 1,2")
     p.add_argument("--plot", help="write a PNG plot of the results here")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moe.config import SCAN_MODES
 from train.cli.common import INT32_MAX, Range, check_ranges, check_workdir, common_args, run_guarded, start_jax, stderr_log
 
 
@@ -17,7 +18,7 @@ def eval_main(argv=None) -> int:
     p.add_argument("--data_path", default=None,
                    help="score every file here (every token of a prepared folder) instead of the validation split")
     p.add_argument("--max_batches", type=int, default=0, help="stop after this many batches (0 = all)")
-    p.add_argument("--scan_layers", choices=("auto", "on", "off"), default=None,
+    p.add_argument("--scan_layers", choices=SCAN_MODES, default=None,
                    help="run the blocks scanned or unrolled, whichever way the run was trained (default: as trained)")
     common_args(p)
     from sharding.distributed import add_arguments

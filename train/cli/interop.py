@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from moe.config import DTYPES
 from train.cli.common import Range, check_ranges, check_workdir, common_args, fail, run_guarded, start_jax
 
 
@@ -47,7 +48,7 @@ def export_main(argv=None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--arch", choices=ARCHITECTURES, default="",
                    help="the Hugging Face architecture (default: the one imported from, else inferred from the model)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="", help="tensor dtype (default: the parameters')")
+    p.add_argument("--dtype", choices=DTYPES, default="", help="tensor dtype (default: the parameters')")
     p.add_argument("--max_shard_gb", type=float, default=2.0, help="largest safetensors file (GiB)")
     common_args(p)
     args = p.parse_args(argv)

@@ -8,6 +8,7 @@ an unknown key is an error. ``validate`` checks the resolved config before JAX s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -16,7 +17,8 @@ import os
 import pathlib
 import sys
 
-from moe.config import ACTIVATIONS, ATTENTIONS, DTYPES, QK_NORMS, REMAT_POLICIES, SCAN_MODES, FieldError, StrictFields
+from moe.config import FieldError, StrictFields
+from moe.fields import flagged_keys, resumable
 from moe.config import TransformerConfig as ModelConfig
 from moe.grouped_matmul import resolve as resolve_grouped_matmul, tokamax_available
 from train.data.config import DataConfig
@@ -34,18 +36,18 @@ class MeshConfig(StrictFields):
 
 @dataclasses.dataclass
 class TrainConfig(StrictFields):
-    steps: int = 300
+    steps: int = resumable(300)
     batch_size: int = 16  # global sequences per step
     seq_len: int = 128
     seed: int = 0
     grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide evenly)
-    max_nonfinite_steps: int = 3  # stop after this many consecutive skipped (non-finite) updates
-    spike_sigma: float = 0.0  # skip an update whose loss exceeds mean + sigma * std of the last window (0 = off)
+    max_nonfinite_steps: int = resumable(3)  # stop after this many consecutive skipped (non-finite) updates
+    spike_sigma: float = resumable(0.0)  # skip an update whose loss exceeds mean + sigma * std of the last window (0 = off)
     spike_window: int = 50
-    step_timeout_s: float = 0.0  # multi-process: stop if a step makes no progress this long (0 = 900 s there, off alone)
+    step_timeout_s: float = resumable(0.0)  # multi-process: stop if a step makes no progress this long (0 = 900 s there, off alone)
     # a workdir (e.g. from moe-import) whose latest checkpoint's parameters start this run (fine-tuning);
     # its tokenizer.json is used when the run has none. Ignored once this run has a checkpoint of its own.
-    init_from: str = ""
+    init_from: str = resumable("")
 
 
 @dataclasses.dataclass
@@ -73,17 +75,17 @@ class CheckpointConfig(StrictFields):
 @dataclasses.dataclass
 class Config(StrictFields):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    mesh: MeshConfig = resumable(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = resumable(default_factory=OptimizerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    log_every_steps: int = 10
-    eval_every_steps: int = 100  # 0 = only at the end
-    eval_batches: int = 8  # validation batches per evaluation
-    peak_flops_per_device: float = 0.0  # for MFU; 0 = guess from the device kind
-    profile_steps: int = 0  # > 0: jax.profiler trace of this many steps after warm-up into WORKDIR/profile
-    router_probe: bool = True  # log routing churn and H(expert | token id) per MoE layer (train.core.telemetry)
+    checkpoint: CheckpointConfig = resumable(default_factory=CheckpointConfig)
+    log_every_steps: int = resumable(10)
+    eval_every_steps: int = resumable(100)  # 0 = only at the end
+    eval_batches: int = resumable(8)  # validation batches per evaluation
+    peak_flops_per_device: float = resumable(0.0)  # for MFU; 0 = guess from the device kind
+    profile_steps: int = resumable(0)  # > 0: jax.profiler trace of this many steps after warm-up into WORKDIR/profile
+    router_probe: bool = resumable(True)  # log routing churn and H(expert | token id) per MoE layer (train.core.telemetry)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -207,7 +209,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             raise ConfigError(f"config.{key}={value!r}: {why}")
 
     m, t, o, d = cfg.model, cfg.train, cfg.optimizer, cfg.data
-    _validate_model(m, need)
+    _check_section("model", m)  # the model's own rules (moe.config)
     need(m.moe.grouped_matmul != "tokamax" or tokamax_available(), "model.moe.grouped_matmul", "tokamax is not installed (pip install 'switchyard[gpu]')")
     for key in ("steps", "batch_size", "seq_len", "grad_accum_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
@@ -246,42 +248,6 @@ def _check_section(section: str, part) -> None:
         part.check()
     except FieldError as e:
         raise ConfigError(f"config.{section}.{e.field}={e.value!r}: {e.why}") from None
-
-
-def _validate_model(m: ModelConfig, need) -> None:
-    for key in ("num_layers", "d_model", "num_heads", "d_ff"):
-        need(getattr(m, key) >= 1, f"model.{key}", "must be >= 1")
-    need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
-    need(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0 = d_model / num_heads)")
-    if not m.head_dim:
-        need(m.d_model % m.num_heads == 0, "model.d_model", f"must be divisible by model.num_heads={m.num_heads}")
-        need((m.d_model // m.num_heads) % 2 == 0, "model.num_heads", "head dimension d_model/num_heads must be even (RoPE)")
-    else:
-        need(m.head_dim % 2 == 0, "model.head_dim", "must be even (RoPE)")
-    need(m.num_kv_heads >= 0 and m.num_heads % max(m.num_kv_heads, 1) == 0, "model.num_kv_heads",
-         f"must divide model.num_heads={m.num_heads} (0 = num_heads)")
-    need(m.attention in ATTENTIONS, "model.attention", f"choose one of {', '.join(ATTENTIONS)}")
-    need(m.qk_norm in QK_NORMS, "model.qk_norm", f"choose one of {', '.join(QK_NORMS)}")
-    need(m.attention == "mha" or (m.qk_norm == "none" and not m.attn_bias and not m.num_kv_heads),
-         "model.attention", "mla has its own key/value layout: leave qk_norm, attn_bias and num_kv_heads unset")
-    need(m.norm_eps > 0 and math.isfinite(m.norm_eps), "model.norm_eps", "must be > 0")
-    need(type(m.first_dense_layers) is int and 0 <= m.first_dense_layers <= m.num_layers, "model.first_dense_layers",
-         f"must be an integer in [0, model.num_layers={m.num_layers}]")
-    if m.attention == "mla":
-        _check_section("model.mla", m.mla)
-    need(m.moe_every >= 0, "model.moe_every", "must be >= 0 (0 = dense model)")
-    need(m.activation in ACTIVATIONS, "model.activation", f"choose one of {', '.join(ACTIVATIONS)}")
-    need(m.dtype in DTYPES, "model.dtype", f"choose one of {', '.join(DTYPES)}")
-    need(m.param_dtype in DTYPES, "model.param_dtype", f"choose one of {', '.join(DTYPES)}")
-    need(m.rope_theta > 0, "model.rope_theta", "must be > 0")
-    need(m.scan_layers in SCAN_MODES, "model.scan_layers", f"choose one of {', '.join(SCAN_MODES)}")
-    need(m.remat in REMAT_POLICIES, "model.remat", f"choose one of {', '.join(REMAT_POLICIES)}")
-    _check_section("model.moe", m.moe)
-    need(m.moe.thor_consistency == 0 or m.moe_every, "model.moe.thor_consistency",
-         "is THOR's consistency loss: the model needs MoE blocks (model.moe_every > 0), or leave it 0")
-    if m.non_causal_routing and not m.allow_non_causal_router:
-        raise ConfigError(f"config.{m.non_causal_message()}: a causal LM would see the future; "
-                          "set model.allow_non_causal_router=True to train it anyway for a routing study")
 
 
 def validate_mesh(cfg: Config, num_devices: int) -> dict[str, int]:
@@ -347,10 +313,23 @@ def for_backend(cfg: Config, backend: str, environ=None) -> Config:
     return cfg if moe == cfg.model.moe else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
 
 
-# Sections a resumed run may change; anything else must match the checkpoint.
-RESUMABLE = ("train.steps", "checkpoint.", "log_every_steps", "eval_every_steps", "eval_batches", "router_probe",
-             "peak_flops_per_device", "profile_steps", "mesh.", "optimizer.", "train.max_nonfinite_steps", "train.spike_sigma",
-             "train.step_timeout_s", "train.init_from", "model.moe.ragged_exchange", "model.moe.grouped_matmul", "model.scan_layers", "model.remat")
+# The fields and sections a resumed run may change (declared ``resumable`` where they are defined);
+# anything else must match the checkpoint.
+RESUMABLE = flagged_keys(Config(), "resumable")
+
+
+def as_asked(cfg: Config, asked: Config) -> Config:
+    """``cfg`` with the fields the program resolves for its backend (``resumable(run_time=True)``:
+    the grouped-matmul kernel, the ragged exchange) as ``asked`` had them: the config a run saves,
+    so that another backend resolves them for itself."""
+    out = copy.deepcopy(cfg)
+    for key in flagged_keys(cfg, "run_time"):
+        *path, name = key.split(".")
+        src, dst = asked, out
+        for part in path:
+            src, dst = getattr(src, part), getattr(dst, part)
+        setattr(dst, name, getattr(src, name))
+    return out
 
 
 def check_compatible(meta: dict, saved: dict, where: pathlib.Path) -> None:

@@ -27,7 +27,7 @@ from sharding.rules import logical_to_spec, mesh_and_rules, spread_spec
 from train.core import metrics as metrics_lib
 from train.core import layout
 from train.core.checkpoint import Checkpoints, from_nested, to_nested
-from train.core.config import Config, check_compatible, for_backend, validate, validate_mesh, with_vocab
+from train.core.config import Config, as_asked, check_compatible, for_backend, validate, validate_mesh, with_vocab
 from train.core.memory import check_fits, step_memory
 from train.core.optimizer import make_optimizer
 from train.core.step import (TrainState, loss_for, make_eval_step, make_probe_step, make_train_step, shardings_of,
@@ -162,12 +162,12 @@ class TrainerSetup:
         self.folder = self.writer = self.checkpoints = None
         self.folder = take_run_folder(self.workdir, self.proc, self.nproc)
         try:
-            self._build(for_backend(copy.deepcopy(cfg), self.devices[0].platform), log)
+            self._build(for_backend(copy.deepcopy(cfg), self.devices[0].platform), log, asked=cfg)
         except BaseException:
             self._abandon()  # the workdir as it was found
             raise
 
-    def _build(self, cfg: Config, log) -> None:
+    def _build(self, cfg: Config, log, asked: Config) -> None:
         self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=cfg.train.steps, enabled=self.proc == 0)
         self.log = log or self.writer.log
         self._take_init_tokenizer(cfg)
@@ -180,7 +180,8 @@ class TrainerSetup:
         self.batches = TrainBatches(self.train_corpus.tokens, t.seq_len, t.batch_size, t.seed, self.proc, self.nproc)
         self.mesh = make_mesh(devices=self.devices, **self.sizes)
         self.tx, self.schedule = make_optimizer(cfg.optimizer, t.steps)
-        self.meta = {"config": cfg.to_dict(), "data_fingerprint": data.fingerprint}
+        self.saved_cfg = as_asked(cfg, asked)  # another backend (moe-eval of a GPU run on CPU) resolves its own
+        self.meta = {"config": self.saved_cfg.to_dict(), "data_fingerprint": data.fingerprint}
         self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
         self.save_blocking_ms: list[float] = []
         self._check_checkpoint_config()  # before any compile: an incompatible workdir is refused at once
@@ -193,7 +194,7 @@ class TrainerSetup:
             self._maybe_resume()
         # only once the checkpoints (if any) are known to match it; a run already done writes nothing
         if self.proc == 0 and int(self.state.step) < cfg.train.steps:
-            write_text_atomic(self.workdir / "config.json", cfg.to_json())
+            write_text_atomic(self.workdir / "config.json", self.saved_cfg.to_json())
 
     def _abandon(self) -> None:
         for part in (self.checkpoints, self.writer):
