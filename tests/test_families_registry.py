@@ -12,6 +12,7 @@ from train.interop.families import (
     ARCHITECTURES,
     FAMILIES,
     Family,
+    InteropError,
     from_hf_config,
     infer_architecture,
     register,
@@ -54,3 +55,11 @@ def test_the_registry_refuses_a_second_family_of_a_name_or_a_priority():
         with pytest.raises(ValueError):
             register(type("Clash", (Family,), clash))
     assert set(ARCHITECTURES) == set(FAMILIES)
+
+
+def test_a_gated_shared_expert_is_refused_where_the_family_has_no_gate():
+    """DeepSeek-V3's shared experts have no gate: exporting one would write a tensor transformers drops."""
+    _, cfg = from_hf_config(dict(COMMON, model_type="deepseek_v3", **DEEPSEEK))
+    cfg.moe.shared_gate = True
+    with pytest.raises(InteropError, match=r"^--arch=deepseek_v3: model\.moe\.shared_gate=True: deepseek_v3 has no gate"):
+        to_hf_config("deepseek_v3", cfg, "float32")

@@ -163,6 +163,7 @@ class Family:
     moe_module = "mlp"  # the MoE layer under model.layers.<i>
     expert_names = ("gate_proj", "up_proj", "down_proj")  # each expert's gate, up and down projections
     shared_expert = ""  # the shared experts under the MoE layer ("": the family has none)
+    gates_shared = False  # a sigmoid gate scales the shared experts' output (MoEConfig.shared_gate)
     router_bias = ""  # the router's bias buffer under its gate ("": none)
 
     def matches(self, cfg: TransformerConfig) -> bool:
@@ -243,6 +244,7 @@ class Family:
         need(cfg.activation == "silu" and cfg.gated, "activation", "the architectures use SwiGLU (silu, gated)")
         need(m.router in self.routers, "moe.router", f"{arch} routes with {' or '.join(self.routers)}")
         need(bool(self.shared_expert) or not m.shared_d_ff, "moe.shared_d_ff", f"{arch} has no shared experts")
+        need(self.gates_shared or not m.shared_gate, "moe.shared_gate", f"{arch} has no gate on its shared experts")
         need(cfg.attention == self.attention, "attention", f"{arch} does not use it")
         need(cfg.qk_norm == self.qk_norm, "qk_norm", f"{arch} does not use it")
         need(cfg.attn_bias == self.attn_bias, "attn_bias", f"{arch} differs")

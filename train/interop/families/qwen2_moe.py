@@ -14,6 +14,7 @@ class Qwen2Moe(QwenMoe):
     name, hf_class, priority = "qwen2_moe", "Qwen2MoeForCausalLM", 10
     attn_bias = True
     shared_expert = "shared_expert"
+    gates_shared = True
 
     def matches(self, cfg: TransformerConfig) -> bool:
         return bool(cfg.attn_bias or cfg.moe.shared_d_ff)
