@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 def make_folder(folder: pathlib.Path, size_gb: float, d: int) -> int:
     from hf_models import make_tokenizer
     from moe.config import MoEConfig, TransformerConfig
-    from train.interop.archs import tensors, to_hf_config
+    from train.interop.families import tensors, to_hf_config
     from train.interop.safetensors import write_shards
 
     f, e, v = d * 7 // 2, 8, 32000

@@ -24,7 +24,7 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_configs_validate_and_infer_their_architecture(family):
-    from train.interop.archs import infer_architecture, to_hf_config
+    from train.interop.families import infer_architecture, to_hf_config
 
     cfg = load_config_file(str(ROOT / f"configs/{family}_tiny.py"))
     validate(cfg, num_devices=8)

@@ -1,7 +1,9 @@
 """The structure the code promises: imports run one way with no cycle, files and functions stay
-small, the model reads no environment, and a router is known by its own module only."""
+small, the model reads no environment, a router is known by its own module only, and so is a
+Hugging Face family."""
 
 import ast
+import importlib
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -133,3 +135,64 @@ def test_what_a_resumed_run_may_change_is_declared_on_the_fields():
     for fixed in ("model.d_model", "model.moe.router", "train.batch_size", "train.seq_len", "data.path", "train.seed"):
         assert not any(fixed.startswith(k) for k in keys), fixed
     assert flagged_keys(Config(), "run_time") == ("model.moe.ragged_exchange", "model.moe.grouped_matmul")
+
+
+FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+REGISTRY = {"ARCHITECTURES", "FAMILIES"}  # an architecture may be looked up in these, nothing else
+
+
+def _architecture_comparisons(tree: ast.AST, names) -> list[int]:
+    """Lines of ``tree`` that dispatch on an architecture's name: a comparison (==, !=, in, a match
+    case) with a family's name, a dict keyed by one, or a comparison of an ``arch`` / ``model_type``
+    (a name, an attribute, ``hf.get("model_type")``) with anything but the registry."""
+
+    def strings(node):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [s for e in node.elts for s in strings(e)]
+        return [node.value] if isinstance(node, ast.Constant) and isinstance(node.value, str) else []
+
+    def is_arch(node):
+        return any(isinstance(n, ast.Name) and n.id in ("arch", "model_type")
+                   or isinstance(n, ast.Attribute) and n.attr in ("arch", "model_type")
+                   or isinstance(n, ast.Constant) and n.value == "model_type" for n in ast.walk(node))
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            named = any(s in names for o in operands for s in strings(o))
+            registry = all(isinstance(o, ast.Name) and o.id in REGISTRY for o in operands if not is_arch(o))
+            if named or (any(map(is_arch, operands)) and not registry):
+                found.append(node.lineno)
+        elif isinstance(node, ast.MatchValue) and any(s in names for s in strings(node.value)):
+            found.append(node.lineno)
+        elif isinstance(node, ast.Dict) and any(k is not None and s in names for k in node.keys for s in strings(k)):
+            found.append(node.lineno)
+    return found
+
+
+def test_no_architecture_is_compared_outside_its_own_family_module():
+    from train.interop.families import FAMILIES
+
+    for bad in ('arch == "mixtral"', 'x in ("qwen2_moe", "olmoe")', 'hf.get("model_type") != other',
+                'a = {"deepseek_v3": 1}', 'match f:\n    case "olmoe": pass', 'self.arch == y'):
+        assert _architecture_comparisons(ast.parse(bad), FAMILIES), bad
+    for fine in ("arch not in ARCHITECTURES", 'cfg.attention == "mla"', 'f(arch, "mixtral")'):
+        assert not _architecture_comparisons(ast.parse(fine), FAMILIES), fine
+    own = {pathlib.Path(importlib.import_module(type(f).__module__).__file__).resolve() for f in FAMILIES.values()}
+    for folder in (*PACKAGES, "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.resolve() in own:
+                continue
+            lines = _architecture_comparisons(ast.parse(path.read_text()), FAMILIES)
+            assert not lines, f"{path.relative_to(ROOT)}:{lines}: compares an architecture's name (ask its family)"
+
+
+def test_each_family_is_registered_from_its_own_module():
+    from train.interop.families import ARCHITECTURES, FAMILIES
+
+    assert ARCHITECTURES == FAMILY_NAMES
+    assert sorted(FAMILIES) == sorted(FAMILY_NAMES)
+    for name, family in FAMILIES.items():
+        assert family.name == name
+        assert type(family).__module__ == f"train.interop.families.{name}", (name, type(family).__module__)

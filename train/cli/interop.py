@@ -37,7 +37,7 @@ def import_main(argv=None) -> int:
 
 def export_main(argv=None) -> int:
     """moe-export --workdir=W --hf_dir=OUT [--step=N]: a Hugging Face model folder from a checkpoint."""
-    from train.interop.archs import ARCHITECTURES
+    from train.interop.families import ARCHITECTURES
 
     prog = "moe-export"
     p = argparse.ArgumentParser(prog=prog, description=(

@@ -16,14 +16,15 @@ import tempfile
 
 from train.core.workdir import require_new_folder
 from train.errors import RUN_ERRORS, USER_ERRORS, CheckpointError, DataError, WorkdirError
-from train.interop.archs import ARCHITECTURES, InteropError, Tensor
+from train.interop.families import ARCHITECTURES, InteropError, Tensor, unread_layers
 from train.interop.safetensors import FLOAT_DTYPES, SafetensorsFolder
 
 # Tensors a model folder may hold that Switchyard does not read, and why (every other one unused by
 # the config is refused unless --allow_unused): buffers transformers recomputes from the config...
 IGNORED_PATTERNS = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
-# ...and DeepSeek-V3's multi-token-prediction blocks, stored as layers num_hidden_layers ..
-# num_hidden_layers + num_nextn_predict_layers - 1 (used for training and speculative decoding only).
+# ...and the layers after the model's own that its family does not read (``unread_layers``), stored as
+# layers num_hidden_layers .. num_hidden_layers + n - 1: DeepSeek-V3's multi-token-prediction blocks
+# (num_nextn_predict_layers, used for training and speculative decoding only).
 MTP_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 SHOWN = 5  # unused tensors named in the message (the rest counted)
 
@@ -96,12 +97,12 @@ def ignored(name: str, hf: dict) -> bool:
     """Whether a tensor the architecture does not read is expected in its folders (see the patterns above)."""
     if any(p.search(name) for p in IGNORED_PATTERNS):
         return True
-    mtp = hf.get("num_nextn_predict_layers") if hf.get("model_type") == "deepseek_v3" else 0
+    unread = unread_layers(hf)
     layer = MTP_LAYER.match(name)
-    if not (layer and isinstance(mtp, int) and mtp > 0):
+    if not (layer and isinstance(unread, int) and unread > 0):
         return False
     first = int(hf["num_hidden_layers"])
-    return first <= int(layer.group(1)) < first + mtp
+    return first <= int(layer.group(1)) < first + unread
 
 
 def read_imported_arch(workdir: pathlib.Path) -> str:

@@ -25,7 +25,7 @@ from flax import nnx
 
 from train.core.workdir import staged_folder
 from train.errors import DataError
-from train.interop.archs import InteropError, Tensor, from_hf_config, tensors
+from train.interop.families import InteropError, Tensor, from_hf_config, tensors
 from train.interop.guards import check_destination, check_tensors, read_hf_config
 from train.interop.safetensors import SafetensorsFolder
 
