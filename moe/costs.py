@@ -15,9 +15,9 @@ from moe.config import TransformerConfig
 
 def param_counts(cfg: TransformerConfig) -> dict[str, int]:
     """Total and active (per token) parameter counts, and the experts' share of the total."""
-    from moe.transformer import Transformer
+    from moe.transformer import abstract_model
 
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     total = expert = 0
     params = nnx.state(abstract, nnx.Param)
     for var in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):

@@ -26,7 +26,8 @@ from moe.stats import MoEStats
 from sharding.mesh import current_mesh
 from sharding.rules import logical_to_spec
 
-__all__ = ["Block", "BlockStack", "DenseFFN", "MoEStats", "RMSNorm", "Transformer", "run_block"]
+__all__ = ["Block", "BlockStack", "DenseFFN", "MoEStats", "RMSNorm", "Transformer", "abstract_model", "build_model",
+           "run_block"]
 
 
 class Transformer(nnx.Module):
@@ -193,6 +194,23 @@ class Transformer(nnx.Module):
                 stats[i] = block_stats
         moe_stats, routes = MoEStats.combine(stats, self.cfg.moe.num_experts)
         return self.logits(x_BSD), moe_stats, new_cache, routes
+
+
+def build_model(cfg: TransformerConfig, seed: int = 0) -> Transformer:
+    """The model of ``cfg`` as every program builds it: parameters drawn from ``seed``, the random
+    routers' streams from ``seed + 1``. Under a mesh, its arrays are created already sharded."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed, routing=seed + 1))
+
+
+def abstract_model(cfg: TransformerConfig, mode: str = "train", seed: int = 0) -> Transformer:
+    """``build_model`` as shapes, dtypes and shardings only (nothing allocated or computed);
+    ``mode="eval"``: in evaluation mode (``Transformer.eval``), as evaluation and decoding trace it."""
+    if mode not in ("train", "eval"):
+        raise ValueError(f"abstract_model: mode={mode!r}: 'train' or 'eval'")
+    model = nnx.eval_shape(lambda: build_model(cfg, seed))
+    if mode == "eval":
+        model.eval()
+    return model
 
 
 def remat_policy(name: str):

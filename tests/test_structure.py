@@ -196,3 +196,19 @@ def test_each_family_is_registered_from_its_own_module():
     for name, family in FAMILIES.items():
         assert family.name == name
         assert type(family).__module__ == f"train.interop.families.{name}", (name, type(family).__module__)
+
+
+def test_one_checkpoint_writer_and_one_way_to_build_the_model():
+    """Only the checkpoint module speaks Orbax (training and import both write through it; the
+    coordination service's barrier aside), and outside ``moe/`` the model is built by
+    ``build_model`` / ``abstract_model`` only, never by calling ``Transformer(...)``."""
+    orbax_users = {"train/core/checkpoint.py", "sharding/distributed.py"}
+    for folder in ("train", "sharding", "scripts", "moe"):
+        for path in (ROOT / folder).rglob("*.py"):
+            where = str(path.relative_to(ROOT))
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                    assert where in orbax_users or not any(n.split(".")[0] == "orbax" for n in names), where
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Transformer":
+                    assert where == "moe/transformer.py", f"{where}:{node.lineno} builds Transformer(...) itself"

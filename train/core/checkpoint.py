@@ -129,8 +129,9 @@ def from_nested(nested: dict, like):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _abstract(tree, shardings):
-    """ShapeDtypeStructs carrying the target shardings (PRNG keys as their raw data)."""
+def abstract_arrays(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings (PRNG keys as their raw data): what a restore
+    of ``tree`` onto ``shardings`` asks for."""
 
     def one(x, s):
         if _is_prng_key(x):
@@ -139,6 +140,17 @@ def _abstract(tree, shardings):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
     return jax.tree.map(one, tree, shardings)
+
+
+def write_params(where: pathlib.Path, batches) -> None:
+    """A model's parameters written batch by batch (each a nested dict of arrays: Orbax partial saves)
+    into the new folder ``where``, then finalised: the host holds one batch at a time, never the whole
+    model. ``Checkpoints.save_model`` takes the folder in as a checkpoint's parameters."""
+    import orbax.checkpoint.experimental.v1 as ocp_v1
+
+    for batch in batches:
+        ocp_v1.partial.save(where, batch)
+    ocp_v1.partial.finalize(where)
 
 
 def _as_dicts(tree):
@@ -196,6 +208,20 @@ class Checkpoints:
             self._in_flight = step
         return started
 
+    def save_model(self, step: int, params: pathlib.Path, model_state, meta: dict) -> None:
+        """Write checkpoint ``step`` of a model that has not trained here (an import): the parameters
+        ``write_params`` put in the folder ``params`` (moved in, not copied), ``model_state`` (a nested
+        dict), ``meta``, and no optimizer state (a run started from it makes its own). Blocks until written."""
+        train = {"step": jax.numpy.zeros((), jax.numpy.int32), "model_state": model_state}
+        items = {"train": ocp.args.StandardSave(train), "meta": ocp.args.JsonSave(meta), "data": ocp.args.JsonSave({})}
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items))
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+        (params / "state").rename(self.directory / str(step) / "params")
+        shutil.rmtree(params)
+
     def _check_space(self, step: int, state) -> None:
         need = state_bytes(state) * SPACE_MARGIN
         try:
@@ -249,14 +275,14 @@ class Checkpoints:
     def restore(self, step: int, like, shardings):
         """The full TrainState of ``step``, placed by ``shardings`` (any mesh)."""
         out = self._restore(step, {
-            "params": to_nested(_abstract(like.params, shardings.params)),
+            "params": to_nested(abstract_arrays(like.params, shardings.params)),
             "opt_state": {
-                "optimizer": to_nested(_abstract(like.opt_state, shardings.opt_state)),
-                "recent_losses": _abstract(like.recent_losses, shardings.recent_losses),
+                "optimizer": to_nested(abstract_arrays(like.opt_state, shardings.opt_state)),
+                "recent_losses": abstract_arrays(like.recent_losses, shardings.recent_losses),
             },
             "train": {
-                "step": _abstract(like.step, shardings.step),
-                "model_state": to_nested(_abstract(like.model_state, shardings.model_state)),
+                "step": abstract_arrays(like.step, shardings.step),
+                "model_state": to_nested(abstract_arrays(like.model_state, shardings.model_state)),
             },
         })
         return type(like)(
@@ -269,13 +295,13 @@ class Checkpoints:
 
     def restore_params(self, step: int, like_params, shardings, like_model_state=None, model_state_shardings=None):
         """Parameters only (and the small model state): the optimizer state is never read."""
-        targets = {"params": to_nested(_abstract(like_params, shardings))}
+        targets = {"params": to_nested(abstract_arrays(like_params, shardings))}
         if like_model_state is not None:
             mesh = jax.tree.leaves(shardings)[0].mesh
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             targets["train"] = {
                 "step": jax.ShapeDtypeStruct((), np.int32, sharding=replicated),
-                "model_state": to_nested(_abstract(like_model_state, model_state_shardings)),
+                "model_state": to_nested(abstract_arrays(like_model_state, model_state_shardings)),
             }
         out = self._restore(step, targets)
         params = from_nested(out["params"], like_params)

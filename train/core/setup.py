@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe.transformer import Transformer
+from moe.transformer import abstract_model, build_model
 from sharding.distributed import aligned, barrier
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, mesh_and_rules, spread_spec
@@ -67,14 +67,11 @@ def state_init(cfg: Config, tx):
     draws, and one block pattern to compile instead of every block."""
     seed = cfg.train.seed
 
-    def build(model_cfg=cfg.model):
-        return Transformer(model_cfg, rngs=nnx.Rngs(params=seed, routing=seed + 1))
-
-    abstract_model = nnx.eval_shape(build)
-    graphdef, like_params, like_rest = split_model(abstract_model)
-    fits_routers = abstract_model.wants_token_counts
-    abstract_model.eval()
-    eval_graphdef, _, _ = split_model(abstract_model)
+    abstract = abstract_model(cfg.model, seed=seed)
+    graphdef, like_params, like_rest = split_model(abstract)
+    fits_routers = abstract.wants_token_counts
+    abstract.eval()
+    eval_graphdef, _, _ = split_model(abstract)
     scanned = dataclasses.replace(cfg.model, scan_layers="on")
     through_scan = cfg.model.scan_repeats == 0 and scanned.scan_repeats > 0
 
@@ -83,10 +80,10 @@ def state_init(cfg: Config, tx):
 
     def init():
         if through_scan:
-            _, params, rest = split_model(build(scanned))
+            _, params, rest = split_model(build_model(scanned, seed))
             params, rest = unstacked(params, like_params), unstacked(rest, like_rest)
         else:
-            _, params, rest = split_model(build())
+            _, params, rest = split_model(build_model(cfg.model, seed))
         window = jnp.full((cfg.train.spike_window,), jnp.nan, jnp.float32)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rest, window)
 
@@ -100,9 +97,7 @@ def probe_graphdef(cfg: Config):
     cfg = copy.deepcopy(cfg)
     if not cfg.model.moe.eval_capacity_factor:
         cfg.model.moe.eval_capacity_factor = cfg.model.moe.capacity_factor
-    model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(params=0, routing=1)))
-    model.eval()
-    return split_model(model)[0]
+    return split_model(abstract_model(cfg.model, "eval"))[0]
 
 
 def state_shardings(cfg: Config, abstract: TrainState, tx):

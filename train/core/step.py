@@ -277,3 +277,8 @@ def score(eval_step, params, model_state, batches, to_global, num_bytes: int, nu
 def shardings_of(tree):
     """The NamedSharding of every array (or abstract array) in ``tree``."""
     return jax.tree.map(lambda x: x.sharding if hasattr(x, "sharding") else jax.typeof(x).sharding, tree)
+
+
+def shardings_on(tree, mesh):
+    """The shardings of ``tree``'s (abstract) arrays, their specs placed on the concrete ``mesh``."""
+    return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s.spec), shardings_of(tree))

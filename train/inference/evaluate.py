@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moe.transformer import Transformer
+from moe.transformer import Transformer, abstract_model
 from sharding.distributed import aligned
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, mesh_and_rules
@@ -24,7 +24,12 @@ from train.core.config import Config, for_backend, from_dict
 from train.errors import CheckpointError, ConfigError, DataError
 from train.data.batches import eval_batches
 from train.data.prepared import open_eval_data
-from train.core.step import make_eval_step, score, shardings_of, split_model
+from train.core.step import make_eval_step, score, shardings_on, split_model
+
+
+# evaluation, decoding and import run on a data x expert mesh (inference_mesh_sizes) with the experts
+# over ``expert`` and everything else replicated, whatever rules the run was trained with
+INFERENCE_RULES = "ep"
 
 
 def inference_mesh_sizes(cfg: Config, num_devices: int) -> dict[str, int]:
@@ -45,7 +50,7 @@ class LoadedRun:
     workdir: pathlib.Path
 
     def context(self):
-        return mesh_and_rules(self.mesh, "ep")
+        return mesh_and_rules(self.mesh, INFERENCE_RULES)
 
     def model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.params, self.model_state)
@@ -94,15 +99,10 @@ def _load_step(checkpoints: Checkpoints, step: int, devices, scan_layers: str | 
     if scan_layers is not None:
         cfg.model.scan_layers = scan_layers
     mesh = make_mesh(devices=devices, **inference_mesh_sizes(cfg, len(devices)))
-    with mesh_and_rules(mesh, "ep"):
-        abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(params=0, routing=1)))
-        abstract.eval()
-        graphdef, params, model_state = split_model(abstract)
-
-        def placed(tree):  # abstract shardings -> the same specs on this concrete mesh
-            return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s.spec), shardings_of(tree))
-
-        params, model_state, _ = checkpoints.restore_params(step, params, placed(params), model_state, placed(model_state))
+    with mesh_and_rules(mesh, INFERENCE_RULES):
+        graphdef, params, model_state = split_model(abstract_model(cfg.model, "eval"))
+        params, model_state, _ = checkpoints.restore_params(step, params, shardings_on(params, mesh), model_state,
+                                                            shardings_on(model_state, mesh))
     return LoadedRun(cfg, step, mesh, graphdef, params, model_state, workdir)
 
 

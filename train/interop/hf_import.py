@@ -19,9 +19,7 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from train.core.workdir import staged_folder
 from train.errors import DataError
@@ -122,14 +120,12 @@ def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, allow
                  log=print) -> dict:
     """Convert ``hf_dir`` into a new Switchyard ``workdir``; returns a summary (arch, parameters, seconds).
     Tensors of the folder that the config does not read are an error unless ``allow_unused``."""
-    import orbax.checkpoint as ocp
-    import orbax.checkpoint.experimental.v1 as ocp_v1
-
-    from moe.transformer import Transformer
+    from moe.transformer import abstract_model, build_model
     from sharding.mesh import make_mesh
     from sharding.rules import mesh_and_rules
-    from train.core.checkpoint import Checkpoints, _abstract, to_nested
-    from train.core.step import shardings_of, split_model
+    from train.core.checkpoint import Checkpoints, abstract_arrays, to_nested, write_params
+    from train.core.step import shardings_on, split_model
+    from train.inference.evaluate import INFERENCE_RULES
 
     start = time.perf_counter()
     hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
@@ -140,20 +136,15 @@ def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, allow
     with staged_folder(workdir, "--workdir") as tmp:
         unrolled = dataclasses.replace(cfg.model, scan_layers="off")  # written unrolled; any layout restores it
         mesh = make_mesh(devices=jax.devices()[:1], data=1, expert=1)  # one copy of every array
-        with mesh_and_rules(mesh, "ep"):
-            abstract = nnx.eval_shape(lambda: Transformer(unrolled, rngs=nnx.Rngs(params=0, routing=1)))
-            _, params, model_state = split_model(abstract)
-
-            def placed(tree):  # the abstract shardings on this concrete mesh
-                return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s.spec), shardings_of(tree))
-
-            target = {"params": to_nested(_abstract(params, placed(params))),
-                      "model_state": to_nested(_abstract(model_state, placed(model_state)))}
+        with mesh_and_rules(mesh, INFERENCE_RULES):
+            _, params, model_state = split_model(abstract_model(unrolled))
+            target = {"params": to_nested(abstract_arrays(params, shardings_on(params, mesh))),
+                      "model_state": to_nested(abstract_arrays(model_state, shardings_on(model_state, mesh)))}
             by_path = {t.path: t for t in table}
-            n_params = _write_params(ocp_v1, tmp / "params", target["params"], by_path, folder, log)
+            n_params = _check_mapped(target["params"], by_path)
+            write_params(tmp / "params", _param_batches(target["params"], by_path, folder, log))
             # the small model state (router biases, RNG streams): initial values, then what the folder holds
-            state = jax.jit(lambda: to_nested(split_model(
-                Transformer(unrolled, rngs=nnx.Rngs(params=0, routing=1)))[2]))()
+            state = jax.jit(lambda: to_nested(split_model(build_model(unrolled))[2]))()
             for t in table:
                 if t.item == "model_state":
                     leaf = lookup(target["model_state"], t.path)
@@ -162,14 +153,9 @@ def import_model(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, allow
         meta = {"config": cfg.to_dict(), "data_fingerprint": "imported", "imported_from": {"arch": arch, "hf_dir": str(hf_dir)}}
         checkpoints = Checkpoints(tmp / "checkpoints", keep=1)
         try:
-            items = {"train": ocp.args.StandardSave({"step": jnp.zeros((), jnp.int32), "model_state": state}),
-                     "meta": ocp.args.JsonSave(meta), "data": ocp.args.JsonSave({})}
-            checkpoints.manager.save(0, args=ocp.args.Composite(**items))
-            checkpoints.manager.wait_until_finished()
+            checkpoints.save_model(0, tmp / "params", state, meta)
         finally:
             checkpoints.close()
-        (tmp / "params" / "state").rename(tmp / "checkpoints" / "0" / "params")
-        shutil.rmtree(tmp / "params")
         _write_files(tmp, hf_dir, arch, cfg, tokenizer)
     seconds = time.perf_counter() - start
     log(f"moe-import: wrote {workdir} ({n_params:,} parameters) in {seconds:.1f} s")
@@ -205,36 +191,33 @@ def _leaves(tree: dict, prefix: str = ""):
             yield path, v
 
 
-def _write_params(ocp_v1, where: pathlib.Path, target: dict, by_path: dict, folder, log,
-                  batch_bytes: int = 64 << 20) -> int:
-    """The parameters built from the folder and saved a few at a time (Orbax partial saves of at
-    most ``batch_bytes``, or one larger array): host memory holds one batch, never the model."""
-    leaves = list(_leaves(target))
-    for path, _ in leaves:
+def _check_mapped(target: dict, by_path: dict) -> int:
+    """The number of parameters of ``target``; ``InteropError`` for a variable no tensor is mapped to."""
+    total = 0
+    for path, leaf in _leaves(target):
         if path not in by_path:
             raise InteropError(f"no Hugging Face tensor is mapped to Switchyard's {path}")
-    total, pending, pending_bytes, done_blocks = 0, {}, 0, set()
+        total += int(np.prod(leaf.shape))
+    return total
+
+
+def _param_batches(target: dict, by_path: dict, folder, log, batch_bytes: int = 64 << 20):
+    """The parameters built from the folder, a nested dict of at most ``batch_bytes`` (or one larger
+    array) at a time, for ``write_params``: host memory holds one batch, never the model."""
+    pending, pending_bytes, done_blocks = {}, 0, set()
     blocks = len(target.get("blocks", {}))
-
-    def flush():
-        nonlocal pending, pending_bytes
-        if pending:
-            ocp_v1.partial.save(where, pending)
-        pending, pending_bytes = {}, 0
-
-    for path, leaf in leaves:
+    for path, leaf in _leaves(target):
         nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
         if pending and pending_bytes + nbytes > batch_bytes:
-            flush()
+            yield pending
+            pending, pending_bytes = {}, 0
         _nested_set(pending, path, jax.make_array_from_callback(
             leaf.shape, leaf.sharding, _reader(folder, by_path[path], leaf.dtype)))
         pending_bytes += nbytes
-        total += int(np.prod(leaf.shape))
         parts = path.split("/")
         if parts[0] == "blocks" and parts[1] not in done_blocks:
             done_blocks.add(parts[1])
             if len(done_blocks) % max(1, blocks // 10) == 0:
                 log(f"moe-import: block {len(done_blocks)}/{blocks}")
-    flush()
-    ocp_v1.partial.finalize(where)
-    return total
+    if pending:
+        yield pending
