@@ -178,7 +178,7 @@ def test_moe_eval_and_moe_generate_cli(resumed_runs, capsys):
 
 def test_eval_and_generate_read_a_workdir_a_run_holds_and_bad_generation_flags_get_one_line(resumed_runs, capsys,
                                                                                            monkeypatch):
-    from train.core.workdir import RunFolder
+    from train.services.workdir import RunFolder
 
     work = str(resumed_runs["tmp"] / "straight")
     held = RunFolder(work).open()  # as a training run on it would: readers are still welcome
@@ -193,7 +193,7 @@ def test_eval_and_generate_read_a_workdir_a_run_holds_and_bad_generation_flags_g
                 generate_main([f"--workdir={work}", "--prompt=def add", flag])
             err = capsys.readouterr().err.strip()
             assert exc.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
-        monkeypatch.setattr("train.core.memory.device_memory", lambda devices: (1 << 20, "a 1 MiB device"))
+        monkeypatch.setattr("train.services.memory.device_memory", lambda devices: (1 << 20, "a 1 MiB device"))
         with pytest.raises(SystemExit) as exc:  # a KV cache the device cannot hold is refused before it is allocated
             generate_main([f"--workdir={work}", "--prompt=def add", "--max_new_tokens=4000"])
         err = capsys.readouterr().err.strip()

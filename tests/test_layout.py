@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from train.core import layout
+from moe import layout
 from train.core.config import from_dict, upgrade
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""train.core.metrics (JSONL, TensorBoard, console) and scripts/plot_metrics.py; no JAX needed."""
+"""train.services.metrics (JSONL, TensorBoard, console) and scripts/plot_metrics.py; no JAX needed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from moe.costs import transformer_flops_per_token
-from train.core.metrics import NOMINAL_PEAK_FLOPS, MetricsWriter, mfu, peak_flops_per_device
+from train.services.metrics import NOMINAL_PEAK_FLOPS, MetricsWriter, mfu, peak_flops_per_device
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from conftest import tiny_train_args
 from harness import make_inputs, run_layer, layer_spec
 from moe.routers.hashing import hash_table
 from moe.routers.stable import balanced_choice, distill_loss
-from train.core.telemetry import RoutingProbe, churn, token_entropy
+from train.services.telemetry import RoutingProbe, churn, token_entropy
 
 
 # ---------------------------------------------------------------- the numbers

@@ -13,7 +13,7 @@ from conftest import build_mesh
 from moe.config import REMAT_POLICIES, TransformerConfig
 from moe.transformer import Transformer
 from sharding.rules import logical_to_spec, mesh_and_rules
-from train.core import layout
+from moe import layout
 from train.core.checkpoint import to_nested
 
 V = 64

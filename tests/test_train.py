@@ -175,7 +175,7 @@ def test_moe_train_cli_end_to_end(tmp_path, capsys, caplog):
     # row's value is the routing of the saved parameters on the first validation batch
     assert "moe/churn" not in train_rows[0] and all(0 <= r["moe/layer1/churn"] <= 1 for r in train_rows[1:])
     assert all(0 < r["moe/layer1/token_entropy"] <= np.log(8) for r in train_rows)
-    from train.core.telemetry import token_entropy
+    from train.services.telemetry import token_entropy
     from train.data.batches import eval_batches
     from train.data.prepared import open_eval_data
     from train.inference.evaluate import load_run
@@ -260,7 +260,7 @@ def test_profile_steps_traces_steps_after_warm_up(tmp_path, monkeypatch):
     import gzip
 
     from conftest import tiny_train_args
-    from train.core.metrics import MetricsWriter
+    from train.services.metrics import MetricsWriter
 
     logged, log = [], MetricsWriter.log  # the console lines (its stream was bound before capture started)
     monkeypatch.setattr(MetricsWriter, "log", lambda self, message: (logged.append(message), log(self, message))[1])
@@ -285,7 +285,7 @@ def test_profile_steps_traces_steps_after_warm_up(tmp_path, monkeypatch):
 
 def test_profiler_stops_its_trace_when_the_loop_ends_early(tmp_path):
     """An error (or SIGTERM's early return) inside the traced window still stops the trace."""
-    from train.core.profiler import StepProfiler
+    from train.services.profiler import StepProfiler
 
     logged = []
     f = jax.jit(lambda x: x * 2)

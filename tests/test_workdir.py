@@ -13,7 +13,7 @@ from conftest import tiny_train_args
 from test_checkpoint import train_losses
 from test_train import tiny_config
 from train.cli import train_main
-from train.core.workdir import LOCK_FILE, RunFolder
+from train.services.workdir import LOCK_FILE, RunFolder
 from train.errors import WorkdirError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def _env():
 
 def hold_lock(workdir):
     """A separate process holding the workdir as a running trainer would (prints 'held')."""
-    code = "import sys, time; from train.core.workdir import RunFolder; RunFolder(sys.argv[1]).open(); print('held', flush=True); time.sleep(600)"
+    code = "import sys, time; from train.services.workdir import RunFolder; RunFolder(sys.argv[1]).open(); print('held', flush=True); time.sleep(600)"
     proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -157,7 +157,7 @@ def test_the_memory_estimate_tracks_what_xla_allocates(tmp_path):
 
 
 def test_a_step_that_cannot_fit_names_the_largest_term_and_can_be_overridden(tmp_path, monkeypatch, capsys):
-    from train.core import memory
+    from train.services import memory
 
     monkeypatch.setattr(memory, "_host_available_bytes", lambda: 2 << 20)  # 2 MiB for 8 devices: 256 KiB each
     args = tiny_train_args(tmp_path, tmp_path / "w", steps=1) + ["--config.train.batch_size=128"]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from train.core.config import Config, validate_mesh
 from moe.costs import flops_per_token, param_counts
 from train.core.loop import Trainer
-from train.core.metrics import NOMINAL_PEAK_FLOPS, peak_flops_per_device
+from train.services.metrics import NOMINAL_PEAK_FLOPS, peak_flops_per_device
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@
 * ``expert_load.png``: one heatmap per MoE layer, expert x step, the share of assignments each
   expert received (``moe/layer<i>/expert_load``); a balanced router is one flat colour.
 * ``dropped.png``: the dropped fraction over training, overall and per MoE layer.
-* ``routing_health.png``: the router telemetry (``train.core.telemetry``): routing churn between
+* ``routing_health.png``: the router telemetry (``train.services.telemetry``): routing churn between
   logged steps and H(expert | token id), the mean over MoE layers and each layer.
 
 A resumed run that logged a step twice keeps the later row; an unreadable line is skipped.

@@ -201,7 +201,7 @@ def write_json(path: str | None, payload: dict) -> None:
         import json
         import pathlib
 
-        from train.core.workdir import write_text_atomic
+        from train.services.workdir import write_text_atomic
 
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(pathlib.Path(path), json.dumps(payload, indent=1))

@@ -79,7 +79,7 @@ def _check_cache_fits(model, prompt_len: int, max_new_tokens: int) -> None:
     """The KV cache of the prompt and the new tokens may take at most half of the device's memory."""
     import jax
 
-    from train.core.memory import device_memory, human_bytes
+    from train.services.memory import device_memory, human_bytes
     from train.errors import ConfigError
     from train.inference.generate import cache_bytes
 

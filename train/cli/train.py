@@ -45,7 +45,7 @@ def _dry_run(cfg, sizes) -> int:
     import jax
 
     from moe.costs import param_counts
-    from train.core.plan import resolved_vocab
+    from train.analysis.plan import resolved_vocab
     from train.data.prepared import is_prepared
 
     resolved = resolved_vocab(cfg)
@@ -64,7 +64,7 @@ def _plan(cfg, device_memory_gb) -> int:
     """``--plan``: the compiled step's memory per device and FLOPs; the last stdout line is JSON."""
     import json
 
-    from train.core.plan import make_plan, parameter_line
+    from train.analysis.plan import make_plan, parameter_line
 
     print(parameter_line(cfg), flush=True)
     plan = make_plan(cfg, device_memory_gb=device_memory_gb)
@@ -86,7 +86,7 @@ def _train(cfg, args) -> int:
     if args.plan:
         return _plan(cfg, args.device_memory_gb)
     from sharding.distributed import prefix
-    from train.core.signals import StopSignals
+    from train.services.signals import StopSignals
 
     signals = StopSignals(lambda m: print(f"{prefix()}{m}", file=sys.stderr, flush=True),
                           exit_now=lambda: f"{prefix()}moe-train: interrupted")

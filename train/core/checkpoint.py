@@ -23,8 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sharding.distributed import barrier
-from train.core import layout
-from train.core.memory import human_bytes
+from moe import layout
+from train.services.memory import human_bytes
 from train.errors import CheckpointError
 
 ARRAY_ITEMS = ("params", "opt_state", "train")

@@ -85,7 +85,7 @@ class Config(StrictFields):
     eval_batches: int = resumable(8)  # validation batches per evaluation
     peak_flops_per_device: float = resumable(0.0)  # for MFU; 0 = guess from the device kind
     profile_steps: int = resumable(0)  # > 0: jax.profiler trace of this many steps after warm-up into WORKDIR/profile
-    router_probe: bool = resumable(True)  # log routing churn and H(expert | token id) per MoE layer (train.core.telemetry)
+    router_probe: bool = resumable(True)  # log routing churn and H(expert | token id) per MoE layer (train.services.telemetry)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

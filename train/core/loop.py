@@ -4,7 +4,7 @@
 loop never waits on the step it just dispatched: after dispatching step N it reads step N-1's
 metrics (``StepLog``), so host work overlaps device work. Around that, small parts: a
 throughput clock (``Throughput``), periodic actions (checkpoint, evaluation, a profile of a few
-steps), the stop signals (SIGTERM, Ctrl-C: ``train.core.signals``) as the step's own input, and a
+steps), the stop signals (SIGTERM, Ctrl-C: ``train.services.signals``) as the step's own input, and a
 watchdog for stalled peers.
 """
 
@@ -16,13 +16,13 @@ import time
 import jax
 import numpy as np
 
-from train.core import metrics as metrics_lib
-from train.core.profiler import StepProfiler
+from train.services import metrics as metrics_lib
+from train.services.profiler import StepProfiler
 from train.core.setup import TrainerSetup
-from train.core.signals import StopSignals
+from train.services.signals import StopSignals
 from train.core.step import score
-from train.core.watchdog import Watchdog
-from train.core.workdir import write_text_atomic
+from train.services.watchdog import Watchdog
+from train.services.workdir import write_text_atomic
 from train.data.batches import eval_batches
 from train.errors import NonFiniteError
 from moe.costs import flops_per_token

@@ -24,16 +24,16 @@ from moe.transformer import abstract_model, build_model
 from sharding.distributed import aligned, barrier
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, mesh_and_rules, spread_spec
-from train.core import metrics as metrics_lib
-from train.core import layout
+from train.services import metrics as metrics_lib
+from moe import layout
 from train.core.checkpoint import Checkpoints, from_nested, to_nested
 from train.core.config import Config, as_asked, check_compatible, for_backend, validate, validate_mesh, with_vocab
-from train.core.memory import check_fits, step_memory
+from train.services.memory import check_fits, step_memory
 from train.core.optimizer import make_optimizer
 from train.core.step import (TrainState, loss_for, make_eval_step, make_probe_step, make_train_step, shardings_of,
                              split_model)
-from train.core.workdir import RunFolder, write_text_atomic
-from train.core.telemetry import RoutingProbe, has_probe
+from train.services.workdir import RunFolder, write_text_atomic
+from train.services.telemetry import RoutingProbe, has_probe
 from train.data.batches import TrainBatches, eval_batches, split_counts
 from train.data.prepared import open_run_data
 from train.errors import CheckpointError, ConfigError, WorkdirError
@@ -145,7 +145,7 @@ class TrainerSetup:
         log: Callable[[str], None] | None = None,
         memory_check: bool = True,
     ):
-        """``memory_check``: refuse a step that cannot fit the devices (``train.core.memory``)
+        """``memory_check``: refuse a step that cannot fit the devices (``train.services.memory``)
         before allocating the state."""
         validate(cfg)
         self.memory_check = memory_check

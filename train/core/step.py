@@ -248,7 +248,7 @@ def make_eval_step(eval_graphdef):
 
 def make_probe_step(probe_graphdef):
     """probe_step(params, model_state, inputs) -> {"layer<i>": [B,S] first expert per token}: the
-    router telemetry's forward pass (``train.core.telemetry``), in evaluation mode."""
+    router telemetry's forward pass (``train.services.telemetry``), in evaluation mode."""
 
     def probe_step(params, model_state, inputs):
         return nnx.merge(probe_graphdef, params, model_state).routes(inputs)

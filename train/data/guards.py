@@ -1,7 +1,7 @@
 """What ``moe-data prepare`` checks before it tokenizes: one writer per output, and no binary input.
 
 One writer: ``output_lock`` takes an exclusive ``fcntl.flock`` on ``OUTPUT.partial/.lock`` (as a
-run takes ``WORKDIR/.lock``, ``train.core.workdir``) and writes its host and PID there; a second
+run takes ``WORKDIR/.lock``, ``train.services.workdir``) and writes its host and PID there; a second
 ``moe-data prepare`` on the same output is refused in one line naming them. The kernel drops the
 lock when its holder exits in any way, ``kill -9`` included; the file is removed before
 ``OUTPUT.partial`` becomes ``OUTPUT``.

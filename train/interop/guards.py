@@ -14,7 +14,7 @@ import pathlib
 import re
 import tempfile
 
-from train.core.workdir import require_new_folder
+from train.services.workdir import require_new_folder
 from train.errors import RUN_ERRORS, USER_ERRORS, CheckpointError, DataError, WorkdirError
 from train.interop.families import ARCHITECTURES, InteropError, Tensor, unread_layers
 from train.interop.safetensors import FLOAT_DTYPES, SafetensorsFolder

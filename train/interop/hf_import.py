@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from train.core.workdir import staged_folder
+from train.services.workdir import staged_folder
 from train.errors import DataError
 from train.interop.families import InteropError, Tensor, from_hf_config, tensors
 from train.interop.guards import check_destination, check_tensors, read_hf_config

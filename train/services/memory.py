@@ -20,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
-from train.core.config import Config
 from train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from train.core.config import Config
 
 
 @dataclasses.dataclass(frozen=True)
