@@ -51,9 +51,10 @@ STACK_TESTS ?= tests/test_stack.py tests/test_scan.py tests/test_plan.py tests/t
 
 test: test-311 test-312
 
+# (tests marked accelerator_lane are about the accelerator hosts' stack: the second lane runs them)
 test-311: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" $(BIN)/python -m pytest \
-		-n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+		-n $(TEST_WORKERS) --dist loadfile -m "not accelerator_lane" $(PYTEST_ARGS)
 
 test-312: $(STAMP312) $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" SWITCHYARD_HF_PYTHON=$(CURDIR)/$(BIN)/python \

@@ -53,7 +53,7 @@ def test_family_is_layout_invariant(family):
 
     from flax import nnx
 
-    from moe.transformer import Transformer
+    from moe.transformer import build_model
     from sharding.mesh import make_mesh
     from sharding.rules import mesh_and_rules
 
@@ -64,15 +64,18 @@ def test_family_is_layout_invariant(family):
     cfg.vocab_size, cfg.num_layers, cfg.d_model, cfg.d_ff = 256, 2, 64, 128
     cfg.first_dense_layers = min(cfg.first_dense_layers, 1)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (4, 16)))
-    ref = Transformer(cfg, rngs=nnx.Rngs(params=0, routing=1))
+    build = nnx.jit(lambda: build_model(cfg))  # initialised by one program (eager ops crawl on a mesh)
+    ref = build()
     ref.eval()
-    forward = nnx.jit(lambda model, tokens: model(tokens)[0])  # one compile per layout (eager ops crawl on a mesh)
+    forward = nnx.jit(lambda model, tokens: model(tokens)[0])  # and one forward compile per layout
     want = forward(ref, tokens)
     for rules, sizes in (("ep+tp", dict(data=1, expert=2, tensor=2)), ("fsdp+tp", dict(data=1, fsdp=2, expert=1, tensor=2))):
         mesh = make_mesh(devices=jax.devices()[:4], **sizes)
         with mesh_and_rules(mesh, rules):
-            model = Transformer(cfg, rngs=nnx.Rngs(params=0, routing=1))
+            model = build()
             model.eval()
+            specs = [str(x.sharding.spec) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+            assert any("tensor" in spec for spec in specs), specs  # the layout is really in force
             batch = jax.P(tuple(a for a in ("data", "fsdp", "expert") if a in sizes))
             got = forward(model, jax.device_put(tokens, jax.sharding.NamedSharding(mesh, batch)))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5, err_msg=f"{family} {rules}")
