@@ -139,9 +139,10 @@ class TransformerConfig(StrictFields):
         self._choose("scan_layers", SCAN_MODES)
         self._choose("remat", REMAT_POLICIES)
         self._section("moe", self.moe)
-        if self.moe.thor_consistency and not self.moe_every:
-            raise FieldError("TransformerConfig", "moe.thor_consistency", self.moe.thor_consistency,
-                             "is THOR's consistency loss: the model needs MoE blocks (model.moe_every > 0), or leave it 0")
+        router = self.moe.router_class
+        if not self.moe_every and router.consistency_weight(self.moe):
+            self._fail("moe_every", f"moe.router={router.name!r} asks for a consistency loss, which needs MoE blocks "
+                       "(> 0); or set the router's consistency weight to 0")
         reason = self.non_causal_reason()
         if reason and not self.allow_non_causal_router:
             field, why = reason

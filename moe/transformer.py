@@ -21,7 +21,7 @@ from moe.config import TransformerConfig
 from moe.dispatch.base import EXCHANGED
 from moe.layer import MoEFeedForward
 from moe.params import RouterState, compute_value, sharded_param
-from moe.routers.hashing import NO_PREVIOUS_TOKEN
+from moe.routers.base import NO_PREVIOUS_TOKEN
 from moe.stats import MoEStats
 from sharding.mesh import current_mesh
 from sharding.rules import logical_to_spec

@@ -33,7 +33,7 @@ MODEL_RULES = [  # (fields of TransformerConfig, the one line validate prints)
     (dict(remat="some"), "config.model.remat='some': choose one of none, full"),
     (dict(moe=MoEConfig(router="nope")), "config.model.moe.router='nope': unknown router"),
     (dict(moe_every=0, moe=MoEConfig(router="thor", thor_consistency=0.5)),
-     "config.model.moe.thor_consistency=0.5: is THOR's consistency loss: the model needs MoE blocks"),
+     "config.model.moe_every=0: moe.router='thor' asks for a consistency loss, which needs MoE blocks"),
     (dict(moe=MoEConfig(router="expert_choice")),
      "config.model.moe.router='expert_choice': routes each token by later tokens of its group (non-causal): "
      "a causal LM would see the future; set model.allow_non_causal_router=True"),

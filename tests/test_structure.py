@@ -109,6 +109,22 @@ def test_no_router_is_named_outside_its_own_module_and_the_training_code_names_n
         assert not named, f"{path.relative_to(ROOT)} names routers {named}"
 
 
+ROUTER_OPTIONS = ("hash_seed", "gshard_threshold", "loss_free_gamma", "stable_freeze_step", "stable_balance",
+                  "stable_gate", "thor_consistency", "num_groups", "topk_groups", "routed_scaling")
+
+
+def test_no_router_option_is_read_outside_the_routers():
+    """A router family's own settings are read by its module only (the Hugging Face families map them
+    from config.json): training, the layer and the model ask the router (e.g. ``consistency_weight``)."""
+    own = ROOT / "train" / "interop" / "families"
+    for path in [*(ROOT / "train").rglob("*.py"), *(ROOT / "moe").glob("*.py")]:
+        if own in path.parents or path.name == "layer_config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ROUTER_OPTIONS:
+                raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} reads the router option {node.attr}")
+
+
 def test_the_command_lines_import_no_jax_and_take_their_choices_from_the_typed_config():
     """Parsing a command line (and ``--help``) starts no JAX; a choice list (activations, dtypes,
     scan modes...) is the config's own tuple, never a copy of its strings."""

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 from moe.params import spec_of
 
 ACT_AXES = ("batch", "seq", "act_embed")
+NO_PREVIOUS_TOKEN = -1  # ``RouteInput.prev_token_ids_BS`` of a sequence's first token
 ROUTE_AXES = ("batch", "seq", None)
 
 
@@ -72,11 +73,18 @@ class Router(nnx.Module):
     stochastic: ClassVar[bool] = False  # draws random numbers (its own RNG stream)
     ranks_group: ClassVar[bool] = False  # the capacity group matters even when nothing is dropped
     wants_token_counts: ClassVar[bool] = False  # ``fit`` learns from the training split's token counts
-    consistency: ClassVar[bool] = False  # two passes draw different experts (THOR's consistency loss)
+    consistency: ClassVar[bool] = False  # two passes draw different experts (see ``consistency_weight``)
 
     @classmethod
     def check(cls, cfg: MoEConfig) -> None:
         """Raise ``FieldError`` for settings this router cannot use."""
+
+    @classmethod
+    def consistency_weight(cls, cfg: MoEConfig) -> float:
+        """The weight of the consistency objective this router asks training for (0: none, the plain
+        loss): two forward passes draw their experts independently, and the symmetric KL between their
+        predictions, times this weight, joins the loss; logged as ``<name>/consistency``."""
+        return 0.0
 
     @classmethod
     def need_k(cls, cfg: MoEConfig, k: int, why: str) -> None:

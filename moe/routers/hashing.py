@@ -22,9 +22,9 @@ import numpy as np
 from moe.fields import FieldError
 from moe.params import RouterState
 from moe.routers import register
-from moe.routers.base import RouteInput, Router, Routing, equal_gates, expert_load, fixed_route, route_spec
+from moe.routers.base import (NO_PREVIOUS_TOKEN, RouteInput, Router, Routing, equal_gates, expert_load, fixed_route,
+                              route_spec)
 
-NO_PREVIOUS_TOKEN = -1  # the previous id of a sequence's first token
 
 
 @register

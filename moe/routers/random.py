@@ -38,6 +38,10 @@ class Thor(Random):
     def check(cls, cfg) -> None:
         cls.need_k(cfg, 1, "the thor router sends each token to one expert")
 
+    @classmethod
+    def consistency_weight(cls, cfg) -> float:
+        return cfg.thor_consistency
+
     def __call__(self, inp: RouteInput) -> Routing:
         if self.deterministic:
             return super().__call__(inp)

@@ -63,7 +63,7 @@ def symmetric_kl(logits1_BSV, logits2_BSV, weights_BS):
 @dataclasses.dataclass(frozen=True)
 class LossParts:
     """What a loss function reports besides its total: the mean cross-entropy, the model's MoE
-    statistics, and any further objective's value by its metric name (``thor/consistency``)."""
+    statistics, and any further objective's value by its metric name (``<router>/consistency``)."""
 
     ce: jax.Array
     moe: MoEStats
@@ -90,9 +90,10 @@ def lm_loss(model: Transformer, batch: dict):
     return ce + stats.router_loss, LossParts(ce, stats)
 
 
-def consistency_loss(alpha: float) -> LossFn:
-    """THOR's objective: two forward passes draw their experts independently; the loss is the mean
-    of both cross-entropies plus ``alpha`` times the symmetric KL between their predictions."""
+def consistency_loss(alpha: float, metric: str = "consistency") -> LossFn:
+    """The consistency objective a router may ask for (``Router.consistency_weight``; THOR's): two forward
+    passes draw their experts independently; the loss is the mean of both cross-entropies plus ``alpha``
+    times the symmetric KL between their predictions, logged as ``metric``."""
 
     def loss(model: Transformer, batch: dict):
         logits, stats, ce1, weights = _forward(model, batch)
@@ -100,15 +101,18 @@ def consistency_loss(alpha: float) -> LossFn:
         ce = 0.5 * (ce1 + ce2)
         stats = jax.tree.map(lambda a, b: 0.5 * (a + b), stats, stats2)
         kl = symmetric_kl(logits, logits2, weights)
-        return ce + stats.router_loss + alpha * kl, LossParts(ce, stats, {"thor/consistency": kl})
+        return ce + stats.router_loss + alpha * kl, LossParts(ce, stats, {metric: kl})
 
     return loss
 
 
 def loss_for(model_cfg) -> LossFn:
     """The training objective the model config asks for."""
-    alpha = model_cfg.moe.thor_consistency if model_cfg.moe_every else 0.0
-    return consistency_loss(alpha) if alpha else lm_loss
+    if not model_cfg.moe_every:
+        return lm_loss
+    router = model_cfg.moe.router_class  # a router may ask for a consistency objective (THOR)
+    alpha = router.consistency_weight(model_cfg.moe)
+    return consistency_loss(alpha, f"{router.name}/consistency") if alpha else lm_loss
 
 
 # ---------------------------------------------------------------- the parts of a step
