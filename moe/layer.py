@@ -191,13 +191,13 @@ class MoEFeedForward(nnx.Module):
         # id E (gshard's unused second choice, expert_choice's untaken slot) is not an assignment
         total = jnp.maximum(jnp.sum(r.expert_ids < cfg.num_experts), 1).astype(jnp.float32)
         aux_loss, z_loss = cfg.aux_loss_coef * r.aux_loss, cfg.z_loss_coef * r.z_loss  # with their coefficients
-        router_loss = aux_loss + z_loss if r.distill_loss is None else aux_loss + z_loss + r.distill_loss
+        router_loss = aux_loss + z_loss if r.own_loss is None else aux_loss + z_loss + r.own_loss
         return LayerStats(
             aux_loss=aux_loss,
             z_loss=z_loss,
             router_loss=router_loss,
-            # expert_choice: experts never overflow; the tokens no expert took are its drops
-            dropped_fraction=dropped / total if r.unrouted_fraction is None else r.unrouted_fraction,
+            # a router's own drops (expert_choice: experts never overflow; the tokens no expert took)
+            dropped_fraction=dropped / total if r.dropped_fraction is None else r.dropped_fraction,
             router_entropy=r.router_entropy,
             expert_load=r.expert_load,
             load_imbalance=load_imbalance(r.expert_load),

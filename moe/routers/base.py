@@ -40,14 +40,15 @@ class Routing(NamedTuple):
     z_loss: jax.Array  # scalar, mean over tokens of logsumexp(logits)^2 (unweighted)
     expert_load: jax.Array  # [E] share of the B*S*K assignments sent to each expert (sums to 1)
     router_entropy: jax.Array  # scalar, mean entropy (nats) of the router distribution; 0 without one
-    # expert_choice only: share of tokens that no expert took (they pass through the residual)
-    unrouted_fraction: jax.Array | None = None
+    # a router whose drops are its own choices reports them (expert_choice: the share of tokens no
+    # expert took; they pass through the residual); None = the dispatch's overflow is the drop
+    dropped_fraction: jax.Array | None = None
     # int32 scalar when every token goes to this one expert (THOR in training): the layer then
     # runs that expert on all tokens with no dispatch
     single_expert: jax.Array | None = None
-    # stable: the loss that distils the router's choices into its token -> expert table (already
-    # weighted; added to the router loss)
-    distill_loss: jax.Array | None = None
+    # a router's own training objective, already weighted, added to the router loss (stable: the
+    # distillation of its choices into its token -> expert table)
+    own_loss: jax.Array | None = None
 
 
 @dataclasses.dataclass

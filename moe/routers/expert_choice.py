@@ -63,5 +63,5 @@ def expert_choice_route(
         z_loss=router_z_loss(logits_BSE),
         expert_load=taken_E / jnp.sum(taken_E),
         router_entropy=router_entropy(logits_BSE, probs_BSE),
-        unrouted_fraction=jnp.mean(~jnp.any(chosen_GUE, axis=-1)),
+        dropped_fraction=jnp.mean(~jnp.any(chosen_GUE, axis=-1)),
     )

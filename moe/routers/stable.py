@@ -104,7 +104,7 @@ class Stable(LearnedRouter):
             z_loss=jnp.where(idle, zero, learned.z_loss),
             expert_load=expert_load(ids_BSK, cfg.num_experts),
             router_entropy=jnp.where(idle, zero, learned.router_entropy),
-            distill_loss=jnp.where(frozen, zero, DISTILL_WEIGHT * distill),
+            own_loss=jnp.where(frozen, zero, DISTILL_WEIGHT * distill),
         )
 
     def capacity(self, group_tokens: int, deterministic: bool) -> int:
