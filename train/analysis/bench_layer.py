@@ -136,12 +136,12 @@ def _cases(cfg: BenchConfig, num_experts: int, k: int, ids_BS):
     layer = MoEFeedForward(mcfg, ffn, rngs=nnx.Rngs(0))
 
     def moe_loss(layer, x_BSD):
-        y_BSD, aux = layer(x_BSD, ids_BS)
-        return jnp.sum(y_BSD) + aux.router_loss, aux.dropped_fraction
+        y_BSD, stats = layer(x_BSD, ids_BS)
+        return jnp.sum(y_BSD) + stats.router_loss, stats.dropped_fraction
 
     def onehot_loss(layer, x_BSD):
-        y_BSD, aux = layer(x_BSD, ids_BS, dispatch=onehot_dispatch)
-        return jnp.sum(y_BSD) + aux.router_loss, aux.dropped_fraction
+        y_BSD, stats = layer(x_BSD, ids_BS, dispatch=onehot_dispatch)
+        return jnp.sum(y_BSD) + stats.router_loss, stats.dropped_fraction
 
     def dense_loss(dense, x_BSD):
         return jnp.sum(dense(x_BSD)), jnp.zeros((), jnp.float32)
