@@ -151,10 +151,6 @@ class TransformerConfig(StrictFields):
                              "anyway for a routing study")
         return self
 
-    def _choose(self, name: str, choices: tuple[str, ...]) -> None:
-        if getattr(self, name) not in choices:
-            self._fail(name, f"choose one of {', '.join(choices)}")
-
     def _section(self, name: str, part) -> None:
         """``part.check()``, its ``FieldError`` named as this config's field ``name.field``."""
         try:

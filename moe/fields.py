@@ -55,6 +55,11 @@ class StrictFields:
     def _fail(self, name: str, why: str):
         raise FieldError(type(self).__name__, name, getattr(self, name), why)
 
+    def _choose(self, name: str, choices) -> None:
+        """``FieldError`` unless field ``name`` is one of ``choices``."""
+        if getattr(self, name) not in choices:
+            self._fail(name, f"choose one of {', '.join(choices)}")
+
 
 def positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -124,16 +124,12 @@ class MoEConfig(StrictFields):
             self._fail("expert_d_ff", "must be an integer >= 0 (0 = the model's d_ff)")
         if self.router not in ROUTERS:
             self._fail("router", f"unknown router; choose one of {', '.join(ROUTERS)}")
-        if self.dispatch not in DISPATCHES:
-            self._fail("dispatch", f"choose one of {', '.join(DISPATCHES)}")
+        self._choose("dispatch", DISPATCHES)
         from moe.grouped_matmul import GROUPED_MATMULS
 
-        if self.grouped_matmul not in GROUPED_MATMULS:
-            self._fail("grouped_matmul", f"choose one of {', '.join(GROUPED_MATMULS)}")
-        if self.capacity_priority not in CAPACITY_PRIORITIES:
-            self._fail("capacity_priority", f"choose one of {', '.join(CAPACITY_PRIORITIES)}")
-        if self.norm_topk_prob not in NORM_TOPK:
-            self._fail("norm_topk_prob", f"choose one of {', '.join(NORM_TOPK)}")
+        self._choose("grouped_matmul", GROUPED_MATMULS)
+        self._choose("capacity_priority", CAPACITY_PRIORITIES)
+        self._choose("norm_topk_prob", NORM_TOPK)
         if not isinstance(self.shared_d_ff, int) or isinstance(self.shared_d_ff, bool) or self.shared_d_ff < 0:
             self._fail("shared_d_ff", "must be an integer >= 0 (0 = no shared experts)")
         if not isinstance(self.shared_gate, bool):
@@ -150,8 +146,7 @@ class MoEConfig(StrictFields):
         if not isinstance(self.stable_freeze_step, int) or isinstance(self.stable_freeze_step, bool) \
                 or self.stable_freeze_step < 0:
             self._fail("stable_freeze_step", "must be an integer >= 0 (a training step)")
-        if self.stable_gate not in STABLE_GATES:
-            self._fail("stable_gate", f"choose one of {', '.join(STABLE_GATES)}")
+        self._choose("stable_gate", STABLE_GATES)
         if not finite(self.stable_balance) or not (self.stable_balance == 0 or self.stable_balance >= 1):
             self._fail("stable_balance", "must be 0 (off) or a number >= 1 (a multiple of an equal share)")
         if not finite(self.eval_capacity_factor) or self.eval_capacity_factor < 0:

@@ -15,8 +15,8 @@ from train.cli import eval_main, generate_main
 from train.errors import ConfigError
 from train.inference.evaluate import evaluate_run, load_run
 from reference import generate_without_cache
-from train.inference.generate import generate
 from train.core.loop import Trainer
+from train.inference.generate import generate
 
 
 def host(tree):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from test_train import tiny_config
+from train.analysis.plan import make_plan
 from train.cli import train_main
 from train.core.loop import Trainer
-from train.analysis.plan import make_plan
 from train.data.batches import eval_batches
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from conftest import build_mesh
+from moe import layout
 from moe.config import REMAT_POLICIES, TransformerConfig
 from moe.transformer import Transformer
 from sharding.rules import logical_to_spec, mesh_and_rules
-from moe import layout
 from train.core.checkpoint import to_nested
 
 V = 64

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe.transformer import DenseFFN, Transformer
 from moe.layer import MoEFeedForward
+from moe.transformer import DenseFFN, Transformer
 from sharding import make_mesh
 from train.cli import train_main
 from train.core.config import Config, load_config_file

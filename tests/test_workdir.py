@@ -13,8 +13,8 @@ from conftest import tiny_train_args
 from test_checkpoint import train_losses
 from test_train import tiny_config
 from train.cli import train_main
-from train.services.workdir import LOCK_FILE, RunFolder
 from train.errors import WorkdirError
+from train.services.workdir import LOCK_FILE, RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

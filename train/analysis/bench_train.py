@@ -18,8 +18,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from train.core.config import Config, validate_mesh
 from moe.costs import flops_per_token, param_counts
+from train.core.config import Config, validate_mesh
 from train.core.loop import Trainer
 from train.services.metrics import NOMINAL_PEAK_FLOPS, peak_flops_per_device
 

@@ -24,10 +24,10 @@ from moe.costs import flops_per_token, param_counts
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, mesh_and_rules
 from train.core.config import Config, for_backend, validate, validate_mesh, with_vocab
-from train.services.memory import human_bytes, shard_bytes
 from train.core.optimizer import make_optimizer
 from train.core.setup import jit_train_step, probe_graphdef, state_init, state_shardings, with_shardings
 from train.core.step import make_eval_step, make_probe_step
+from train.services.memory import human_bytes, shard_bytes
 from train.services.telemetry import has_probe
 
 GIB = 2**30

@@ -22,10 +22,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sharding.distributed import barrier
 from moe import layout
-from train.services.memory import human_bytes
+from sharding.distributed import barrier
 from train.errors import CheckpointError
+from train.services.memory import human_bytes
 
 ARRAY_ITEMS = ("params", "opt_state", "train")
 JSON_ITEMS = ("data", "meta")

@@ -17,9 +17,8 @@ import os
 import pathlib
 import sys
 
-from moe.config import FieldError, StrictFields
-from moe.fields import flagged_keys, resumable
 from moe.config import TransformerConfig as ModelConfig
+from moe.fields import FieldError, StrictFields, flagged_keys, resumable
 from moe.grouped_matmul import resolve as resolve_grouped_matmul, tokamax_available
 from train.data.config import DataConfig
 from train.errors import ConfigError

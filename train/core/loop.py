@@ -16,16 +16,16 @@ import time
 import jax
 import numpy as np
 
-from train.services import metrics as metrics_lib
-from train.services.profiler import StepProfiler
+from moe.costs import flops_per_token
 from train.core.setup import TrainerSetup
-from train.services.signals import StopSignals
 from train.core.step import score
-from train.services.watchdog import Watchdog
-from train.services.workdir import write_text_atomic
 from train.data.batches import eval_batches
 from train.errors import NonFiniteError
-from moe.costs import flops_per_token
+from train.services import metrics as metrics_lib
+from train.services.profiler import StepProfiler
+from train.services.signals import StopSignals
+from train.services.watchdog import Watchdog
+from train.services.workdir import write_text_atomic
 
 
 class Throughput:

@@ -20,23 +20,23 @@ import numpy as np
 import optax
 from flax import nnx
 
+from moe import layout
 from moe.transformer import abstract_model, build_model
 from sharding.distributed import aligned, barrier
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, mesh_and_rules, spread_spec
-from train.services import metrics as metrics_lib
-from moe import layout
 from train.core.checkpoint import Checkpoints, from_nested, to_nested
 from train.core.config import Config, as_asked, check_compatible, for_backend, validate, validate_mesh, with_vocab
-from train.services.memory import check_fits, step_memory
 from train.core.optimizer import make_optimizer
 from train.core.step import (TrainState, loss_for, make_eval_step, make_probe_step, make_train_step, shardings_of,
                              split_model)
-from train.services.workdir import RunFolder, write_text_atomic
-from train.services.telemetry import RoutingProbe, has_probe
 from train.data.batches import TrainBatches, eval_batches, split_counts
 from train.data.prepared import open_run_data
 from train.errors import CheckpointError, ConfigError, WorkdirError
+from train.services import metrics as metrics_lib
+from train.services.memory import check_fits, step_memory
+from train.services.telemetry import RoutingProbe, has_probe
+from train.services.workdir import RunFolder, write_text_atomic
 
 
 def take_run_folder(workdir: pathlib.Path, proc: int, nproc: int) -> RunFolder | None:

@@ -21,10 +21,10 @@ from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, mesh_and_rules
 from train.core.checkpoint import Checkpoints, read_error_reason
 from train.core.config import Config, for_backend, from_dict
-from train.errors import CheckpointError, ConfigError, DataError
+from train.core.step import make_eval_step, score, shardings_on, split_model
 from train.data.batches import eval_batches
 from train.data.prepared import open_eval_data
-from train.core.step import make_eval_step, score, shardings_on, split_model
+from train.errors import CheckpointError, ConfigError, DataError
 
 
 # evaluation, decoding and import run on a data x expert mesh (inference_mesh_sizes) with the experts

@@ -14,10 +14,10 @@ import pathlib
 import re
 import tempfile
 
-from train.services.workdir import require_new_folder
 from train.errors import RUN_ERRORS, USER_ERRORS, CheckpointError, DataError, WorkdirError
 from train.interop.families import ARCHITECTURES, InteropError, Tensor, unread_layers
 from train.interop.safetensors import FLOAT_DTYPES, SafetensorsFolder
+from train.services.workdir import require_new_folder
 
 # Tensors a model folder may hold that Switchyard does not read, and why (every other one unused by
 # the config is refused unless --allow_unused): buffers transformers recomputes from the config...

@@ -23,12 +23,12 @@ import jax
 import numpy as np
 
 from train.core.checkpoint import to_nested
-from train.services.workdir import staged_folder
-from train.interop.families import ARCHITECTURES, InteropError, infer_architecture, tensors, to_hf_config
 from train.interop.byte_tokenizer import byte_tokenizer_json
+from train.interop.families import ARCHITECTURES, InteropError, infer_architecture, tensors, to_hf_config
 from train.interop.guards import check_destination, read_imported_arch, restore_run
 from train.interop.hf_import import HF_EXTRAS, lookup
 from train.interop.safetensors import write_shards
+from train.services.workdir import staged_folder
 
 EXPORT_DTYPES = ("float32", "bfloat16")
 

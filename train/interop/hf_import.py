@@ -21,11 +21,11 @@ import time
 import jax
 import numpy as np
 
-from train.services.workdir import staged_folder
 from train.errors import DataError
 from train.interop.families import InteropError, Tensor, from_hf_config, tensors
 from train.interop.guards import check_destination, check_tensors, read_hf_config
 from train.interop.safetensors import SafetensorsFolder
+from train.services.workdir import staged_folder
 
 # files of the model folder kept beside the checkpoint (``hf/``) and written back by ``moe-export``
 HF_EXTRAS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
