@@ -42,7 +42,8 @@ def tiny(family: str) -> Config:
         m.mla.nope_head_dim, m.mla.rope_head_dim, m.mla.v_head_dim = 32, 16, 32
         m.first_dense_layers = 1
         m.moe.router, m.moe.num_experts, m.moe.experts_per_token, m.moe.expert_d_ff = "sigmoid", 16, 4, 128
-        m.moe.num_groups, m.moe.topk_groups, m.moe.routed_scaling = 4, 2, 2.5
+        routing = m.moe.router_options.sigmoid
+        routing.num_groups, routing.topk_groups, routing.routed_scaling = 4, 2, 2.5
         m.moe.shared_d_ff, m.moe.aux_loss_coef = 128, 1e-4
     else:
         raise ValueError(f"unknown family {family!r}")

@@ -26,9 +26,9 @@ def get_config() -> Config:
     cfg.model.moe.num_experts = 8
     cfg.model.moe.experts_per_token = 1
     cfg.model.moe.router = "stable"
-    cfg.model.moe.stable_freeze_step = 10
-    cfg.model.moe.stable_balance = 1.25
-    cfg.model.moe.stable_gate = "one"
+    cfg.model.moe.router_options.stable.freeze_step = 10
+    cfg.model.moe.router_options.stable.balance = 1.25
+    cfg.model.moe.router_options.stable.gate = "one"
     cfg.model.moe.capacity_factor = 1.25
     cfg.mesh.data = 2
     cfg.mesh.expert = 4

@@ -19,7 +19,6 @@ from moe.layer_config import (  # noqa: F401 - re-exported: the model's config n
     DISPATCHES,
     DTYPES,
     NORM_TOPK,
-    STABLE_GATES,
     FFNConfig,
     MoEConfig,
 )
@@ -130,15 +129,15 @@ class TransformerConfig(StrictFields):
         if type(self.first_dense_layers) is not int or not 0 <= self.first_dense_layers <= self.num_layers:
             self._fail("first_dense_layers", f"must be an integer in [0, model.num_layers={self.num_layers}]")
         if self.attention == "mla":
-            self._section("mla", self.mla)
+            self._check_part("mla", self.mla)
         if self.moe_every < 0:
             self._fail("moe_every", "must be >= 0 (0 = dense model)")
-        self._section("", self.ffn())  # activation, dtype, param_dtype: FFNConfig's rules
+        self._check_part("", self.ffn())  # activation, dtype, param_dtype: FFNConfig's rules
         if not self.rope_theta > 0:
             self._fail("rope_theta", "must be > 0")
         self._choose("scan_layers", SCAN_MODES)
         self._choose("remat", REMAT_POLICIES)
-        self._section("moe", self.moe)
+        self._check_part("moe", self.moe)
         router = self.moe.router_class
         if not self.moe_every and router.consistency_weight(self.moe):
             self._fail("moe_every", f"moe.router={router.name!r} asks for a consistency loss, which needs MoE blocks "
@@ -150,13 +149,6 @@ class TransformerConfig(StrictFields):
                              "a causal LM would see the future; set model.allow_non_causal_router=True to train it "
                              "anyway for a routing study")
         return self
-
-    def _section(self, name: str, part) -> None:
-        """``part.check()``, its ``FieldError`` named as this config's field ``name.field``."""
-        try:
-            part.check()
-        except FieldError as e:
-            raise FieldError("TransformerConfig", f"{name}.{e.field}" if name else e.field, e.value, e.why) from None
 
     def ffn(self, expert: bool = False, shared: bool = False) -> FFNConfig:
         """The shape of the dense FFN blocks, of each expert (``expert``), or of the shared experts."""

@@ -17,6 +17,12 @@ def resumable(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSIN
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+def formerly(default, name: str):
+    """A field that configs saved before it moved called ``name`` (a flat field of the section that
+    held it); the run's one translation of saved configs reads this (``train.core.config.upgrade``)."""
+    return dataclasses.field(default=default, metadata={"formerly": name})
+
+
 def flagged_keys(obj, flag: str, prefix: str = "") -> tuple[str, ...]:
     """Dotted keys of ``obj``'s fields (nested dataclasses walked) whose metadata sets ``flag``; a
     flagged section gives its prefix ("checkpoint.")."""
@@ -47,10 +53,24 @@ class StrictFields:
         if name not in names:
             import difflib
 
+            moved = self.moved().get(name)
             close = difflib.get_close_matches(name, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = f" (it is {' and '.join(moved)} now)" if moved else f" (did you mean {close[0]!r}?)" if close else ""
             raise AttributeError(f"{type(self).__name__} has no field {name!r}{hint}")
         object.__setattr__(self, name, value)
+
+    @classmethod
+    def moved(cls) -> dict[str, tuple[str, ...]]:
+        """Fields this section had once -> where they are now (dotted, relative to the section)."""
+        return {}
+
+    def _check_part(self, name: str, part) -> None:
+        """``part.check()``, its ``FieldError`` named as this section's field ``name.field`` (``name``
+        empty: the part's own field name)."""
+        try:
+            part.check()
+        except FieldError as e:
+            raise FieldError(type(self).__name__, f"{name}.{e.field}" if name else e.field, e.value, e.why) from None
 
     def _fail(self, name: str, why: str):
         raise FieldError(type(self).__name__, name, getattr(self, name), why)

@@ -1,14 +1,21 @@
 """The MoE layer's typed configuration: ``MoEConfig`` (its experts, router, dispatch and router losses)
 and ``FFNConfig``, the shape of one feed-forward network (dense, or each expert). ``check()`` raises
 ``FieldError`` naming the field. ``moe.config`` re-exports both with the model's ``TransformerConfig``.
+A router family's own settings are not fields here: each router declares them (``moe.routers``) and
+``MoEConfig.router_options`` holds them, a section per router.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 from moe.fields import FieldError, StrictFields, finite, positive_finite, positive_int, resumable
+
+if TYPE_CHECKING:
+    from moe.routers import RouterOptions
 
 ACTIVATIONS = ("gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
@@ -18,7 +25,6 @@ DISPATCHES = ("capacity", "dropless")
 # never depend on later tokens (causal). "choice": GShard's order, every first choice before
 # any second choice; a later token's first choice can evict an earlier token's second (non-causal).
 CAPACITY_PRIORITIES = ("token", "choice")
-STABLE_GATES = ("softmax", "sigmoid", "one")  # moe.stable_gate
 # moe.norm_topk_prob: whether a learned router's k chosen gates are divided by their sum. "auto": when
 # k > 1 (Mixtral; Switch's k = 1 keeps its probability); "on" always; "off" never (Qwen2-MoE, OLMoE)
 NORM_TOPK = ("auto", "on", "off")
@@ -49,12 +55,18 @@ class FFNConfig:
         return self
 
 
+def _router_options():
+    from moe.routers import RouterOptions
+
+    return RouterOptions()
+
+
 @dataclasses.dataclass
 class MoEConfig(StrictFields):
     """One MoE feed-forward layer: its experts, router, dispatch and router losses.
 
     ``check()`` raises ``FieldError("MoEConfig", field, ...)`` for an invalid field; the router
-    named by ``router`` checks the settings it needs (``moe.routers``).
+    named by ``router`` checks its options (``router_options.<router>``) and the settings it needs.
     """
 
     num_experts: int = 8
@@ -79,23 +91,9 @@ class MoEConfig(StrictFields):
     aux_loss_coef: float = 0.01  # Switch load-balance loss, per MoE layer (the LM sums its layers')
     z_loss_coef: float = 1e-3  # router z-loss, per MoE layer, summed likewise
     router_jitter: float = 0.0  # multiplicative router-input noise in training: x * U(1-eps, 1+eps)
-    hash_seed: int = 0  # seeds the hash routers' token -> expert tables
-    gshard_threshold: float = 0.2  # gshard: the second expert is used with probability min(1, g2 / this)
-    loss_free_gamma: float = 1e-3  # loss_free: bias step per training step toward equal load
-    # stable (StableMoE): training steps of stage 1 (the learned router routes, and a token -> expert table
-    # is distilled from its choices); from this step on the frozen table routes. The three stable_* defaults
-    # are the best measured on configs/default.py (README, "Learned routing that beats dense")
-    stable_freeze_step: int = 10
-    # stable: at the freeze, no expert may take more than this multiple of an equal share of the training
-    # split's token mass: ids in decreasing frequency take their best distilled experts with room left
-    # (the least loaded when none has); 0 = every id takes its best experts, whatever the balance
-    stable_balance: float = 1.25
-    # stable: the gates once the table routes: "softmax" (the learned router's probabilities of the table's
-    # experts, renormalised for k > 1), "sigmoid" (StableMoE's sigmoid(x . w_e)), "one" (1/k each, as hash)
-    stable_gate: str = "one"
-    # thor: weight of THOR's consistency loss, the symmetric KL between the predictions of two
-    # forward passes through independently drawn experts (0 = one pass, no consistency loss)
-    thor_consistency: float = 0.0
+    # each router's own settings, a section per router name (moe.routers.RouterOptions; only this
+    # layer's router's section is read): router_options.stable.freeze_step, router_options.hash.seed...
+    router_options: RouterOptions = dataclasses.field(default_factory=_router_options)
     # dropless: exchange only the real rows with ragged_all_to_all (GPU/TPU; XLA:CPU cannot run
     # it) instead of an all_to_all of the worst-case buffer. Set by the program for its backend.
     ragged_exchange: bool = resumable(False, run_time=True)
@@ -108,11 +106,6 @@ class MoEConfig(StrictFields):
     # (DeepSeek: n_shared_experts * expert width; Qwen2-MoE: shared_expert_intermediate_size); 0 = none
     shared_d_ff: int = 0
     shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . w) (Qwen2-MoE)
-    # router "sigmoid" (DeepSeek-V3): experts in num_groups groups; a token picks its topk_groups best
-    # groups (by the sum of each group's two best scores) and its k experts among them
-    num_groups: int = 1
-    topk_groups: int = 1
-    routed_scaling: float = 1.0  # router "sigmoid": the gates are multiplied by this
 
     def check(self) -> MoEConfig:
         from moe.routers import ROUTERS
@@ -136,32 +129,44 @@ class MoEConfig(StrictFields):
             self._fail("shared_gate", "must be True or False")
         if self.shared_gate and not self.shared_d_ff:
             self._fail("shared_gate", "gates the shared experts: set shared_d_ff > 0 too")
-        if not positive_finite(self.routed_scaling):
-            self._fail("routed_scaling", "must be a number > 0")
         if self.experts_per_token > self.num_experts:
             self._fail("experts_per_token", f"cannot exceed num_experts={self.num_experts}")
-        for name in ("capacity_factor", "gshard_threshold", "loss_free_gamma"):
-            if not positive_finite(getattr(self, name)):
-                self._fail(name, "must be a number > 0")
-        if not isinstance(self.stable_freeze_step, int) or isinstance(self.stable_freeze_step, bool) \
-                or self.stable_freeze_step < 0:
-            self._fail("stable_freeze_step", "must be an integer >= 0 (a training step)")
-        self._choose("stable_gate", STABLE_GATES)
-        if not finite(self.stable_balance) or not (self.stable_balance == 0 or self.stable_balance >= 1):
-            self._fail("stable_balance", "must be 0 (off) or a number >= 1 (a multiple of an equal share)")
+        if not positive_finite(self.capacity_factor):
+            self._fail("capacity_factor", "must be a number > 0")
         if not finite(self.eval_capacity_factor) or self.eval_capacity_factor < 0:
             self._fail("eval_capacity_factor", "must be a number >= 0 (0 = no drops)")
         if not isinstance(self.capacity_group_size, int) or self.capacity_group_size < 0:
             self._fail("capacity_group_size", "must be an integer >= 0 (0 = all tokens of a device)")
-        for name in ("aux_loss_coef", "z_loss_coef", "thor_consistency"):
+        for name in ("aux_loss_coef", "z_loss_coef"):
             if not finite(getattr(self, name)) or getattr(self, name) < 0:
                 self._fail(name, "must be a finite number >= 0")
         if not finite(self.router_jitter) or not 0 <= self.router_jitter < 1:
             self._fail("router_jitter", "must be in [0, 1)")
-        if self.thor_consistency and not ROUTERS[self.router].consistency:
-            self._fail("thor_consistency", "is THOR's consistency loss: set router='thor' or leave it 0")
+        from moe.routers import RouterOptions
+
+        if not isinstance(self.router_options, RouterOptions):
+            self._fail("router_options", "must be a moe.routers.RouterOptions (a section per router)")
+        self._check_part("router_options", self.router_options)
         ROUTERS[self.router].check(self)
         return self
+
+    @classmethod
+    def moved(cls) -> dict[str, tuple[str, ...]]:
+        from moe.routers import FORMERLY
+
+        return FORMERLY
+
+    def with_router(self, router: str, **options) -> MoEConfig:
+        """A copy routed by ``router``, with these of its options set:
+        ``cfg.with_router("stable", freeze_step=3)``."""
+        out = dataclasses.replace(self, router=router, router_options=copy.deepcopy(self.router_options))
+        if options:
+            if not hasattr(out.router_options, router):
+                raise AttributeError(f"router {router!r} has no options (given {', '.join(options)})")
+            section = getattr(out.router_options, router)
+            for name, value in options.items():
+                setattr(section, name, value)
+        return out
 
     @property
     def router_class(self):

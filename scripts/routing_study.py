@@ -54,8 +54,8 @@ VARIANTS = {
     "loss_free": ("configs/default.py", ["--config.model.moe.router=loss_free"]),
     "thor": ("configs/default.py", ["--config.model.moe.router=thor"]),
     # THOR with its consistency loss: two forward passes per step (same active FLOPs per pass)
-    "thor_cr": ("configs/default.py", ["--config.model.moe.router=thor", "--config.model.moe.thor_consistency=1.0"]),
-    # StableMoE: learned routing, then the distilled token -> expert table frozen (model.moe.stable_freeze_step)
+    "thor_cr": ("configs/default.py", ["--config.model.moe.router=thor", "--config.model.moe.router_options.thor.consistency=1.0"]),
+    # StableMoE: learned routing, then the distilled token -> expert table frozen (model.moe.router_options.stable.freeze_step)
     "stable": ("configs/default.py", ["--config.model.moe.router=stable"]),
 }
 

@@ -14,6 +14,7 @@ from sharding.rules import use_rules
 
 B, S, D, H, E = 8, 16, 16, 32, 8
 FFN_FIELDS = {f.name for f in dataclasses.fields(FFNConfig)}
+MOE_FIELDS = {f.name for f in dataclasses.fields(MoEConfig)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,21 +32,26 @@ class LayerSpec:
         raise AttributeError(name)
 
     def replace(self, **kw) -> "LayerSpec":
-        return layer_spec(**{**dataclasses.asdict(self.moe), **dataclasses.asdict(self.ffn), **kw})
+        fields = {f.name: getattr(part, f.name) for part in (self.moe, self.ffn) for f in dataclasses.fields(part)}
+        return layer_spec(**{**fields, **kw})
 
     def build(self, **kw) -> MoEFeedForward:
         return MoEFeedForward(self.moe, self.ffn, **kw)
 
 
 def layer_spec(**kw) -> LayerSpec:
-    """MoE and FFN settings from one set of keywords (the FFN defaults to D -> H, GELU, gated)."""
+    """MoE and FFN settings from one set of keywords (the FFN defaults to D -> H, GELU, gated); a keyword
+    neither has is an option of the router (``layer_spec(router="stable", freeze_step=3)``)."""
     ffn = {"d_model": D, "d_ff": H, "activation": "gelu", "gated": True}
     ffn.update({k: v for k, v in kw.items() if k in FFN_FIELDS})
     kw.pop("vocab_size", None)  # the layer's table covers the harness's 50 token ids
     for name in ("capacity_group_size", "eval_capacity_factor"):  # None = unset, as 0 in the config
         if kw.get(name, 0) is None:
             kw[name] = 0
-    return LayerSpec(MoEConfig(**{k: v for k, v in kw.items() if k not in FFN_FIELDS}).check(), FFNConfig(**ffn).check())
+    moe = {k: v for k, v in kw.items() if k in MOE_FIELDS}
+    options = {k: v for k, v in kw.items() if k not in MOE_FIELDS and k not in FFN_FIELDS}
+    cfg = MoEConfig(**moe)
+    return LayerSpec(cfg.with_router(cfg.router, **options).check(), FFNConfig(**ffn).check())
 
 
 def layer_params(layer: MoEFeedForward) -> dict:

@@ -49,17 +49,18 @@ def oracle_routing(cfg, params, x, token_ids, key=None, deterministic=False, num
             rows, positions = np.divmod(np.arange(b * s), s)
             draw = jax.jit(jax.vmap(lambda r, p: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, r), p), (1,))))
             u = np.asarray(draw(rows, positions))[:, 0]
-            top[:, 1] = np.where(u < g2 / cfg.gshard_threshold, top[:, 1], e)
+            top[:, 1] = np.where(u < g2 / cfg.router_options.gshard.threshold, top[:, 1], e)
         return top
     if cfg.router == "hash":
-        scores = np.asarray(hash_scores(jnp.asarray(token_ids), e, cfg.hash_seed)).reshape(t, e)
+        scores = np.asarray(hash_scores(jnp.asarray(token_ids), e, cfg.router_options.hash.seed)).reshape(t, e)
     elif cfg.router == "balanced_hash":  # the layer's table, looked up by hand
         return np.asarray(params["hash_table"])[np.asarray(token_ids).reshape(t)]
     elif cfg.router == "bigram_hash":  # previous token by hand: the row's preceding id, or none
         tokens = np.asarray(token_ids)
         prev = np.full_like(tokens, NO_PREVIOUS_TOKEN)
         prev[:, 1:] = tokens[:, :-1]
-        scores = np.asarray(hash_scores(bigram_ids(jnp.asarray(prev), jnp.asarray(tokens)), e, cfg.hash_seed)).reshape(t, e)
+        seed = cfg.router_options.bigram_hash.seed
+        scores = np.asarray(hash_scores(bigram_ids(jnp.asarray(prev), jnp.asarray(tokens)), e, seed)).reshape(t, e)
     else:
         b, s = x.shape[:2]  # the documented rule: token (b, s) draws from fold_in(fold_in(key, b), s)
         rows, positions = np.divmod(np.arange(b * s), s)

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from moe import layout
-from train.core.config import from_dict, upgrade
+from train.core.config import Config, apply_override, from_dict, upgrade
+from train.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 V1 = ROOT / "tests" / "data" / "v1_workdir"
@@ -25,7 +26,7 @@ V1_ARGS = [
     "--config.model.num_layers=2", "--config.model.d_model=16", "--config.model.num_heads=2",
     "--config.model.d_ff=32", "--config.model.moe_every=1", "--config.model.moe.num_experts=4",
     "--config.model.moe.router=loss_free", "--config.model.moe.router_jitter=0.1",
-    "--config.model.moe.loss_free_gamma=0.01", "--config.train.batch_size=8", "--config.train.seq_len=16",
+    "--config.model.moe.router_options.loss_free.gamma=0.01", "--config.train.batch_size=8", "--config.train.seq_len=16",
     "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=1", "--config.data.path=tests/data/corpus",
     "--config.data.validation_fraction=0.25", "--config.eval_batches=1", "--config.log_every_steps=1",
     "--config.eval_every_steps=0",
@@ -53,7 +54,28 @@ def test_an_old_flat_config_reads_into_the_moe_section():
     cfg = from_dict(saved)
     assert cfg.model.moe.router == "loss_free" and cfg.model.moe.num_experts == 4
     assert cfg.model.moe.router_jitter == 0.1 and cfg.model.d_model == 16
-    assert upgrade(saved)["model"]["moe"]["loss_free_gamma"] == 0.01
+    assert upgrade(saved)["model"]["moe"]["router_options"]["loss_free"]["gamma"] == 0.01
+    assert cfg.model.moe.router_options.loss_free.gamma == 0.01 and cfg.model.moe.router_options.hash.seed == saved["model"]["hash_seed"]
+
+
+def test_a_config_saved_with_flat_router_options_reads_into_each_routers_section():
+    """Before routers owned their options, ``model.moe`` held them flat; a seed or a bias step some
+    routers shared goes to each of theirs, and the command line names the new key of an old one."""
+    saved = {"model": {"moe": {"router": "stable", "hash_seed": 3, "stable_freeze_step": 7, "stable_balance": 0.0,
+                               "stable_gate": "softmax", "loss_free_gamma": 0.05, "gshard_threshold": 0.5,
+                               "thor_consistency": 0.25, "num_groups": 2, "topk_groups": 2, "routed_scaling": 2.5}}}
+    options = from_dict(saved).model.moe.router_options
+    assert (options.stable.seed, options.stable.freeze_step, options.stable.balance, options.stable.gate) == (3, 7, 0.0, "softmax")
+    assert options.hash.seed == options.balanced_hash.seed == options.bigram_hash.seed == 3
+    assert options.loss_free.gamma == options.sigmoid.gamma == 0.05 and options.gshard.threshold == 0.5
+    assert (options.sigmoid.num_groups, options.sigmoid.topk_groups, options.sigmoid.routed_scaling) == (2, 2, 2.5)
+    assert options.thor.consistency == 0.25
+    assert from_dict(Config().to_dict()) == Config()  # today's layout reads back as it was
+    with pytest.raises(ConfigError, match=r"config.model.moe.stable_gate: unknown key; it is "
+                                          r"config.model.moe.router_options.stable.gate now"):
+        apply_override(Config(), "model.moe.stable_gate", "one")
+    with pytest.raises(AttributeError, match=r"it is router_options.balanced_hash.seed and .* and router_options.stable.seed now"):
+        Config().model.moe.hash_seed = 1
 
 
 @pytest.mark.slow

@@ -228,7 +228,7 @@ def test_loss_free_router_matches_oracle(mesh_name, k):
 def test_loss_free_bias_moves_toward_balance_outside_the_gradient():
     from flax import nnx
 
-    cfg = layer_spec(num_experts=E, router="loss_free", loss_free_gamma=0.02, capacity_factor=8.0)
+    cfg = layer_spec(num_experts=E, router="loss_free", gamma=0.02, capacity_factor=8.0)
     layer = cfg.build(rngs=nnx.Rngs(0))
     layer.router.w[...] = layer.router.w[...].at[:, 0].add(0.3)  # a router that favours expert 0
     x = jax.random.normal(jax.random.key(1), (8, 16, D))

@@ -48,7 +48,7 @@ def test_churn_and_the_probe_between_logged_steps():
 
 # ---------------------------------------------------------------- the stable router
 def stable_spec(freeze, k=1, **kw):
-    return layer_spec(num_experts=8, experts_per_token=k, router="stable", stable_freeze_step=freeze, **kw)
+    return layer_spec(num_experts=8, experts_per_token=k, router="stable", freeze_step=freeze, **kw)
 
 
 @pytest.mark.parametrize("mesh_name, k", [("1dev", 1), ("d2e4", 2)])
@@ -58,7 +58,7 @@ def test_stable_router_in_stage_one_is_topk(mesh_name, k):
     distillation's gradient reaches only its own logits)."""
     x, ids, ct = make_inputs()
     stable = run_layer(stable_spec(100, k, capacity_factor=1.0), mesh_name, x, ids, ct)
-    # the same slots: stable's are sized for stable_balance (1.25) equal shares per expert
+    # the same slots: stable's are sized for its balance option (1.25) equal shares per expert
     topk = run_layer(layer_spec(num_experts=8, experts_per_token=k, router="topk", capacity_factor=1.25),
                      mesh_name, x, ids, ct)
     np.testing.assert_array_equal(stable["y"], topk["y"])
@@ -73,7 +73,7 @@ def test_stable_router_in_stage_two_routes_by_its_table_on_any_mesh():
     """From the freeze step (here 0: the initial table, hash's) a token's experts are its id's row;
     the learned router gates them; no balance loss; the same outputs on 1 and 8 devices."""
     x, ids, ct = make_inputs()
-    spec = stable_spec(0, k=2, capacity_factor=4.0, stable_gate="softmax")  # no drops: layouts group tokens differently
+    spec = stable_spec(0, k=2, capacity_factor=4.0, gate="softmax")  # no drops: layouts group tokens differently
     one, eight = run_layer(spec, "1dev", x, ids, ct), run_layer(spec, "d2e4", x, ids, ct)
     np.testing.assert_allclose(eight["y"], one["y"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(eight["grads"]["router_w"], one["grads"]["router_w"], rtol=1e-4, atol=1e-6)
@@ -86,7 +86,7 @@ def test_stable_router_in_stage_two_routes_by_its_table_on_any_mesh():
     chosen = np.take_along_axis(np.asarray(probs), table[np.asarray(ids)], axis=-1)
     np.testing.assert_allclose(np.asarray(route.gates), chosen / chosen.sum(-1, keepdims=True), rtol=1e-5)
     for gate, expected in (("sigmoid", None), ("one", np.full(chosen.shape, 0.5))):
-        other = stable_spec(0, k=2, stable_gate=gate).build(rngs=nnx.Rngs(0), vocab_size=50).route(x, ids)
+        other = stable_spec(0, k=2, gate=gate).build(rngs=nnx.Rngs(0), vocab_size=50).route(x, ids)
         np.testing.assert_array_equal(np.asarray(other.expert_ids), table[np.asarray(ids)])
         if expected is None:  # StableMoE's: sigmoid of the chosen experts' logits
             logits = np.asarray(jnp.einsum("bsd,de->bse", x, layer.router.w[...]))
@@ -122,14 +122,14 @@ def test_stable_router_losses_come_from_what_routes():
         assert not np.any(after["grads"][name]), name
     trained = run_layer(stable_spec(0, k=2), "1dev", x, ids, ct)
     assert not np.any(trained["grads"]["router_w"]) and np.abs(trained["grads"]["x"]).max() > 0
-    gated = run_layer(stable_spec(0, k=2, stable_gate="softmax"), "1dev", x, ids, no_ct)
+    gated = run_layer(stable_spec(0, k=2, gate="softmax"), "1dev", x, ids, no_ct)
     assert float(gated["aux"].z_loss) == float(topk["aux"].z_loss)
     assert float(gated["aux"].router_entropy) == float(topk["aux"].router_entropy)
     assert float(gated["aux"].aux_loss) == 0.0 and np.abs(gated["grads"]["router_w"]).max() > 0
 
 
 def test_stable_capacity_is_sized_for_the_balanced_tables_share():
-    """Slots per expert: capacity_factor x stable_balance equal shares (the cap of the frozen table's
+    """Slots per expert: capacity_factor x the balance option's equal shares (the cap of the frozen table's
     expert shares), as topk with that factor; the config's slots without a cap; no drops in eval
     without an eval capacity factor."""
     x, _, _ = make_inputs()
@@ -140,8 +140,8 @@ def test_stable_capacity_is_sized_for_the_balanced_tables_share():
 
     group = x.shape[0] * x.shape[1]
     assert slots("stable", capacity_factor=1.0) == slots("topk", capacity_factor=1.25) == math.ceil(1.25 * 2 * group / 8)
-    assert slots("stable", capacity_factor=1.0, stable_balance=2.0) == slots("topk", capacity_factor=2.0)
-    assert slots("stable", capacity_factor=1.0, stable_balance=0) == slots("topk", capacity_factor=1.0)
+    assert slots("stable", capacity_factor=1.0, balance=2.0) == slots("topk", capacity_factor=2.0)
+    assert slots("stable", capacity_factor=1.0, balance=0) == slots("topk", capacity_factor=1.0)
     layer = stable_spec(0, k=2, eval_capacity_factor=0).build(rngs=nnx.Rngs(0), vocab_size=50)
     layer.eval()
     assert layer.plan(x).capacity == group
@@ -199,7 +199,7 @@ def test_balanced_freeze_caps_each_experts_share():
 
 
 def test_stable_balanced_freeze_uses_the_training_counts():
-    layer = stable_spec(1, k=1, stable_balance=1.0).build(rngs=nnx.Rngs(0), vocab_size=50)
+    layer = stable_spec(1, k=1, balance=1.0).build(rngs=nnx.Rngs(0), vocab_size=50)
     router = layer.router
     counts = np.zeros(50, np.float32)
     counts[:8] = 10  # eight equally common ids that all prefer expert 3
@@ -234,8 +234,8 @@ def test_training_logs_router_health_and_stable_freezes(tmp_path, capsys):
 
     workdir = tmp_path / "run"
     args = tiny_train_args(tmp_path, workdir, 5) + ["--config.model.moe.router=stable",
-                                                     "--config.model.moe.stable_freeze_step=2",
-                                                     "--config.model.moe.stable_gate=one"]
+                                                     "--config.model.moe.router_options.stable.freeze_step=2",
+                                                     "--config.model.moe.router_options.stable.gate=one"]
     assert train_main(args) == 0
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in rows if r["split"] == "train"}

@@ -86,7 +86,7 @@ def test_stochastic_and_biased_routers_train_checkpoint_and_evaluate(tmp_path, r
 
     cfg = tiny_config(tmp_path)
     cfg.model.moe.router, cfg.model.moe.capacity_factor, cfg.checkpoint.every_steps = router, 1.0, 3
-    cfg.model.moe.loss_free_gamma = 0.01
+    cfg.model.moe.router_options.loss_free.gamma = 0.01
     trainer = Trainer(cfg, tmp_path / "w")
     summary = trainer.run()
     biases = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(trainer.state.model_state)
@@ -147,7 +147,7 @@ def test_thor_with_consistency_trains_checkpoints_and_evaluates_deterministicall
     from train.inference.evaluate import evaluate_run, load_run
 
     cfg = tiny_config(tmp_path)
-    cfg.model.moe.router, cfg.model.moe.experts_per_token, cfg.model.moe.thor_consistency = "thor", 1, 1.0
+    cfg.model.moe.router, cfg.model.moe.experts_per_token, cfg.model.moe.router_options.thor.consistency = "thor", 1, 1.0
     cfg.checkpoint.every_steps = 2
     trainer = Trainer(cfg, tmp_path / "w")
     summary = trainer.run()
@@ -224,7 +224,7 @@ def test_loss_free_bias_moves_once_per_step_whatever_the_accumulation(tmp_path):
 
     def biases(accum):
         cfg = tiny_config(tmp_path, data=1, expert=4)
-        cfg.model.moe.router, cfg.model.moe.loss_free_gamma, cfg.model.moe.capacity_factor = "loss_free", 0.01, 8.0  # no drops
+        cfg.model.moe.router, cfg.model.moe.router_options.loss_free.gamma, cfg.model.moe.capacity_factor = "loss_free", 0.01, 8.0  # no drops
         cfg.train.batch_size, cfg.train.grad_accum_steps = 16, accum
         trainer = Trainer(cfg, tmp_path / f"accum{accum}", devices=jax.devices()[:4])
         with trainer.context():

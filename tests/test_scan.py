@@ -207,7 +207,7 @@ def test_checkpoints_move_between_scanned_and_unrolled(tmp_path):
         return losses
 
     cfg = tiny_config(tmp_path)  # 2 MoE blocks: scanned, 2 repeats of one block
-    cfg.model.moe.router, cfg.model.moe.loss_free_gamma, cfg.model.scan_layers = "loss_free", 0.01, "on"
+    cfg.model.moe.router, cfg.model.moe.router_options.loss_free.gamma, cfg.model.scan_layers = "loss_free", 0.01, "on"
     scanned = steps(cfg, tmp_path / "scanned", 3, save_at=2)
     evals = {mode: evaluate_run(load_run(tmp_path / "scanned", scan_layers=mode), max_batches=1, log=lambda m: None)
              for mode in ("on", "off")}

@@ -3,6 +3,7 @@ small, the model reads no environment, a router is known by its own module only,
 Hugging Face family."""
 
 import ast
+import dataclasses
 import importlib
 import pathlib
 
@@ -109,19 +110,28 @@ def test_no_router_is_named_outside_its_own_module_and_the_training_code_names_n
         assert not named, f"{path.relative_to(ROOT)} names routers {named}"
 
 
-ROUTER_OPTIONS = ("hash_seed", "gshard_threshold", "loss_free_gamma", "stable_freeze_step", "stable_balance",
-                  "stable_gate", "thor_consistency", "num_groups", "topk_groups", "routed_scaling")
+def test_routers_own_their_options_and_nothing_else_reads_them():
+    """Each router family declares its settings (``Options``, in its module) and reads them itself;
+    ``MoEConfig`` keeps only what every MoE layer has. Outside ``moe/routers/`` only the Hugging Face
+    families (which map them from config.json) touch a router's options; training, the layer and the
+    model ask the router (e.g. ``consistency_weight``). The old flat names live on only where the
+    option declares them (``formerly``), for the one translation of saved configs."""
+    from moe.config import MoEConfig
+    from moe.routers import FORMERLY, ROUTERS
 
-
-def test_no_router_option_is_read_outside_the_routers():
-    """A router family's own settings are read by its module only (the Hugging Face families map them
-    from config.json): training, the layer and the model ask the router (e.g. ``consistency_weight``)."""
-    own = ROOT / "train" / "interop" / "families"
-    for path in [*(ROOT / "train").rglob("*.py"), *(ROOT / "moe").glob("*.py")]:
-        if own in path.parents or path.name == "layer_config.py":
+    for name, cls in ROUTERS.items():
+        assert cls.Options is None or cls.Options.__module__.startswith("moe.routers."), name
+    for f in dataclasses.fields(MoEConfig):
+        assert not any(f.name == r or f.name.startswith(f"{r}_") for r in ROUTERS), f"MoEConfig.{f.name} is a router's"
+    assert set(FORMERLY) == {"hash_seed", "gshard_threshold", "loss_free_gamma", "stable_freeze_step", "stable_balance",
+                             "stable_gate", "thor_consistency", "num_groups", "topk_groups", "routed_scaling"}
+    reads = {"router_options", "options_of", "Options", *FORMERLY}
+    own = (ROOT / "moe" / "routers", ROOT / "train" / "interop" / "families")
+    for path in [*(ROOT / "train").rglob("*.py"), *(ROOT / "moe").rglob("*.py")]:
+        if any(d in path.parents for d in own) or path.name == "layer_config.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and node.attr in ROUTER_OPTIONS:
+            if isinstance(node, ast.Attribute) and node.attr in reads:
                 raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} reads the router option {node.attr}")
 
 

@@ -6,7 +6,8 @@ K experts per token.
 A router is an ``nnx.Module`` holding its own parameters and state (``w`` router weights,
 ``bias``, ``table``, an RNG stream ``rngs``). Calling it with a ``RouteInput`` returns a
 ``Routing``: per token, K expert ids (best first) and their gates, plus the router losses and
-statistics over the global batch. Routing is per-token math on global arrays, outside any
+statistics over the global batch. A family's own settings are its ``Options`` dataclass
+(``model.moe.router_options.<name>.<field>``; ``options`` on an instance). Routing is per-token math on global arrays, outside any
 ``shard_map``, so it is the same on 1 device or 64; random draws are keyed by the token's global
 position, never by the device. A router class also says whether it is causal, checks the
 settings it needs, and may learn once per training step (``update``) or from the training
@@ -75,10 +76,30 @@ class Router(nnx.Module):
     ranks_group: ClassVar[bool] = False  # the capacity group matters even when nothing is dropped
     wants_token_counts: ClassVar[bool] = False  # ``fit`` learns from the training split's token counts
     consistency: ClassVar[bool] = False  # two passes draw different experts (see ``consistency_weight``)
+    # The family's own settings: a ``StrictFields`` dataclass with defaults and a ``check()`` that
+    # raises ``FieldError`` for a bad field (each field on its own); ``MoEConfig.router_options``
+    # holds one per router name. None: the router has none.
+    Options: ClassVar[type | None] = None
+
+    @classmethod
+    def options_of(cls, cfg: MoEConfig):
+        """This router's settings in ``cfg`` (its section of ``cfg.router_options``), or None."""
+        return getattr(cfg.router_options, cls.name) if cls.Options is not None else None
+
+    @property
+    def options(self):
+        return self.options_of(self.cfg)
 
     @classmethod
     def check(cls, cfg: MoEConfig) -> None:
-        """Raise ``FieldError`` for settings this router cannot use."""
+        """Raise ``FieldError`` for settings this router cannot use together with the layer's (its
+        own options are checked field by field before, by their ``check()``)."""
+
+    @classmethod
+    def option_error(cls, cfg: MoEConfig, field: str, why: str) -> FieldError:
+        """The ``FieldError`` of this router's option ``field``, named as ``MoEConfig`` names it."""
+        value = getattr(cls.options_of(cfg), field)
+        return FieldError("MoEConfig", f"router_options.{cls.name}.{field}", value, why)
 
     @classmethod
     def consistency_weight(cls, cfg: MoEConfig) -> float:

@@ -2,7 +2,7 @@
 
 Shape letters: see ``moe/__init__.py``.
 
-The best expert always; the second only with probability ``min(1, g2 / gshard_threshold)``, g2
+The best expert always; the second only with probability ``min(1, g2 / threshold)``, g2
 its gate after normalising the top two (GShard's random routing; Mesh-TF's "random" second
 policy). An unused second choice has expert id E (none) and gate 0 and takes no capacity. The
 token draws its uniform as the random router does (layout-invariant, a fixed seed in eval). The
@@ -11,9 +11,12 @@ load-balance loss counts first choices, as in GShard.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from moe.fields import StrictFields, formerly, positive_finite
 from moe.routers import register
 from moe.routers.base import (
     RouteInput,
@@ -28,10 +31,21 @@ from moe.routers.base import (
 from moe.routers.learned import LearnedRouter
 
 
+@dataclasses.dataclass
+class GShardOptions(StrictFields):
+    threshold: float = formerly(0.2, "gshard_threshold")  # the second expert's use: min(1, g2 / threshold)
+
+    def check(self) -> GShardOptions:
+        if not positive_finite(self.threshold):
+            self._fail("threshold", "must be a number > 0")
+        return self
+
+
 @register
 class GShard(LearnedRouter):
     name = "gshard"
     stochastic = True
+    Options = GShardOptions
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -41,7 +55,7 @@ class GShard(LearnedRouter):
         draw_key = self.draw_key(inp)
         jitter_key = None if inp.key is None else jax.random.fold_in(inp.key, 1)  # never the draw's key
         logits_BSE = self.logits(inp.x_BSD, jitter_key)
-        return gshard_route(logits_BSE, draw_key, inp.positions_BS, self.cfg.gshard_threshold)
+        return gshard_route(logits_BSE, draw_key, inp.positions_BS, self.options.threshold)
 
 
 def gshard_route(logits_BSE: jax.Array, key: jax.Array, positions_BS: jax.Array, threshold: float) -> Routing:

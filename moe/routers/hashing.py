@@ -3,7 +3,7 @@
 Shape letters: see ``moe/__init__.py``; V vocabulary (token ids a table covers).
 
   * ``hash``           a fixed pseudo-random table from token id to k distinct experts, seeded by
-                       ``hash_seed`` (``hash_scores``: any vocabulary size, no table in memory).
+                       ``seed`` (``hash_scores``: any vocabulary size, no table in memory).
   * ``balanced_hash``  Hash Layers' balanced assignment: a table ``table`` [V, K] (model state)
                        that ``fit`` fills from the training split's token counts, so that every
                        expert carries about the same token mass; ids never seen keep their ``hash``
@@ -15,25 +15,36 @@ Shape letters: see ``moe/__init__.py``; V vocabulary (token ids a table covers).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe.fields import FieldError
+from moe.fields import FieldError, StrictFields, formerly
 from moe.params import RouterState
 from moe.routers import register
 from moe.routers.base import (NO_PREVIOUS_TOKEN, RouteInput, Router, Routing, equal_gates, expert_load, fixed_route,
                               route_spec)
 
+@dataclasses.dataclass
+class HashOptions(StrictFields):
+    seed: int = formerly(0, "hash_seed")  # seeds the token -> expert table
+
+    def check(self) -> HashOptions:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            self._fail("seed", "must be an integer")
+        return self
 
 
 @register
 class Hash(Router):
     name = "hash"
+    Options = HashOptions
 
     def __call__(self, inp: RouteInput) -> Routing:
         ids_BS = self.token_ids(inp)
-        return hash_route(ids_BS, self.cfg.num_experts, self.cfg.experts_per_token, self.cfg.hash_seed)
+        return hash_route(ids_BS, self.cfg.num_experts, self.cfg.experts_per_token, self.options.seed)
 
     def token_ids(self, inp: RouteInput) -> jax.Array:
         if inp.token_ids_BS is None:
@@ -50,7 +61,7 @@ class BalancedHash(Hash):
         super().__init__(cfg, d_model, key=key, rngs=rngs, eval_seed=eval_seed, vocab_size=vocab_size)
         if not isinstance(vocab_size, int) or vocab_size < 1:
             raise FieldError("MoEConfig", "router", cfg.router, "the balanced_hash router needs the vocabulary size (>= 1)")
-        table = hash_table(vocab_size, cfg.num_experts, cfg.experts_per_token, cfg.hash_seed)
+        table = hash_table(vocab_size, cfg.num_experts, cfg.experts_per_token, self.options.seed)
         self.table = RouterState(jnp.asarray(table), logical_axes=(None, None))  # fit() balances it
 
     def __call__(self, inp: RouteInput) -> Routing:
@@ -58,7 +69,7 @@ class BalancedHash(Hash):
 
     def fit(self, token_counts_V) -> None:
         counts_V = counts_for(token_counts_V, self.table.shape[0])
-        table = balanced_table(counts_V, self.cfg.num_experts, self.cfg.experts_per_token, self.cfg.hash_seed)
+        table = balanced_table(counts_V, self.cfg.num_experts, self.cfg.experts_per_token, self.options.seed)
         self.table[...] = jax.device_put(table.astype(self.table.dtype), self.table[...].sharding)
 
 
@@ -69,7 +80,7 @@ class BigramHash(Hash):
     def __call__(self, inp: RouteInput) -> Routing:
         ids_BS = self.token_ids(inp)
         prev_BS = previous_tokens(ids_BS) if inp.prev_token_ids_BS is None else inp.prev_token_ids_BS
-        return bigram_hash_route(prev_BS, ids_BS, self.cfg.num_experts, self.cfg.experts_per_token, self.cfg.hash_seed)
+        return bigram_hash_route(prev_BS, ids_BS, self.cfg.num_experts, self.cfg.experts_per_token, self.options.seed)
 
 
 def _mix32(x: jax.Array) -> jax.Array:

@@ -4,24 +4,38 @@ Shape letters: see ``moe/__init__.py``.
 
 Experts are chosen by top-k of the router probabilities plus a per-expert ``bias`` (model state,
 no gradient); the gates are the probabilities alone (renormalised for k > 1); there is no
-load-balance loss. Once per training step (``update``) the bias moves by ``loss_free_gamma``
+load-balance loss. Once per training step (``update``) the bias moves by ``gamma``
 toward equal load, from that step's global counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from moe.fields import StrictFields, formerly, positive_finite
 from moe.params import RouterState
 from moe.routers import register
 from moe.routers.base import RouteInput, Routing, expert_load, router_entropy, router_z_loss, top_k
 from moe.routers.learned import LearnedRouter, renormalises
 
 
+@dataclasses.dataclass
+class LossFreeOptions(StrictFields):
+    gamma: float = formerly(1e-3, "loss_free_gamma")  # the bias's step per training step toward equal load
+
+    def check(self) -> LossFreeOptions:
+        if not positive_finite(self.gamma):
+            self._fail("gamma", "must be a number > 0")
+        return self
+
+
 @register
 class LossFree(LearnedRouter):
     name = "loss_free"
+    Options = LossFreeOptions
 
     def __init__(self, cfg, d_model, *, key, rngs, eval_seed=0, vocab_size=0):
         super().__init__(cfg, d_model, key=key, rngs=rngs, eval_seed=eval_seed, vocab_size=vocab_size)
@@ -32,7 +46,7 @@ class LossFree(LearnedRouter):
                                self.cfg.norm_topk_prob)
 
     def update(self, expert_load_E: jax.Array) -> None:
-        self.bias[...] = loss_free_bias_update(self.bias[...], expert_load_E, self.cfg.loss_free_gamma)
+        self.bias[...] = loss_free_bias_update(self.bias[...], expert_load_E, self.options.gamma)
 
 
 def loss_free_route(logits_BSE: jax.Array, bias_E: jax.Array, k: int, norm_topk_prob: str = "auto") -> Routing:

@@ -13,9 +13,12 @@ Shape letters: see ``moe/__init__.py``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from moe.fields import StrictFields, finite, formerly
 from moe.routers import register
 from moe.routers.base import RouteInput, Router, Routing, equal_gates, fixed_route, token_uniforms
 
@@ -29,10 +32,23 @@ class Random(Router):
         return random_route(self.draw_key(inp), inp.positions_BS, self.cfg.num_experts, self.cfg.experts_per_token)
 
 
+@dataclasses.dataclass
+class ThorOptions(StrictFields):
+    # weight of THOR's consistency loss, the symmetric KL between the predictions of two forward passes
+    # through independently drawn experts (0 = one pass, no consistency loss)
+    consistency: float = formerly(0.0, "thor_consistency")
+
+    def check(self) -> ThorOptions:
+        if not finite(self.consistency) or self.consistency < 0:
+            self._fail("consistency", "must be a finite number >= 0")
+        return self
+
+
 @register
 class Thor(Random):
     name = "thor"
     consistency = True
+    Options = ThorOptions
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -40,7 +56,7 @@ class Thor(Random):
 
     @classmethod
     def consistency_weight(cls, cfg) -> float:
-        return cfg.thor_consistency
+        return cls.options_of(cfg).consistency
 
     def __call__(self, inp: RouteInput) -> Routing:
         if self.deterministic:

@@ -4,7 +4,7 @@ the auxiliary-loss-free bias.
 Shape letters: see ``moe/__init__.py``; here also W expert groups and Y experts per group.
 
 Each expert scores sigmoid(x . w_e). The choice adds a per-expert ``bias`` (model state, no
-gradient, moved by ``loss_free_gamma`` toward equal load once per training step, as ``loss_free``).
+gradient, moved by ``gamma`` toward equal load once per training step, as ``loss_free``).
 With ``num_groups`` > 1 the experts form equal groups, each group is rated by the sum of its two best
 biased scores, and a token chooses its k experts among its ``topk_groups`` best groups only (DeepSeek
 keeps each token's experts on few devices this way). The gates are the chosen scores without the bias,
@@ -15,45 +15,67 @@ scores normalised to sum to 1.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from moe.fields import FieldError
+from moe.fields import FieldError, formerly, positive_finite, positive_int
 from moe.params import RouterState
 from moe.routers import register
 from moe.routers.base import RouteInput, Routing, expert_load, load_balance_loss, router_z_loss, top_k
 from moe.routers.learned import LearnedRouter, renormalises
-from moe.routers.loss_free import loss_free_bias_update
+from moe.routers.loss_free import LossFreeOptions, loss_free_bias_update
+
+
+@dataclasses.dataclass
+class SigmoidOptions(LossFreeOptions):
+    # experts in num_groups equal groups; a token picks its topk_groups best groups (by the sum of each
+    # group's two best scores) and its k experts among them
+    num_groups: int = formerly(1, "num_groups")
+    topk_groups: int = formerly(1, "topk_groups")
+    routed_scaling: float = formerly(1.0, "routed_scaling")  # the gates are multiplied by this
+
+    def check(self) -> SigmoidOptions:
+        super().check()
+        for name in ("num_groups", "topk_groups"):
+            if not positive_int(getattr(self, name)):
+                self._fail(name, "must be a positive integer")
+        if self.topk_groups > self.num_groups:
+            self._fail("topk_groups", f"must be in [1, num_groups={self.num_groups}]")
+        if not positive_finite(self.routed_scaling):
+            self._fail("routed_scaling", "must be a number > 0")
+        return self
 
 
 @register
 class Sigmoid(LearnedRouter):
     name = "sigmoid"
+    Options = SigmoidOptions
 
     @classmethod
     def check(cls, cfg) -> None:
-        e, g = cfg.num_experts, cfg.num_groups
-        if not isinstance(g, int) or g < 1 or e % g:
-            raise FieldError("MoEConfig", "num_groups", g, f"must be a positive divisor of num_experts={e}")
+        e, o = cfg.num_experts, cls.options_of(cfg)
+        g = o.num_groups
+        if e % g:
+            raise cls.option_error(cfg, "num_groups", f"must be a positive divisor of num_experts={e}")
         if g > 1 and e // g < 2:
-            raise FieldError("MoEConfig", "num_groups", g, "each group needs at least 2 experts (groups are rated by their two best)")
-        if not isinstance(cfg.topk_groups, int) or not 1 <= cfg.topk_groups <= g:
-            raise FieldError("MoEConfig", "topk_groups", cfg.topk_groups, f"must be in [1, num_groups={g}]")
-        if cfg.experts_per_token > cfg.topk_groups * (e // g):
-            raise FieldError("MoEConfig", "experts_per_token", cfg.experts_per_token,
-                             f"more than the {cfg.topk_groups * (e // g)} experts of topk_groups={cfg.topk_groups} groups")
+            raise cls.option_error(cfg, "num_groups", "each group needs at least 2 experts (groups are rated by their two best)")
+        if cfg.experts_per_token > o.topk_groups * (e // g):
+            raise FieldError("MoEConfig", "experts_per_token", cfg.experts_per_token, f"more than the "
+                             f"{o.topk_groups * (e // g)} experts of router_options.sigmoid.topk_groups={o.topk_groups} groups")
 
     def __init__(self, cfg, d_model, *, key, rngs, eval_seed=0, vocab_size=0):
         super().__init__(cfg, d_model, key=key, rngs=rngs, eval_seed=eval_seed, vocab_size=vocab_size)
         self.bias = RouterState(jnp.zeros((cfg.num_experts,), jnp.float32), logical_axes=(None,))
 
     def __call__(self, inp: RouteInput) -> Routing:
-        c = self.cfg
-        return sigmoid_route(self.logits(inp.x_BSD, inp.key), self.bias[...], c.experts_per_token, c.num_groups,
-                             c.topk_groups, c.routed_scaling, c.norm_topk_prob)
+        c, o = self.cfg, self.options
+        return sigmoid_route(self.logits(inp.x_BSD, inp.key), self.bias[...], c.experts_per_token, o.num_groups,
+                             o.topk_groups, o.routed_scaling, c.norm_topk_prob)
 
     def update(self, expert_load_E: jax.Array) -> None:
-        self.bias[...] = loss_free_bias_update(self.bias[...], expert_load_E, self.cfg.loss_free_gamma)
+        self.bias[...] = loss_free_bias_update(self.bias[...], expert_load_E, self.options.gamma)
 
 
 def sigmoid_route(logits_BSE, bias_E, k: int, groups: int = 1, topk_groups: int = 1, scaling: float = 1.0,

@@ -17,7 +17,7 @@ import os
 import pathlib
 import sys
 
-from moe.config import TransformerConfig as ModelConfig
+from moe.config import MoEConfig, TransformerConfig as ModelConfig
 from moe.fields import FieldError, StrictFields, flagged_keys, resumable
 from moe.grouped_matmul import resolve as resolve_grouped_matmul, tokamax_available
 from train.data.config import DataConfig
@@ -154,7 +154,7 @@ def apply_override(cfg: Config, key: str, text: str) -> None:
         if part not in fields:
             where = ".".join(parts[:i]) or "config"
             moved = MOVED.get(".".join(parts[: i + 1]))
-            hint = f"; it is config.{moved} now" if moved else f" ({where} has: {', '.join(fields)})"
+            hint = f"; it is {' and '.join(f'config.{m}' for m in moved)} now" if moved else f" ({where} has: {', '.join(fields)})"
             raise ConfigError(f"config.{key}: unknown key{hint}")
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(getattr(obj, part)):
@@ -166,18 +166,25 @@ def apply_override(cfg: Config, key: str, text: str) -> None:
                 raise ConfigError(f"config.{key}: {'.'.join(parts[: i + 1])} is not a section")
 
 
-# Fields that moved into their own section ``model.moe``; configs saved before are read through ``upgrade``.
-MOVED = {
-    f"model.{name}": f"model.moe.{name}"
+def _moved() -> dict[str, tuple[str, ...]]:
+    """Keys of configs saved before a field moved -> today's: model fields that moved into their own
+    section ``model.moe``, then a router's own settings into its ``model.moe.router_options`` section
+    (declared on the router's options, ``moe.fields.formerly``; a shared seed goes to each router's)."""
+    out = {f"model.moe.{old}": tuple(f"model.moe.{new}" for new in news) for old, news in MoEConfig.moved().items()}
     for name in ("num_experts", "experts_per_token", "expert_d_ff", "router", "dispatch", "capacity_factor",
                  "capacity_priority", "eval_capacity_factor", "capacity_group_size", "aux_loss_coef", "z_loss_coef",
-                 "router_jitter", "hash_seed", "gshard_threshold", "loss_free_gamma", "thor_consistency")
-}
+                 "router_jitter", "hash_seed", "gshard_threshold", "loss_free_gamma", "thor_consistency"):
+        out[f"model.{name}"] = out.get(f"model.moe.{name}", (f"model.moe.{name}",))
+    return out
+
+
+# The one translation of saved configs (``upgrade``); the command line names the new key of an old one.
+MOVED = _moved()
 
 
 def upgrade(data: dict) -> dict:
-    """A saved config dict in today's layout (old flat model fields moved to ``model.moe``)."""
-    flat = {MOVED.get(key, key): value for key, value in _flatten(data).items()}
+    """A saved config dict in today's layout (see ``MOVED``)."""
+    flat = {new: value for key, value in _flatten(data).items() for new in MOVED.get(key, (key,))}
     out: dict = {}
     for key, value in flat.items():
         node = out
@@ -337,8 +344,11 @@ def check_compatible(meta: dict, saved: dict, where: pathlib.Path) -> None:
         raise ConfigError(f"config.data: the data differ from those of the checkpoint {where}; use a new --workdir")
     now, then = _flatten(upgrade(meta["config"])), _flatten(upgrade(saved.get("config", {})))
     defaults = _flatten(Config().to_dict())  # a field the checkpoint predates had its default value then
+    options, used = "model.moe.router_options.", f"model.moe.router_options.{now.get('model.moe.router')}."
     for key in sorted(set(now) | set(then)):
         if key.startswith(RESUMABLE) or now.get(key) == then.get(key, defaults.get(key)):
+            continue
+        if key.startswith(options) and not key.startswith(used):  # another router's options: never read
             continue
         raise ConfigError(
             f"config.{key}={now.get(key)!r}: differs from the checkpoint {where} ({then.get(key)!r}); "

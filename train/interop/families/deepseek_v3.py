@@ -64,19 +64,20 @@ class DeepseekV3(Family):
         moe.expert_d_ff = int(_get(hf, "moe_intermediate_size", where=where))
         moe.shared_d_ff = int(hf.get("n_shared_experts") or 0) * moe.expert_d_ff
         moe.router, moe.aux_loss_coef = Sigmoid.name, 1e-4
-        moe.num_groups, moe.topk_groups = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
-        moe.routed_scaling = float(hf.get("routed_scaling_factor", 1.0))
+        routing = Sigmoid.options_of(moe)
+        routing.num_groups, routing.topk_groups = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
+        routing.routed_scaling = float(hf.get("routed_scaling_factor", 1.0))
         moe.norm_topk_prob = on_off(hf.get("norm_topk_prob", True))
 
     def hf_fields(self, cfg: TransformerConfig, norm: bool) -> dict:
-        m, d = cfg.moe, cfg.mla
+        m, d, routing = cfg.moe, cfg.mla, Sigmoid.options_of(cfg.moe)
         f = m.expert_d_ff or cfg.d_ff
         shared = m.shared_d_ff // f
         self.need(cfg, shared * f == m.shared_d_ff, "moe.shared_d_ff",
                   f"{self.name}'s shared experts are a whole number of experts wide")
         return dict(n_routed_experts=m.num_experts, moe_intermediate_size=f, n_shared_experts=shared or None,
-                    first_k_dense_replace=cfg.first_dense_layers, moe_layer_freq=1, n_group=m.num_groups,
-                    topk_group=m.topk_groups, routed_scaling_factor=m.routed_scaling, norm_topk_prob=norm,
+                    first_k_dense_replace=cfg.first_dense_layers, moe_layer_freq=1, n_group=routing.num_groups,
+                    topk_group=routing.topk_groups, routed_scaling_factor=routing.routed_scaling, norm_topk_prob=norm,
                     q_lora_rank=d.q_lora_rank or None, kv_lora_rank=d.kv_lora_rank, qk_nope_head_dim=d.nope_head_dim,
                     qk_rope_head_dim=d.rope_head_dim, v_head_dim=d.v_head_dim, head_dim=d.rope_head_dim,
                     rope_interleave=True, attention_bias=False, scoring_func=Sigmoid.name, topk_method="noaux_tc")
