@@ -31,26 +31,27 @@ def main(argv=None) -> int:
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from train.core.config import load_config_file
-    from train.core.loop import Trainer
+    from train.core.setup import setup
 
     cfg = load_config_file(args.config)
     cfg.data.max_bytes = min(cfg.data.max_bytes or 2_000_000, 2_000_000)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, pathlib.Path(tmp) / "run", log=lambda m: None)
+        run, state = setup(cfg, pathlib.Path(tmp) / "run", log=lambda m: None)
+        held = {"state": state}
         try:
-            if trainer.probe is None:
+            if run.probe is None:
                 p.error(f"--config={args.config}: no router probe for this model (dense, or a stochastic router)")
-            with trainer.context():
-                batch = trainer.global_batch(next(trainer.batches))
+            with run.context():
+                batch = run.global_batch(next(run.batches))
 
                 def steps():
                     for _ in range(args.steps):
-                        trainer.state, metrics = trainer.train_step(trainer.state, batch)
+                        held["state"], metrics = run.train_step(held["state"], batch)
                     jax.block_until_ready(metrics)
 
                 def probes():
                     for _ in range(args.steps):
-                        routes = jax.device_get(trainer.routing_probe())
+                        routes = jax.device_get(run.routing_probe(held["state"]))
                     return routes
 
                 steps(), probes()  # compile both
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
                         fn()
                         out.append((time.perf_counter() - start) / args.steps)
         finally:
-            trainer.close()
+            run.close()
     step, probe = statistics.median(step_s), statistics.median(probe_s)
     every = cfg.log_every_steps
     print(f"training step {1e3 * step:.1f} ms, probe {1e3 * probe:.1f} ms (medians of {args.repeats} x {args.steps}); "

@@ -15,7 +15,8 @@ from train.cli import eval_main, generate_main
 from train.errors import ConfigError
 from train.inference.evaluate import evaluate_run, load_run
 from reference import generate_without_cache
-from train.core.loop import Trainer
+from train.core import loop
+from train.core.setup import setup
 from train.inference.generate import generate
 
 
@@ -30,13 +31,13 @@ def host(tree):
 
 
 def train(cfg, workdir, stop_at=None, devices=None):
-    trainer = Trainer(cfg, workdir, devices=devices)
+    run, state = setup(cfg, workdir, devices=devices)
     try:
-        trainer.run(stop_at=stop_at)
-        state = host(trainer.state)
-        data_state = trainer.batches.get_state()
+        state, _ = loop.train(run, state, stop_at=stop_at)
+        state = host(state)
+        data_state = run.batches.get_state()
     finally:
-        trainer.close()
+        run.close()
     return state, data_state
 
 
@@ -82,14 +83,14 @@ def test_resume_is_bit_exact(resumed_runs):
 
 def test_round_trip_restores_the_whole_state(resumed_runs):
     r = resumed_runs
-    trainer = Trainer(r["cfg"], r["tmp"] / "straight")  # finds step 6 and restores it
+    run, state = setup(r["cfg"], r["tmp"] / "straight")  # finds step 6 and restores it
     try:
-        state = host(trainer.state)
+        state = host(state)
         assert int(state.step) == 6
         assert_trees_equal(state, r["straight"])  # params, optimizer state, RNG streams, step
-        assert trainer.batches.get_state()["next_batch"] == 6
+        assert run.batches.get_state()["next_batch"] == 6
     finally:
-        trainer.close()
+        run.close()
 
 
 @pytest.mark.parametrize("mesh", [dict(data=1, expert=8), dict(data=1, expert=1)], ids=["expert8", "1device"])
@@ -104,16 +105,16 @@ def test_restore_onto_another_mesh_and_continue(resumed_runs, tmp_path, mesh):
     cfg.model.moe.router = "random"
     cfg.train.steps, cfg.checkpoint.every_steps, cfg.eval_batches = 6, 2, 1
     devices = jax.devices()[: mesh["data"] * mesh["expert"]]
-    trainer = Trainer(cfg, work, devices=devices)
+    run, state = setup(cfg, work, devices=devices)
     try:
-        assert int(trainer.state.step) == 3
-        assert_trees_equal(host(trainer.state), r["stopped"])  # params, optimizer state, RNG streams
-        with trainer.context():
-            batch = trainer.global_batch(next(trainer.batches))
-            trainer.state, metrics = trainer.train_step(trainer.state, batch)
+        assert int(state.step) == 3
+        assert_trees_equal(host(state), r["stopped"])  # params, optimizer state, RNG streams
+        with run.context():
+            batch = run.global_batch(next(run.batches))
+            state, metrics = run.train_step(state, batch)
         assert float(metrics["loss"]) == pytest.approx(train_losses(r["tmp"] / "straight")[4], rel=1e-5)
     finally:
-        trainer.close()
+        run.close()
 
 
 def test_incompatible_config_is_refused_and_extending_steps_is_allowed(resumed_runs, tmp_path):
@@ -124,11 +125,11 @@ def test_incompatible_config_is_refused_and_extending_steps_is_allowed(resumed_r
     cfg.model.moe.router = "random"
     cfg.model.d_model = 64
     with pytest.raises(ConfigError, match=r"^config\.model\.d_model=64: differs from the checkpoint"):
-        Trainer(cfg, work)
+        setup(cfg, work)
     cfg.model.d_model = 32
     cfg.data.validation_fraction = 0.5  # other data
     with pytest.raises(ConfigError, match=r"^config\.data: the data differ"):
-        Trainer(cfg, work)
+        setup(cfg, work)
     cfg.data.validation_fraction = 0.25
     cfg.train.steps, cfg.checkpoint.every_steps, cfg.checkpoint.keep, cfg.eval_batches = 7, 2, 2, 1
     state, _ = train(cfg, work)

@@ -1,6 +1,7 @@
 """Failure behaviour: kill -9 and SIGTERM lose nothing, unreadable checkpoints are set aside,
 non-finite updates are skipped, stalled peers stop the job, and bad input ends in one line."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -20,7 +21,8 @@ from conftest import tiny_train_args
 from test_checkpoint import assert_trees_equal, host, train, train_losses
 from test_train import tiny_config
 from train.errors import CheckpointError
-from train.core.loop import Trainer
+from train.core import loop
+from train.core.setup import setup
 from train.errors import NonFiniteError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -110,29 +112,29 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # truncated
     shutil.rmtree(work / "checkpoints" / "4" / "params")  # missing files
     logs = []
-    trainer = Trainer(cfg, work, log=logs.append)
+    run, state = setup(cfg, work, log=logs.append)
     try:
-        assert int(trainer.state.step) == 2
+        assert int(state.step) == 2
         assert any("checkpoint 6 at" in m and "cannot be restored" in m for m in logs), logs
         assert any("checkpoint 4 at" in m for m in logs) and any(m.startswith("resumed from") for m in logs)
         names = sorted(p.name for p in (work / "checkpoints").iterdir())
         assert names == ["2", "4.unreadable", "6.unreadable"]  # set aside, never deleted
-        trainer.run()
-        assert_trees_equal(host(trainer.state.params), straight.params)  # 2 -> 6 again, bit for bit
+        state, _ = loop.train(run, state)
+        assert_trees_equal(host(state.params), straight.params)  # 2 -> 6 again, bit for bit
     finally:
-        trainer.close()
+        run.close()
     for step in ("2", "4", "6"):
         shutil.rmtree(work / "checkpoints" / step, ignore_errors=True)
     (work / "checkpoints" / "2").mkdir()  # a step folder with nothing readable in it
     with pytest.raises(CheckpointError, match="no checkpoint can be restored"):
-        Trainer(cfg, work, log=lambda m: None)
+        setup(cfg, work, log=lambda m: None)
 
 
 # ---------------------------------------------------------------- non-finite updates
-def _nan_weights(trainer, local):
+def _nan_weights(run, local):
     local = dict(local)
     local["weights"] = np.full(local["inputs"].shape, np.nan, np.float32)
-    return trainer.global_batch(local)
+    return run.global_batch(local)
 
 
 def _router_state(state):
@@ -142,34 +144,34 @@ def _router_state(state):
 def test_a_non_finite_update_is_skipped_and_counted(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.model.moe.router = "loss_free"  # its bias is state the step moves: a skipped step must not
-    trainer = Trainer(cfg, tmp_path / "w")
+    run, state = setup(cfg, tmp_path / "w")
     try:
-        with trainer.context():
-            ones = lambda local: trainer.global_batch(  # noqa: E731
+        with run.context():
+            ones = lambda local: run.global_batch(  # noqa: E731
                 {**local, "weights": np.ones(local["inputs"].shape, np.float32)})
-            trainer.state, m = trainer.train_step(trainer.state, ones(next(trainer.batches)))
+            state, m = run.train_step(state, ones(next(run.batches)))
             assert int(m["skipped"]) == 0
-            before = host((trainer.state.params, trainer.state.opt_state))
-            bias = _router_state(trainer.state)
-            trainer.state, m = trainer.train_step(trainer.state, _nan_weights(trainer, next(trainer.batches)))
+            before = host((state.params, state.opt_state))
+            bias = _router_state(state)
+            state, m = run.train_step(state, _nan_weights(run, next(run.batches)))
             assert int(m["skipped"]) == 1 and int(m["nonfinite"]) == 1 and not np.isfinite(float(m["loss"]))
-            assert_trees_equal(host((trainer.state.params, trainer.state.opt_state)), before)  # nothing applied
-            assert bias and all(np.array_equal(a, b) for a, b in zip(_router_state(trainer.state), bias, strict=True))
-            assert int(trainer.state.step) == 2
-            trainer.state, m = trainer.train_step(trainer.state, ones(next(trainer.batches)))
+            assert_trees_equal(host((state.params, state.opt_state)), before)  # nothing applied
+            assert bias and all(np.array_equal(a, b) for a, b in zip(_router_state(state), bias, strict=True))
+            assert int(state.step) == 2
+            state, m = run.train_step(state, ones(next(run.batches)))
             assert int(m["skipped"]) == 0
-            assert any(not np.array_equal(a, b) for a, b in zip(_router_state(trainer.state), bias, strict=True))
-            after = host(trainer.state.params)
+            assert any(not np.array_equal(a, b) for a, b in zip(_router_state(state), bias, strict=True))
+            after = host(state.params)
         assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before[0]), strict=True))
     finally:
-        trainer.close()
+        run.close()
 
 
 def test_consecutive_non_finite_steps_stop_the_run_without_a_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.train.steps, cfg.train.max_nonfinite_steps, cfg.checkpoint.every_steps = 10, 2, 0
-    trainer = Trainer(cfg, tmp_path / "w")
-    clean = trainer.batches
+    run, state = setup(cfg, tmp_path / "w")
+    clean = run.batches
 
     class Poisoned:  # from the 3rd batch on, every batch has NaN weights
         def __init__(self):
@@ -184,12 +186,12 @@ def test_consecutive_non_finite_steps_stop_the_run_without_a_checkpoint(tmp_path
         def get_state(self):
             return clean.get_state()
 
-    trainer.batches = Poisoned()
+    run = dataclasses.replace(run, batches=Poisoned())
     try:
         with pytest.raises(NonFiniteError, match=r"^train: step 4 ends 2 non-finite steps in a row"):
-            trainer.run()
+            state, _ = loop.train(run, state)
     finally:
-        trainer.close()
+        run.close()
     rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train" and r["skipped"]] == [3, 4]  # flushed
     assert not (tmp_path / "w" / "checkpoints").exists() or not any(
@@ -200,19 +202,19 @@ def test_consecutive_non_finite_steps_stop_the_run_without_a_checkpoint(tmp_path
 def test_loss_spike_skipping_is_off_by_default_and_works_when_on(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.train.spike_sigma, cfg.train.spike_window = 1.0, 2
-    trainer = Trainer(cfg, tmp_path / "w")
+    run, state = setup(cfg, tmp_path / "w")
     try:
-        with trainer.context():
-            batch = trainer.global_batch(next(trainer.batches))
+        with run.context():
+            batch = run.global_batch(next(run.batches))
             for _ in range(3):  # fill the window with the same, falling loss
-                trainer.state, m = trainer.train_step(trainer.state, batch)
-            local = next(trainer.batches)
+                state, m = run.train_step(state, batch)
+            local = next(run.batches)
             rng = np.random.default_rng(0)
             noise = {k: rng.integers(0, 255, v.shape).astype(np.int32) for k, v in local.items()}
-            trainer.state, m = trainer.train_step(trainer.state, trainer.global_batch(noise))
+            state, m = run.train_step(state, run.global_batch(noise))
             assert int(m["skipped"]) == 1 and int(m["nonfinite"]) == 0
     finally:
-        trainer.close()
+        run.close()
     assert tiny_config(tmp_path).train.spike_sigma == 0.0
 
 

@@ -21,7 +21,7 @@ from test_checkpoint import host
 from train.core.checkpoint import Checkpoints
 from train.core.config import from_dict
 from train.inference.evaluate import evaluate_run, load_run
-from train.core.loop import Trainer
+from train.core.setup import setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "launch_local.sh"
@@ -80,14 +80,14 @@ def test_two_process_checkpoint_resumes_in_one_process_with_the_state_of_the_1x8
     2 processes saved restores in this one process and equals what 1 process x 8 saved."""
     tmp, _, _ = runs
     states = []
-    for run in ("2x4", "1x8"):
-        cfg = from_dict(json.loads((tmp / run / "config.json").read_text()))
-        trainer = Trainer(cfg, tmp / run, log=lambda m: None)
+    for name in ("2x4", "1x8"):
+        cfg = from_dict(json.loads((tmp / name / "config.json").read_text()))
+        run, state = setup(cfg, tmp / name, log=lambda m: None)
         try:
-            assert int(trainer.state.step) == 4 and trainer.batches.get_state()["next_batch"] == 4
-            states.append(host(trainer.state))
+            assert int(state.step) == 4 and run.batches.get_state()["next_batch"] == 4
+            states.append(host(state))
         finally:
-            trainer.close()
+            run.close()
     for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
     # and for evaluation on one device

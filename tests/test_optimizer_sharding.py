@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import build_mesh
 from sharding.rules import spread_spec
 from test_train import run_steps, tiny_config
-from train.core.loop import Trainer
+from train.core.setup import setup
 
 
 def test_spread_spec_uses_every_axis_an_array_is_replicated_on():
@@ -32,18 +32,18 @@ def test_sharded_optimizer_state_trains_the_same(tmp_path):
 
 def test_sharded_optimizer_state_splits_the_moments_over_every_device(tmp_path):
     cfg = tiny_config(tmp_path)
-    replicated = Trainer(cfg, tmp_path / "a")
+    replicated, _ = setup(cfg, tmp_path / "a")
     full = replicated.step_memory.optimizer
     replicated.close()
     cfg.optimizer.sharded_state = True
-    trainer = Trainer(cfg, tmp_path / "b")
+    run, state = setup(cfg, tmp_path / "b")
     try:
-        mu = trainer.state.opt_state[1][0].mu  # clip, then adamw: (ScaleByAdamState, ...)
+        mu = state.opt_state[1][0].mu  # clip, then adamw: (ScaleByAdamState, ...)
         wi = mu["blocks"][0]["ffn"]["wi"][...]  # [E=8, D, F], experts over expert=4
         assert wi.sharding.shard_shape(wi.shape) == (2, 32, 32)  # and F over data=2
         embed = mu["embed"][...]  # replicated parameter: its moments over all 8 devices
         assert np.prod(embed.sharding.shard_shape(embed.shape)) * 8 == np.prod(embed.shape)
-        assert trainer.state.params["embed"][...].sharding.spec == P(None, None)  # parameters unchanged
-        assert trainer.step_memory.optimizer < full / 2
+        assert state.params["embed"][...].sharding.spec == P(None, None)  # parameters unchanged
+        assert run.step_memory.optimizer < full / 2
     finally:
-        trainer.close()
+        run.close()

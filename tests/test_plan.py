@@ -14,7 +14,7 @@ import pytest
 from test_train import tiny_config
 from train.analysis.plan import make_plan
 from train.cli import train_main
-from train.core.loop import Trainer
+from train.core.setup import setup
 from train.data.batches import eval_batches
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,15 +41,14 @@ def test_plan_equals_what_a_real_step_holds(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.model.num_layers, cfg.model.scan_layers, cfg.model.remat = 4, "on", "full"
     plan = make_plan(cfg)
-    trainer = Trainer(cfg, tmp_path / "run")
+    run, state = setup(cfg, tmp_path / "run")
     try:
-        state = trainer.state
         assert plan.params_bytes == device0_bytes(state.params)
         assert plan.optimizer_bytes == device0_bytes(state.opt_state)
         assert plan.model_state_bytes == device0_bytes(state.model_state)
-        with trainer.context():
-            batch = trainer.global_batch(next(trainer.batches))
-            compiled = trainer.jit_step.lower(state, batch, trainer.stop_flags(False)).compile()
+        with run.context():
+            batch = run.global_batch(next(run.batches))
+            compiled = run.programs.train_step.lower(state, batch, run.programs.stop[0]).compile()
         real = compiled.memory_analysis()
         assert plan.temp_bytes == real.temp_size_in_bytes
         assert plan.total_bytes == (real.argument_size_in_bytes + real.output_size_in_bytes
@@ -57,14 +56,14 @@ def test_plan_equals_what_a_real_step_holds(tmp_path):
         assert plan.total_bytes > plan.params_bytes + plan.optimizer_bytes
         tokens = cfg.train.batch_size * cfg.train.seq_len
         assert plan.flops_per_step > 6 * tokens * 1000  # model FLOPs: at least 6 per active parameter and token
-        with trainer.context():  # evaluation and the router probe, as the run compiles them, on their real batches
-            batch = trainer.global_batch(next(iter(eval_batches(trainer.val_corpus.tokens, cfg.train.seq_len,
+        with run.context():  # evaluation and the router probe, as the run compiles them, on their real batches
+            batch = run.global_batch(next(iter(eval_batches(run.data.validation.tokens, cfg.train.seq_len,
                                                                 cfg.train.batch_size, 1))))
-            evaluation = trainer.eval_step.lower(state.params, state.model_state, batch).compile()
+            evaluation = run.programs.eval_step.lower(state.params, state.model_state, batch).compile()
         assert plan.eval_total_bytes == peak(evaluation.memory_analysis())
-        assert plan.probe_total_bytes == peak(trainer.probe_step.memory_analysis())
+        assert plan.probe_total_bytes == peak(run.probe.step.memory_analysis())
     finally:
-        trainer.close()
+        run.close()
     assert plan.fits is None
     small = make_plan(cfg, device_memory_gb=plan.total_bytes / 2**30 / 2)
     assert small.fits is False and "does not fit" in small.lines()[-1]

@@ -9,7 +9,8 @@ from flax import nnx
 from test_train import tiny_config
 
 from moe.transformer import Transformer
-from train.core.loop import Trainer
+from train.core import loop
+from train.core.setup import setup
 
 
 
@@ -24,14 +25,14 @@ def test_frozen_router_weights_never_change_and_restore_for_eval(tmp_path):
     cfg.model.moe.router = "frozen"
     cfg.optimizer.weight_decay, cfg.optimizer.learning_rate = 0.1, 1e-2  # decay would move a trained weight
     cfg.checkpoint.every_steps = 3
-    trainer = Trainer(cfg, tmp_path / "w")
-    before = _router_weights(trainer.state.model_state)
-    assert len(before) == 2 and not _router_weights(trainer.state.params)  # state, not parameters
-    first = jax.tree.map(np.asarray, trainer.state.params)
-    trainer.run()
-    after = _router_weights(trainer.state.model_state)
-    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), first, trainer.state.params)
-    trainer.close()
+    run, state = setup(cfg, tmp_path / "w")
+    before = _router_weights(state.model_state)
+    assert len(before) == 2 and not _router_weights(state.params)  # state, not parameters
+    first = jax.tree.map(np.asarray, state.params)
+    state, _ = loop.train(run, state)
+    after = _router_weights(state.model_state)
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), first, state.params)
+    run.close()
     assert any(jax.tree.leaves(moved))  # the rest of the model trained
     for name in before:
         np.testing.assert_array_equal(after[name], before[name])
@@ -62,10 +63,10 @@ def test_balanced_hash_table_is_built_from_the_training_split_saved_and_reused_a
 
     cfg = tiny_config(tmp_path)
     cfg.model.moe.router, cfg.model.moe.experts_per_token, cfg.checkpoint.every_steps = "balanced_hash", 1, 2
-    trainer = Trainer(cfg, tmp_path / "w")
-    counts = np.bincount(trainer.train_corpus.tokens, minlength=trainer.cfg.model.vocab_size)
+    run, state = setup(cfg, tmp_path / "w")
+    counts = np.bincount(run.data.train.tokens, minlength=run.cfg.model.vocab_size)
     expected = balanced_table(counts, 8, 1, seed=0)
-    tables = [np.asarray(v) for p, v in jax.tree.leaves_with_path(trainer.state.model_state)
+    tables = [np.asarray(v) for p, v in jax.tree.leaves_with_path(state.model_state)
               if "['router']['table']" in jax.tree_util.keystr(p)]
     assert len(tables) == 2
     for table in tables:
@@ -73,8 +74,8 @@ def test_balanced_hash_table_is_built_from_the_training_split_saved_and_reused_a
     mass = np.bincount(expected[:, 0], weights=counts, minlength=8)
     top = counts.max() / counts.sum()  # no table can put less than the commonest id on one expert
     assert mass.max() / mass.sum() <= max(top, 1 / 8) * 1.25
-    trainer.run()
-    trainer.close()
+    state, _ = loop.train(run, state)
+    run.close()
     restored = [np.asarray(v) for p, v in jax.tree.leaves_with_path(load_run(tmp_path / "w").model_state)
                 if "['router']['table']" in jax.tree_util.keystr(p)]
     assert len(restored) == 2 and all(np.array_equal(t, expected) for t in restored)
@@ -87,11 +88,11 @@ def test_stochastic_and_biased_routers_train_checkpoint_and_evaluate(tmp_path, r
     cfg = tiny_config(tmp_path)
     cfg.model.moe.router, cfg.model.moe.capacity_factor, cfg.checkpoint.every_steps = router, 1.0, 3
     cfg.model.moe.router_options.loss_free.gamma = 0.01
-    trainer = Trainer(cfg, tmp_path / "w")
-    summary = trainer.run()
-    biases = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(trainer.state.model_state)
+    run, state = setup(cfg, tmp_path / "w")
+    state, summary = loop.train(run, state)
+    biases = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(state.model_state)
               if "['router']['bias']" in jax.tree_util.keystr(p)}
-    trainer.close()
+    run.close()
     if router == "loss_free":  # the bias moved, is saved with the checkpoint and restored for eval
         assert len(biases) == 2 and all(np.abs(b).max() > 0 for b in biases.values())
         restored = {jax.tree_util.keystr(p): np.asarray(v)
@@ -149,9 +150,9 @@ def test_thor_with_consistency_trains_checkpoints_and_evaluates_deterministicall
     cfg = tiny_config(tmp_path)
     cfg.model.moe.router, cfg.model.moe.experts_per_token, cfg.model.moe.router_options.thor.consistency = "thor", 1, 1.0
     cfg.checkpoint.every_steps = 2
-    trainer = Trainer(cfg, tmp_path / "w")
-    summary = trainer.run()
-    trainer.close()
+    run, state = setup(cfg, tmp_path / "w")
+    state, summary = loop.train(run, state)
+    run.close()
     rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     assert np.isfinite(summary["last_loss"]) and len(train_rows) == 4
@@ -184,9 +185,9 @@ def test_expert_choice_is_non_causal_and_refused_for_the_causal_lm_unless_allowe
         Transformer(cfg.model, rngs=nnx.Rngs(0))
     cfg.model.allow_non_causal_router = True
     cfg.model.vocab_size, cfg.checkpoint.every_steps = 0, 4
-    trainer = Trainer(cfg, tmp_path / "w")
-    summary = trainer.run()
-    trainer.close()
+    run, state = setup(cfg, tmp_path / "w")
+    state, summary = loop.train(run, state)
+    run.close()
     assert np.isfinite(summary["last_loss"])
     rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     row = [r for r in rows if r["split"] == "train"][-1]
@@ -207,9 +208,9 @@ def test_capacity_groups_do_not_stop_evaluation_or_generation(tmp_path, capsys):
 
     cfg = tiny_config(tmp_path)
     cfg.model.moe.capacity_group_size, cfg.model.moe.capacity_factor, cfg.checkpoint.every_steps = 16, 1.0, 4
-    trainer = Trainer(cfg, tmp_path / "w")
-    trainer.run()
-    trainer.close()
+    run, state = setup(cfg, tmp_path / "w")
+    state, _ = loop.train(run, state)
+    run.close()
     capsys.readouterr()
     assert eval_main([f"--workdir={tmp_path / 'w'}", "--max_batches=2"]) == 0
     assert np.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
@@ -220,19 +221,18 @@ def test_capacity_groups_do_not_stop_evaluation_or_generation(tmp_path, capsys):
 def test_loss_free_bias_moves_once_per_step_whatever_the_accumulation(tmp_path):
     """grad_accum 1 and 4 over the same global batch: the bias moves by gamma per step, from the
     whole step's load, and ends the same."""
-    from test_train import run_steps
 
     def biases(accum):
         cfg = tiny_config(tmp_path, data=1, expert=4)
         cfg.model.moe.router, cfg.model.moe.router_options.loss_free.gamma, cfg.model.moe.capacity_factor = "loss_free", 0.01, 8.0  # no drops
         cfg.train.batch_size, cfg.train.grad_accum_steps = 16, accum
-        trainer = Trainer(cfg, tmp_path / f"accum{accum}", devices=jax.devices()[:4])
-        with trainer.context():
+        run, state = setup(cfg, tmp_path / f"accum{accum}", devices=jax.devices()[:4])
+        with run.context():
             for _ in range(3):
-                trainer.state, _ = trainer.train_step(trainer.state, trainer.global_batch(next(trainer.batches)))
-        out = [np.asarray(v) for p, v in jax.tree.leaves_with_path(trainer.state.model_state)
+                state, _ = run.train_step(state, run.global_batch(next(run.batches)))
+        out = [np.asarray(v) for p, v in jax.tree.leaves_with_path(state.model_state)
                if "['router']['bias']" in jax.tree_util.keystr(p)]
-        trainer.close()
+        run.close()
         return out
 
     one, four = biases(1), biases(4)

@@ -189,21 +189,21 @@ def test_checkpoints_move_between_scanned_and_unrolled(tmp_path):
     unrolled with the step the scanned run takes next (equal to float rounding: XLA fuses a
     scanned body and unrolled blocks differently)."""
     from test_train import tiny_config
-    from train.core.loop import Trainer
+    from train.core.setup import setup
     from train.inference.evaluate import evaluate_run, load_run
 
     def steps(cfg, workdir, n, save_at=None):
-        trainer = Trainer(cfg, workdir)
+        run, state = setup(cfg, workdir)
         losses = []
-        with trainer.context():
+        with run.context():
             for _ in range(n):
-                batch = trainer.global_batch(next(trainer.batches))
-                trainer.state, metrics = trainer.train_step(trainer.state, batch)
+                batch = run.global_batch(next(run.batches))
+                state, metrics = run.train_step(state, batch)
                 losses.append(float(metrics["loss"]))
                 if len(losses) == save_at:
-                    trainer.save_checkpoint(save_at, force=True)
-                    trainer.checkpoints.wait()
-        trainer.close()
+                    run.save_checkpoint(state, save_at, force=True)
+                    run.checkpoints.wait()
+        run.close()
         return losses
 
     cfg = tiny_config(tmp_path)  # 2 MoE blocks: scanned, 2 repeats of one block

@@ -5,6 +5,7 @@ Hugging Face family."""
 import ast
 import dataclasses
 import importlib
+import inspect
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -240,3 +241,25 @@ def test_one_checkpoint_writer_and_one_way_to_build_the_model():
                     assert where in orbax_users or not any(n.split(".")[0] == "orbax" for n in names), where
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Transformer":
                     assert where == "moe/transformer.py", f"{where}:{node.lineno} builds Transformer(...) itself"
+
+
+def test_the_run_is_a_frozen_value_and_the_loop_is_functions_over_it():
+    """``setup`` returns a frozen ``Run`` (its parts never rebound) and the state beside it; the
+    loop's classes are its own small parts, none of them a run, and nothing in ``train/`` assigns
+    to a run's attributes."""
+    from train.core import loop, setup
+    from train.core.run import Probe, Programs, Run
+
+    for cls in (Run, Programs, Probe):
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, cls
+    assert list(inspect.signature(setup.setup).parameters)[:2] == ["cfg", "workdir"]
+    assert list(inspect.signature(loop.train).parameters)[:2] == ["run", "state"]
+    classes = {n for n, c in vars(loop).items() if isinstance(c, type) and c.__module__ == loop.__name__}
+    assert classes == {"Throughput", "StepLog", "Progress"}, classes
+    for path in (ROOT / "train").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    base = getattr(target, "value", None)
+                    assert not (isinstance(target, ast.Attribute) and getattr(base, "id", None) == "run"), \
+                        f"{path.relative_to(ROOT)}:{node.lineno} rebinds a part of the run"

@@ -16,7 +16,8 @@ from sharding import make_mesh
 from train.cli import train_main
 from train.core.config import Config, load_config_file
 from reference import sharding_table
-from train.core.loop import Trainer
+from train.core import loop
+from train.core.setup import setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 60
@@ -44,18 +45,18 @@ def tiny_config(tmp_path, **mesh) -> Config:
 
 def run_steps(cfg, workdir, n, repeat_batch=False, devices=None):
     """n train steps; returns per-step losses and the final parameters (NumPy)."""
-    trainer = Trainer(cfg, workdir, devices=devices)
+    run, state = setup(cfg, workdir, devices=devices)
     losses = []
-    with trainer.context():
-        batch = trainer.global_batch(next(trainer.batches))
+    with run.context():
+        batch = run.global_batch(next(run.batches))
         for _ in range(n):
             if not repeat_batch:
-                batch = trainer.global_batch(next(trainer.batches))
+                batch = run.global_batch(next(run.batches))
             with jax.transfer_guard("disallow"):  # an accidental host <-> device copy fails loudly
-                trainer.state, metrics = trainer.train_step(trainer.state, batch)
+                state, metrics = run.train_step(state, batch)
             losses.append(float(metrics["loss"]))
-        params = jax.tree.map(np.asarray, trainer.state.params)
-    trainer.close()
+        params = jax.tree.map(np.asarray, state.params)
+    run.close()
     return losses, params, metrics
 
 
@@ -235,11 +236,11 @@ def test_bfloat16_activations_with_a_trained_bpe_tokenizer(tmp_path, capsys):
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))  # master weights stay float32
     saved = json.loads((tmp_path / "w" / "config.json").read_text())
     assert (tmp_path / "w" / "tokenizer.json").is_file() and saved["model"]["vocab_size"] == 320
-    trainer = Trainer(cfg, tmp_path / "w")  # the saved tokenizer is loaded, not retrained
+    run, state = setup(cfg, tmp_path / "w")  # the saved tokenizer is loaded, not retrained
     try:
-        trainer.run()
+        state, _ = loop.train(run, state)
     finally:
-        trainer.close()
+        run.close()
     assert eval_main([f"--workdir={tmp_path / 'w'}"]) == 0
     assert np.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"])
     assert generate_main([f"--workdir={tmp_path / 'w'}", "--prompt=def add", "--max_new_tokens=5"]) == 0
@@ -321,18 +322,18 @@ def test_bfloat16_activations_track_float32_with_float32_master_weights(tmp_path
     for dtype in ("float32", "bfloat16"):
         cfg = tiny_config(tmp_path)
         cfg.model.dtype = dtype
-        trainer = Trainer(cfg, tmp_path / dtype)
+        run, state = setup(cfg, tmp_path / dtype)
         losses = []
-        with trainer.context():
+        with run.context():
             for i in range(5):
-                batch = trainer.global_batch(next(trainer.batches))
+                batch = run.global_batch(next(run.batches))
                 if i == 0:
-                    hlo = trainer.jit_step.lower(trainer.state, batch, trainer.stop_flags(False)).as_text()
-                trainer.state, metrics = trainer.train_step(trainer.state, batch)
+                    hlo = run.programs.train_step.lower(state, batch, run.programs.stop[0]).as_text()
+                state, metrics = run.train_step(state, batch)
                 losses.append(float(metrics["loss"]))
-            floats = {str(x.dtype) for x in jax.tree.leaves((trainer.state.params, trainer.state.opt_state))
+            floats = {str(x.dtype) for x in jax.tree.leaves((state.params, state.opt_state))
                       if jnp.issubdtype(x.dtype, jnp.floating)}
-        trainer.close()
+        run.close()
         bf16_dots = re.findall(r"stablehlo\.dot_general[^\n]*-> tensor<[^>]*xbf16>", hlo)
         runs[dtype] = dict(losses=np.array(losses), floats=floats, bf16_dots=len(bf16_dots), hlo=hlo)
     f32, bf16 = runs["float32"], runs["bfloat16"]

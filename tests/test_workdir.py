@@ -141,19 +141,19 @@ def test_a_save_that_cannot_fit_the_free_space_is_refused_before_it_starts(tmp_p
 
 # ---------------------------------------------------------------- the memory pre-flight
 def test_the_memory_estimate_tracks_what_xla_allocates(tmp_path):
-    from train.core.loop import Trainer
+    from train.core.setup import setup
 
     for batch in (8, 32):
         cfg = tiny_config(tmp_path)
         cfg.train.batch_size = batch
-        trainer = Trainer(cfg, tmp_path / f"b{batch}")
-        with trainer.context():
-            local = next(trainer.batches)
-            batch_arrays = trainer.global_batch(local)
-            analysis = trainer.jit_step.lower(trainer.state, batch_arrays, trainer.stop_flags(False)).compile().memory_analysis()
-        trainer.close()
+        run, state = setup(cfg, tmp_path / f"b{batch}")
+        with run.context():
+            local = next(run.batches)
+            batch_arrays = run.global_batch(local)
+            analysis = run.programs.train_step.lower(state, batch_arrays, run.programs.stop[0]).compile().memory_analysis()
+        run.close()
         xla = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-        assert 0.6 <= trainer.step_memory.total / xla <= 1.5, (batch, trainer.step_memory, xla)
+        assert 0.6 <= run.step_memory.total / xla <= 1.5, (batch, run.step_memory, xla)
 
 
 def test_a_step_that_cannot_fit_names_the_largest_term_and_can_be_overridden(tmp_path, monkeypatch, capsys):

@@ -1,7 +1,7 @@
 """moe-bench train: full training steps of the MoE config vs its dense baseline, and step time as
 the expert count grows at fixed active parameters; MFU against a matmul peak timed in the same run.
 
-Every model is a real ``Trainer`` (same mesh, rules, jitted step, donation) on the same prefetched
+Every model is a real run (``train.core.setup.setup``) (same mesh, rules, jitted step, donation) on the same prefetched
 batches; only the device step is timed (data loading excluded). Models are timed in alternation
 so that machine noise falls on all of them alike; the tables give medians over repeats.
 """
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from moe.costs import flops_per_token, param_counts
 from train.core.config import Config, validate_mesh
-from train.core.loop import Trainer
+from train.core.setup import setup
 from train.services.metrics import NOMINAL_PEAK_FLOPS, peak_flops_per_device
 
 
@@ -55,27 +55,26 @@ def matmul_peak(mesh, dtype: str, n: int, repeats: int = 5) -> float:
 
 
 class _Model:
-    """One model to time: its trainer and prefetched device batches."""
+    """One model to time: its run, its state and prefetched device batches."""
 
     def __init__(self, name: str, cfg: Config, workdir: pathlib.Path, batches: int):
         self.name = name
-        self.trainer = Trainer(cfg, workdir, log=lambda _: None)
-        with self.trainer.context():
-            self.batches = [self.trainer.global_batch(next(self.trainer.batches)) for _ in range(batches)]
-            state, _ = self.trainer.train_step(self.trainer.state, self.batches[0])  # compile
-            self.trainer.state = jax.block_until_ready(state)
-        self.cfg = self.trainer.cfg
+        self.run, state = setup(cfg, workdir, log=lambda _: None)
+        with self.run.context():
+            self.batches = [self.run.global_batch(next(self.run.batches)) for _ in range(batches)]
+            state, _ = self.run.train_step(state, self.batches[0])  # compile
+            self.state = jax.block_until_ready(state)
+        self.cfg = self.run.cfg
         self.times: list[float] = []
 
     def time(self, steps: int) -> None:
-        t = self.trainer
-        with t.context():
+        with self.run.context():
             start = time.perf_counter()
-            state = t.state
+            state = self.state
             for i in range(steps):
-                state, metrics = t.train_step(state, self.batches[i % len(self.batches)])
+                state, metrics = self.run.train_step(state, self.batches[i % len(self.batches)])
             jax.block_until_ready(metrics)
-            t.state = state
+            self.state = state
         self.times.append((time.perf_counter() - start) / steps)
 
     def row(self, peak: float, spec_peak: float | None) -> dict:
@@ -119,7 +118,7 @@ def run(moe_cfg: Config, dense_cfg: Config, bench: TrainBenchConfig, log=print) 
             validate_mesh(cfg, jax.device_count())
             log(f"compiling {name} ...")
             models.append(_Model(name, cfg, pathlib.Path(tmp) / name.replace(" ", "_").replace("=", ""), bench.batches))
-        mesh = models[0].trainer.mesh
+        mesh = models[0].run.mesh
         peak = matmul_peak(mesh, moe_cfg.model.dtype, bench.peak_size)
         log(f"matmul peak on {mesh.devices.size} devices ({moe_cfg.model.dtype}): {peak / 1e9:.1f} GFLOP/s")
         for r in range(bench.repeats):
@@ -131,7 +130,7 @@ def run(moe_cfg: Config, dense_cfg: Config, bench: TrainBenchConfig, log=print) 
         spec_peak = None if spec == NOMINAL_PEAK_FLOPS else spec * mesh.devices.size
         rows = [m.row(peak, spec_peak) for m in models]
         for m in models:
-            m.trainer.close()
+            m.run.close()
     by_name = {r["model"]: r for r in rows}
     sweep = sorted((r for r in rows if r["model"] != "dense" and not r["model"].endswith(" sharded")),
                    key=lambda r: r["experts"])

@@ -176,7 +176,7 @@ def make_plan(cfg: Config, devices=None, device_memory_gb: float | None = None) 
         stop = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=batch_sharding)
         memory, compile_s = _compiled(step, state, {"inputs": tokens, "targets": tokens}, stop)
         start = time.perf_counter()
-        jax.jit(init, out_shardings=shardings).lower().compile()  # what Trainer runs first
+        jax.jit(init, out_shardings=shardings).lower().compile()  # what setup runs first
         init_compile_s = time.perf_counter() - start
         evaluation, probe = _eval_and_probe(cfg, eval_graphdef, state, shardings, batch_sharding, tokens)
     params = shard_bytes(state.params)
@@ -195,7 +195,7 @@ def make_plan(cfg: Config, devices=None, device_memory_gb: float | None = None) 
 
 def _eval_and_probe(cfg: Config, eval_graphdef, state, shardings, batch_sharding, tokens):
     """(memory, compile seconds) of the evaluation and of the router probe (None: the run has none),
-    jitted as ``TrainerSetup`` jits them, on the whole global batch each runs."""
+    jitted as ``train.core.setup`` jits them, on the whole global batch each runs."""
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.P())
     in_shardings = (shardings.params, shardings.model_state, batch_sharding)
     weights = jax.ShapeDtypeStruct(tokens.shape, jnp.float32, sharding=batch_sharding)

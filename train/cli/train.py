@@ -78,7 +78,8 @@ def _train(cfg, args) -> int:
 
     from moe.costs import param_counts
     from train.core.config import validate_mesh
-    from train.core.loop import Trainer
+    from train.core.loop import Progress, train
+    from train.core.setup import setup
 
     sizes = validate_mesh(cfg, jax.device_count())
     if args.dry_run:
@@ -91,17 +92,17 @@ def _train(cfg, args) -> int:
     signals = StopSignals(lambda m: print(f"{prefix()}{m}", file=sys.stderr, flush=True),
                           exit_now=lambda: f"{prefix()}moe-train: interrupted")
     try:
-        trainer = Trainer(cfg, args.workdir, memory_check=not args.skip_memory_check)
-        summary = None
+        run, state = setup(cfg, args.workdir, memory_check=not args.skip_memory_check)
+        summary, progress = None, Progress()
         try:
-            counts = param_counts(trainer.cfg.model)
-            trainer.log(
+            counts = param_counts(run.cfg.model)
+            run.log(
                 f"model: {counts['total']:,} parameters, {counts['active']:,} active per token; "
                 f"{jax.device_count()} devices; workdir {args.workdir}"
             )
-            summary = trainer.run(signals=signals)
+            _, summary = train(run, state, signals=signals, progress=progress)
         finally:  # a run that stopped before its first step leaves the workdir as it found it
-            trainer.close(abandon=trainer.steps_done == 0 and (summary is None or "preempted" in summary))
+            run.close(abandon=progress.steps_done == 0 and (summary is None or "preempted" in summary))
     finally:
         signals.restore()
     if "preempted" in summary:

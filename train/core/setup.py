@@ -1,9 +1,11 @@
-"""Everything a run needs before its first step, built in order (``TrainerSetup.__init__``):
+"""Everything a run needs before its first step: ``setup(cfg, workdir) -> (Run, TrainState)``.
 
-the run folder (locked), the tokenizer and data, the mesh, the optimizer, the checkpoints, the
-state (born sharded, after a memory pre-flight), routers fitted to the training split, the
-jitted steps, then the latest restorable checkpoint. Anything that fails leaves the workdir as it
-was found. ``train.core.loop.Trainer`` adds the training loop.
+``setup`` builds the parts in order: the run folder (locked), the tokenizer and data, the mesh, the
+optimizer, the checkpoints, the state (born sharded, after a memory pre-flight), routers fitted to
+the training split, the jitted programs, the router probe, then the latest restorable checkpoint.
+Anything that fails leaves the workdir as it was found. The ``Run`` is frozen: nothing rebinds its
+parts after ``setup``; the training state is a separate value that the loop's functions
+(``train.core.loop.train``) take and return.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pathlib
-import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,9 @@ from sharding.rules import logical_to_spec, mesh_and_rules, spread_spec
 from train.core.checkpoint import Checkpoints, from_nested, to_nested
 from train.core.config import Config, as_asked, check_compatible, for_backend, validate, validate_mesh, with_vocab
 from train.core.optimizer import make_optimizer
-from train.core.step import (TrainState, loss_for, make_eval_step, make_probe_step, make_train_step, shardings_of,
-                             split_model)
+from train.core.run import Probe, Programs, Run
+from train.core.step import (TrainState, loss_for, make_eval_step, make_probe_step, make_train_step,
+                             shardings_of, split_model)
 from train.data.batches import TrainBatches, eval_batches, split_counts
 from train.data.prepared import open_run_data
 from train.errors import CheckpointError, ConfigError, WorkdirError
@@ -133,263 +135,245 @@ def jit_train_step(cfg: Config, graphdef, tx, schedule, state_shardings, batch_s
     )
 
 
-class TrainerSetup:
-    """The parts of a run, built in order; see the module docstring."""
-
-    def __init__(
-        self,
-        cfg: Config,
-        workdir: str | pathlib.Path,
-        *,
-        devices=None,
-        log: Callable[[str], None] | None = None,
-        memory_check: bool = True,
-    ):
-        """``memory_check``: refuse a step that cannot fit the devices (``train.services.memory``)
-        before allocating the state."""
-        validate(cfg)
-        self.memory_check = memory_check
-        self.workdir = pathlib.Path(workdir)
-        self.proc, self.nproc = jax.process_index(), jax.process_count()
-        self.devices = list(jax.devices() if devices is None else devices)
-        self.sizes = validate_mesh(cfg, len(self.devices))
-        self.steps_done = 0  # training steps this trainer has finished
-        self.folder = self.writer = self.checkpoints = None
-        self.folder = take_run_folder(self.workdir, self.proc, self.nproc)
-        try:
-            self._build(for_backend(copy.deepcopy(cfg), self.devices[0].platform), log, asked=cfg)
-        except BaseException:
-            self._abandon()  # the workdir as it was found
-            raise
-
-    def _build(self, cfg: Config, log, asked: Config) -> None:
-        self.writer = metrics_lib.MetricsWriter(self.workdir, total_steps=cfg.train.steps, enabled=self.proc == 0)
-        self.log = log or self.writer.log
-        self._take_init_tokenizer(cfg)
+def setup(
+    cfg: Config,
+    workdir: str | pathlib.Path,
+    *,
+    devices=None,
+    log: Callable[[str], None] | None = None,
+    memory_check: bool = True,
+) -> tuple[Run, TrainState]:
+    """The run of ``cfg`` in ``workdir`` and its training state (restored from the latest checkpoint
+    that restores, if any). ``memory_check``: refuse a step that cannot fit the devices
+    (``train.services.memory``) before allocating the state. ``Run.close()`` when done."""
+    validate(cfg)
+    workdir = pathlib.Path(workdir)
+    proc, nproc = jax.process_index(), jax.process_count()
+    devices = tuple(jax.devices() if devices is None else devices)
+    sizes = validate_mesh(cfg, len(devices))
+    folder = take_run_folder(workdir, proc, nproc)
+    opened: list = []  # the parts to close if a later one fails
+    try:
+        resolved = for_backend(copy.deepcopy(cfg), devices[0].platform)
+        writer = metrics_lib.MetricsWriter(workdir, total_steps=resolved.train.steps, enabled=proc == 0)
+        opened.append(writer)
+        log = log or writer.log
+        if proc == 0:
+            take_init_tokenizer(resolved, workdir)
         # raw text read and tokenized here, or a prepared folder memory-mapped (its settings in force)
-        data = open_run_data(cfg.data, self.workdir, write=self.proc == 0, log=self.log)
-        self.tokenizer, self.train_corpus, self.val_corpus = data.tokenizer, data.train, data.validation
-        cfg.data = data.cfg
-        self.cfg = cfg = with_vocab(cfg, self.tokenizer.vocab_size)
-        t = cfg.train
-        self.batches = TrainBatches(self.train_corpus.tokens, t.seq_len, t.batch_size, t.seed, self.proc, self.nproc)
-        self.mesh = make_mesh(devices=self.devices, **self.sizes)
-        self.tx, self.schedule = make_optimizer(cfg.optimizer, t.steps)
-        self.saved_cfg = as_asked(cfg, asked)  # another backend (moe-eval of a GPU run on CPU) resolves its own
-        self.meta = {"config": self.saved_cfg.to_dict(), "data_fingerprint": data.fingerprint}
-        self.checkpoints = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
-        self.save_blocking_ms: list[float] = []
-        self._check_checkpoint_config()  # before any compile: an incompatible workdir is refused at once
-        with self.context():
-            self._init_state()
-            self._fit_routers()
-            self._compile()
-            self._check_process_rows()
-            self._make_probe()
-            self._maybe_resume()
-        # only once the checkpoints (if any) are known to match it; a run already done writes nothing
-        if self.proc == 0 and int(self.state.step) < cfg.train.steps:
-            write_text_atomic(self.workdir / "config.json", self.saved_cfg.to_json())
-
-    def _abandon(self) -> None:
-        for part in (self.checkpoints, self.writer):
-            if part is not None:
-                try:
-                    part.close()
-                except Exception:  # noqa: BLE001 - already failing; the first error is the report
-                    pass
-        if self.folder is not None:
-            self.folder.abandon()
-
-    def context(self):
-        """The mesh and sharding rules every traced function runs under."""
-        return mesh_and_rules(self.mesh, self.cfg.mesh.rules)
-
-    # ---------------------------------------------------------------- state
-    def _init_state(self):
-        cfg = self.cfg
-        self.graphdef, self.eval_graphdef, self.fits_routers, init = state_init(cfg, self.tx)
-        abstract = jax.eval_shape(init)
-        shardings, self.spread = state_shardings(cfg, abstract, self.tx)
-        shards = self.sizes["data"] * self.sizes["fsdp"] * self.sizes["expert"]
-        self.step_memory = step_memory(cfg, with_shardings(abstract, shardings), shards, self.sizes["tensor"])
-        if self.memory_check:  # before anything is allocated
-            check_fits(cfg, self.step_memory, self.devices)
-        self.state = aligned(jax.jit(init, out_shardings=shardings), "the initialisation")()  # born sharded
-        self.state_shardings = shardings_of(self.state)
-
-    def _fit_routers(self) -> None:
-        """Routers that learn from the training split's token counts (balanced_hash's table) do, before
-        training (a resume restores the same state); a prepared folder's index has the counts."""
-        if not self.fits_routers:
-            return
-        v = self.cfg.model.vocab_size
-        counts = split_counts(self.train_corpus, v)
-        model = nnx.merge(self.graphdef, self.state.params, self.state.model_state)
-        model.fit_routers(counts)
-        _, _, rest = split_model(model)
-        self.state.model_state = jax.device_put(rest, self.state_shardings.model_state)
-        self.log(f"routers fitted to the token counts of {len(self.train_corpus.tokens):,} training tokens")
-
-    def _check_checkpoint_config(self) -> None:
-        step = self.checkpoints.latest_step()
-        if step is not None:
+        data = open_run_data(resolved.data, workdir, write=proc == 0, log=log)
+        resolved.data = data.cfg
+        resolved = with_vocab(resolved, data.tokenizer.vocab_size)
+        t = resolved.train
+        batches = TrainBatches(data.train.tokens, t.seq_len, t.batch_size, t.seed, proc, nproc)
+        mesh = make_mesh(devices=devices, **sizes)
+        tx, schedule = make_optimizer(resolved.optimizer, t.steps)
+        saved_cfg = as_asked(resolved, cfg)  # another backend (moe-eval of a GPU run on CPU) resolves its own
+        meta = {"config": saved_cfg.to_dict(), "data_fingerprint": data.fingerprint}
+        checkpoints = Checkpoints(workdir / "checkpoints", keep=resolved.checkpoint.keep)
+        opened.append(checkpoints)
+        check_checkpoint_config(checkpoints, meta)  # before any compile: an incompatible workdir is refused at once
+        with mesh_and_rules(mesh, resolved.mesh.rules):
+            state, parts, step_memory = init_state(resolved, tx, sizes, devices, memory_check)
+            state = fit_routers(resolved, parts, state, data.train, log)
+            programs = compile_programs(resolved, mesh, tx, schedule, parts, proc, nproc)
+            check_process_rows(resolved, programs.batch_sharding, proc, nproc)
+            run = Run(resolved, saved_cfg, meta, workdir, proc, nproc, devices, mesh, folder, writer, log, data,
+                      batches, tx, schedule, checkpoints, programs, None, step_memory)
+            run = dataclasses.replace(run, probe=make_probe(run, state))
+            state = resume(run, state)
+    except BaseException:
+        for part in reversed(opened):
             try:
-                meta, _ = self.checkpoints.read_meta(step)
-            except Exception:  # noqa: BLE001 - an unreadable step is handled by _maybe_resume
-                return
-            check_compatible(self.meta, meta, self.checkpoints.directory / str(step))
+                part.close()
+            except Exception:  # noqa: BLE001 - already failing; the first error is the report
+                pass
+        if folder is not None:
+            folder.abandon()  # the workdir as it was found
+        raise
+    # only once the checkpoints (if any) are known to match it; a run already done writes nothing
+    if proc == 0 and int(state.step) < run.cfg.train.steps:
+        write_text_atomic(workdir / "config.json", saved_cfg.to_json())
+    return run, state
 
-    def _maybe_resume(self):
-        """Continue from the latest checkpoint that restores; set unreadable ones aside, naming them."""
-        for step in reversed(self.checkpoints.all_steps()):
-            where = self.checkpoints.directory / str(step)
-            try:
-                meta, data_state = self.checkpoints.read_meta(step)
-                check_compatible(self.meta, meta, where)
-                state = self.checkpoints.restore(step, self.state, self.state_shardings)
-            except ConfigError:
-                raise
-            except Exception as e:  # noqa: BLE001 - truncated or missing files: fall back
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                moved = self.checkpoints.set_aside(step)
-                self.log(f"checkpoint {step} at {where} cannot be restored ({reason}); kept as {moved.name}, trying an older one")
-                continue
-            self.state = state
-            self.batches.set_state(data_state)
-            self.log(f"resumed from {where}")
-            return
-        if self.cfg.train.init_from and not self.checkpoints.set_aside_steps():
-            self._init_from(pathlib.Path(self.cfg.train.init_from))
-            return
-        if self.checkpoints.set_aside_steps():
-            raise CheckpointError(
-                f"{self.checkpoints.directory}: no checkpoint can be restored (set aside: "
-                f"{', '.join(self.checkpoints.set_aside_steps())}); move them away to start afresh"
-            )
 
-    def _take_init_tokenizer(self, cfg: Config) -> None:
-        """Fine-tuning (``train.init_from``) a BPE model with no tokenizer of its own: the initial run's,
-        and the Hugging Face files an import kept (``hf/``, ``imported.json``: what ``moe-export`` writes back)."""
-        if not cfg.train.init_from or self.proc != 0:
-            return
-        source = pathlib.Path(cfg.train.init_from)
-        wanted = ["imported.json"] + [f"hf/{p.name}" for p in sorted((source / "hf").glob("*")) if p.is_file()]
-        if cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_path:
-            wanted.append("tokenizer.json")
-        for name in wanted:
-            if (source / name).is_file() and not (self.workdir / name).exists():
-                (self.workdir / name).parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(self.workdir / name, (source / name).read_text(encoding="utf-8"))
+# ---------------------------------------------------------------- the state
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """What the initialisation knows besides the state: the graphdefs and the shardings."""
 
-    def _init_from(self, source: pathlib.Path) -> None:
-        """Parameters (and the router state, where it is the same kind) from ``source``'s latest
-        checkpoint, on this run's mesh; the optimizer starts afresh at step 0."""
-        checkpoints = Checkpoints(source / "checkpoints", read_only=True)
-        field = f"config.train.init_from={source}"
+    graphdef: Any
+    eval_graphdef: Any
+    fits_routers: bool
+    state_shardings: TrainState
+    spread: Any
+
+
+def init_state(cfg: Config, tx, sizes: dict, devices, memory_check: bool) -> tuple[TrainState, _Parts, Any]:
+    """(the initial state, born sharded; its parts; the step's memory estimate), checked to fit the
+    devices before anything is allocated (``memory_check``). Under the run's mesh and rules."""
+    graphdef, eval_graphdef, fits_routers, init = state_init(cfg, tx)
+    abstract = jax.eval_shape(init)
+    shardings, spread = state_shardings(cfg, abstract, tx)
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    memory = step_memory(cfg, with_shardings(abstract, shardings), shards, sizes["tensor"])
+    if memory_check:  # before anything is allocated
+        check_fits(cfg, memory, list(devices))
+    state = aligned(jax.jit(init, out_shardings=shardings), "the initialisation")()  # born sharded
+    return state, _Parts(graphdef, eval_graphdef, fits_routers, shardings_of(state), spread), memory
+
+
+def fit_routers(cfg: Config, parts: _Parts, state: TrainState, train_corpus, log) -> TrainState:
+    """Routers that learn from the training split's token counts (balanced_hash's table) do, before
+    training (a resume restores the same state); a prepared folder's index has the counts."""
+    if not parts.fits_routers:
+        return state
+    model = nnx.merge(parts.graphdef, state.params, state.model_state)
+    model.fit_routers(split_counts(train_corpus, cfg.model.vocab_size))
+    _, _, rest = split_model(model)
+    log(f"routers fitted to the token counts of {len(train_corpus.tokens):,} training tokens")
+    return dataclasses.replace(state, model_state=jax.device_put(rest, shardings_of(state).model_state))
+
+
+def check_checkpoint_config(checkpoints: Checkpoints, meta: dict) -> None:
+    """Refuse a workdir whose latest checkpoint was written by an incompatible config."""
+    step = checkpoints.latest_step()
+    if step is not None:
         try:
-            step = checkpoints.latest_step()
-            if step is None:
-                raise ConfigError(f"{field}: no complete checkpoint")
-            like, shardings = self.state.params, self.state_shardings.params
-            try:  # parameters and router state together; the parameters alone for another router
-                params, model_state, _ = checkpoints.restore_params(
-                    step, like, shardings, self.state.model_state, self.state_shardings.model_state)
-                self.state.model_state, kept = model_state, "parameters and router state"
-            except Exception:  # noqa: BLE001 - the parameters' own restore below names what differs
-                params, kept = None, "parameters (router state starts afresh: another router)"
-            if params is None:
-                try:
-                    params, _, _ = checkpoints.restore_params(step, like, shardings)
-                except Exception as e:  # noqa: BLE001 - a different model: name it in one line
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                    raise ConfigError(f"{field}: its parameters do not fit this model ({first}); use its config "
-                                      f"(--config={source}/config.json) with the overrides the model allows") from None
-            self.state.params = params
-        finally:
-            checkpoints.close()
-        self.log(f"initialised from {source / 'checkpoints' / str(step)}: {kept}")
-
-    def save_checkpoint(self, step: int, *, force: bool = False) -> None:
-        """Start an asynchronous save; the loop is blocked only for the device-to-host copy."""
-        start = time.perf_counter()
-        self.checkpoints.save(step, self.state, self.batches.get_state(), self.meta, force=force)
-        blocked_ms = 1e3 * (time.perf_counter() - start)
-        self.save_blocking_ms.append(blocked_ms)
-        self.log(f"checkpoint {step}: saving in the background (blocked {blocked_ms:.0f} ms)")
-
-    # ---------------------------------------------------------------- the jitted steps
-    def _compile(self):
-        cfg = self.cfg
-        self.batch_spec = logical_to_spec(("batch", "seq"), self.mesh)
-        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, self.batch_spec)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
-        # aligned: with several processes, every process has compiled a program before any runs it
-        self.jit_step = aligned(jit_train_step(
-            cfg, self.graphdef, self.tx, self.schedule, self.state_shardings, self.batch_sharding, self.spread
-        ), "the train step")
-        self.eval_step = aligned(jax.jit(
-            make_eval_step(self.eval_graphdef),
-            in_shardings=(self.state_shardings.params, self.state_shardings.model_state, self.batch_sharding),
-            out_shardings=replicated,
-        ), "the eval step")
-
-    def _make_probe(self) -> None:
-        """The router telemetry's fixed batch (the first validation batch), or None: no probe."""
-        cfg = self.cfg
-        self.probe = self.probe_inputs = self.probe_step = None
-        if not has_probe(cfg):
+            saved, _ = checkpoints.read_meta(step)
+        except Exception:  # noqa: BLE001 - an unreadable step is handled by resume
             return
-        t = cfg.train
-        full = next(iter(eval_batches(self.val_corpus.tokens, t.seq_len, t.batch_size, 1)))  # the global batch
-        rows = slice(self.proc * t.batch_size // self.nproc, (self.proc + 1) * t.batch_size // self.nproc)
-        self.probe_inputs = self.global_batch({"inputs": full["inputs"][rows]})["inputs"]
-        self.probe = RoutingProbe(full["inputs"], cfg.model.moe.num_experts, full["weights"] > 0)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
-        step = jax.jit(make_probe_step(probe_graphdef(cfg)), out_shardings=replicated,
-                       in_shardings=(self.state_shardings.params, self.state_shardings.model_state, self.batch_sharding))
-        # compiled here, so that the first timed steps do not include it
-        self.probe_step = step.lower(self.state.params, self.state.model_state, self.probe_inputs).compile()
+        check_compatible(meta, saved, checkpoints.directory / str(step))
 
-    def routing_probe(self):
-        """Dispatch the probe on the current state: {"layer<i>": [B,S] device ids}, or None."""
-        if self.probe is None:
-            return None
-        return self.probe_step(self.state.params, self.state.model_state, self.probe_inputs)
 
-    def stop_flags(self, requested: bool) -> jax.Array:
-        """The [B, 1] stop input of a step: this process's rows carry its own flag (made once each)."""
-        cache = self.__dict__.setdefault("_stop_flags", {})
-        if requested not in cache:
-            local = np.full((self.cfg.train.batch_size // self.nproc, 1), requested, np.int32)
-            cache[requested] = jax.make_array_from_process_local_data(
-                self.batch_sharding, local, (self.cfg.train.batch_size, 1)
-            )
-        return cache[requested]
+def resume(run: Run, state: TrainState) -> TrainState:
+    """The state of the latest checkpoint that restores (the data position with it); unreadable ones
+    are set aside, named. None at all: ``train.init_from``'s parameters, or ``state`` itself."""
+    checkpoints = run.checkpoints
+    shardings = run.programs.state_shardings
+    for step in reversed(checkpoints.all_steps()):
+        where = checkpoints.directory / str(step)
+        try:
+            meta, data_state = checkpoints.read_meta(step)
+            check_compatible(run.meta, meta, where)
+            restored = checkpoints.restore(step, state, shardings)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated or missing files: fall back
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            moved = checkpoints.set_aside(step)
+            run.log(f"checkpoint {step} at {where} cannot be restored ({reason}); kept as {moved.name}, trying an older one")
+            continue
+        run.batches.set_state(data_state)
+        run.log(f"resumed from {where}")
+        return restored
+    if checkpoints.set_aside_steps():
+        raise CheckpointError(
+            f"{checkpoints.directory}: no checkpoint can be restored (set aside: "
+            f"{', '.join(checkpoints.set_aside_steps())}); move them away to start afresh"
+        )
+    if run.cfg.train.init_from:
+        return init_from(run, state, pathlib.Path(run.cfg.train.init_from))
+    return state
 
-    def train_step(self, state, batch, stop=None):
-        """One jitted training step; ``stop`` defaults to nobody asking to stop."""
-        return self.jit_step(state, batch, self.stop_flags(False) if stop is None else stop)
 
-    def _check_process_rows(self) -> None:
-        """Each process reads the p-th contiguous block of rows: the mesh must place it there."""
-        b, s = self.cfg.train.batch_size, self.cfg.train.seq_len
-        starts, stops = set(), set()
-        for index in self.batch_sharding.addressable_devices_indices_map((b, s)).values():
-            starts.add(index[0].start or 0)
-            stops.add(b if index[0].stop is None else index[0].stop)
-        local = b // self.nproc
-        if (min(starts), max(stops)) != (self.proc * local, (self.proc + 1) * local):
-            raise ConfigError(
-                f"config.mesh: process {self.proc} holds batch rows {min(starts)}..{max(stops)}, not its own "
-                f"contiguous block {self.proc * local}..{(self.proc + 1) * local}; order the mesh so that each "
-                "process's devices are adjacent on the batch axes"
-            )
+def take_init_tokenizer(cfg: Config, workdir: pathlib.Path) -> None:
+    """Fine-tuning (``train.init_from``) a BPE model with no tokenizer of its own: the initial run's,
+    and the Hugging Face files an import kept (``hf/``, ``imported.json``: what ``moe-export`` writes back)."""
+    if not cfg.train.init_from:
+        return
+    source = pathlib.Path(cfg.train.init_from)
+    wanted = ["imported.json"] + [f"hf/{p.name}" for p in sorted((source / "hf").glob("*")) if p.is_file()]
+    if cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_path:
+        wanted.append("tokenizer.json")
+    for name in wanted:
+        if (source / name).is_file() and not (workdir / name).exists():
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(workdir / name, (source / name).read_text(encoding="utf-8"))
 
-    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Assemble each process's rows into global arrays sharded over the batch axes."""
-        b = self.cfg.train.batch_size
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, v, (b, *v.shape[1:]))
-            for k, v in local.items()
-        }
+
+def init_from(run: Run, state: TrainState, source: pathlib.Path) -> TrainState:
+    """``state`` with the parameters (and the router state, where it is the same kind) of ``source``'s
+    latest checkpoint, on this run's mesh; the optimizer starts afresh at step 0."""
+    checkpoints = Checkpoints(source / "checkpoints", read_only=True)
+    field = f"config.train.init_from={source}"
+    shardings = run.programs.state_shardings
+    try:
+        step = checkpoints.latest_step()
+        if step is None:
+            raise ConfigError(f"{field}: no complete checkpoint")
+        try:  # parameters and router state together; the parameters alone for another router
+            params, model_state, _ = checkpoints.restore_params(
+                step, state.params, shardings.params, state.model_state, shardings.model_state)
+            kept = "parameters and router state"
+        except Exception:  # noqa: BLE001 - the parameters' own restore below names what differs
+            params, model_state, kept = None, state.model_state, "parameters (router state starts afresh: another router)"
+        if params is None:
+            try:
+                params, _, _ = checkpoints.restore_params(step, state.params, shardings.params)
+            except Exception as e:  # noqa: BLE001 - a different model: name it in one line
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise ConfigError(f"{field}: its parameters do not fit this model ({first}); use its config "
+                                  f"(--config={source}/config.json) with the overrides the model allows") from None
+    finally:
+        checkpoints.close()
+    run.log(f"initialised from {source / 'checkpoints' / str(step)}: {kept}")
+    return dataclasses.replace(state, params=params, model_state=model_state)
+
+
+# ---------------------------------------------------------------- the jitted programs
+def compile_programs(cfg: Config, mesh, tx, schedule, parts: _Parts, proc: int, nproc: int) -> Programs:
+    """The training and evaluation steps, jitted for the state's shardings (compiled at first use)."""
+    batch_sharding = jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "seq"), mesh))
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    shardings = parts.state_shardings
+    # aligned: with several processes, every process has compiled a program before any runs it
+    train_step = aligned(jit_train_step(cfg, parts.graphdef, tx, schedule, shardings, batch_sharding, parts.spread),
+                         "the train step")
+    eval_step = aligned(jax.jit(
+        make_eval_step(parts.eval_graphdef),
+        in_shardings=(shardings.params, shardings.model_state, batch_sharding),
+        out_shardings=replicated,
+    ), "the eval step")
+    b = cfg.train.batch_size
+
+    def flags(requested: bool) -> jax.Array:  # this process's rows carry its own flag
+        local = np.full((b // nproc, 1), requested, np.int32)
+        return jax.make_array_from_process_local_data(batch_sharding, local, (b, 1))
+
+    return Programs(parts.graphdef, parts.eval_graphdef, shardings, parts.spread, batch_sharding, train_step,
+                    eval_step, (flags(False), flags(True)))
+
+
+def make_probe(run: Run, state: TrainState) -> Probe | None:
+    """The router telemetry's fixed batch and its program, compiled here so that the first timed
+    steps do not include it; None when the model has no probe."""
+    cfg = run.cfg
+    if not has_probe(cfg):
+        return None
+    t = cfg.train
+    full = next(iter(eval_batches(run.data.validation.tokens, t.seq_len, t.batch_size, 1)))  # the global batch
+    rows = slice(run.proc * t.batch_size // run.nproc, (run.proc + 1) * t.batch_size // run.nproc)
+    inputs = run.global_batch({"inputs": full["inputs"][rows]})["inputs"]
+    telemetry = RoutingProbe(full["inputs"], cfg.model.moe.num_experts, full["weights"] > 0)
+    shardings = run.programs.state_shardings
+    replicated = jax.sharding.NamedSharding(run.mesh, jax.P())
+    step = jax.jit(make_probe_step(probe_graphdef(cfg)), out_shardings=replicated,
+                   in_shardings=(shardings.params, shardings.model_state, run.programs.batch_sharding))
+    return Probe(telemetry, inputs, step.lower(state.params, state.model_state, inputs).compile())
+
+
+def check_process_rows(cfg: Config, batch_sharding, proc: int, nproc: int) -> None:
+    """Each process reads the p-th contiguous block of rows: the mesh must place it there."""
+    b, s = cfg.train.batch_size, cfg.train.seq_len
+    starts, stops = set(), set()
+    for index in batch_sharding.addressable_devices_indices_map((b, s)).values():
+        starts.add(index[0].start or 0)
+        stops.add(b if index[0].stop is None else index[0].stop)
+    local = b // nproc
+    if (min(starts), max(stops)) != (proc * local, (proc + 1) * local):
+        raise ConfigError(
+            f"config.mesh: process {proc} holds batch rows {min(starts)}..{max(stops)}, not its own "
+            f"contiguous block {proc * local}..{(proc + 1) * local}; order the mesh so that each "
+            "process's devices are adjacent on the batch axes"
+        )
