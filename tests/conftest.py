@@ -23,6 +23,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="switchyard-test-jax-cache-")
+# Every program, however quickly it compiled (JAX keeps only those over 1 s by default, and at level
+# 0 most of the suite's small programs compile faster): the moe-train processes the tests start load
+# their initialisation, evaluation and probe programs instead of compiling them again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
