@@ -188,9 +188,10 @@ class LatentAttention(nnx.Module):
         d, n = cfg.d_model, cfg.num_heads
         pdtype = jnp.dtype(cfg.param_dtype)
         qk = m.nope_head_dim + m.rope_head_dim
+        eps = m.latent_norm_eps or cfg.norm_eps
         if m.q_lora_rank:
             self.wq_a = sharded_param(rngs.params(), (d, m.q_lora_rank), ("embed", "latent"), d**-0.5, pdtype)
-            self.q_norm = RMSNorm(m.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(m.q_lora_rank, eps)
             self.wq = sharded_param(rngs.params(), (m.q_lora_rank, n, qk), ("latent", "heads", "head_dim"),
                                     m.q_lora_rank**-0.5, pdtype)
         else:
@@ -198,7 +199,7 @@ class LatentAttention(nnx.Module):
             self.wq = sharded_param(rngs.params(), (d, n, qk), ("embed", "heads", "head_dim"), d**-0.5, pdtype)
         self.wkv_a = sharded_param(rngs.params(), (d, m.kv_lora_rank + m.rope_head_dim), ("embed", "latent"),
                                    d**-0.5, pdtype)
-        self.kv_norm = RMSNorm(m.kv_lora_rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(m.kv_lora_rank, eps)
         self.wkv_b = sharded_param(rngs.params(), (m.kv_lora_rank, n, m.nope_head_dim + m.v_head_dim),
                                    ("latent", "heads", "head_dim"), m.kv_lora_rank**-0.5, pdtype)
         self.wo = sharded_param(rngs.params(), (n, m.v_head_dim, d), ("heads", "head_dim", "embed"),

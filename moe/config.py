@@ -56,6 +56,9 @@ class MLAConfig(StrictFields):
     nope_head_dim: int = 32
     rope_head_dim: int = 16
     v_head_dim: int = 32
+    # the epsilon of the two latent RMSNorms (queries', keys'/values'); 0 = the model's norm_eps.
+    # DeepSeek's checkpoints use 1e-6 there whatever their rms_norm_eps.
+    latent_norm_eps: float = 0.0
 
     def check(self) -> MLAConfig:
         if not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0:
@@ -65,6 +68,8 @@ class MLAConfig(StrictFields):
                 self._fail(name, "must be a positive integer")
         if self.rope_head_dim % 2:
             self._fail("rope_head_dim", "must be even (RoPE)")
+        if not (finite(self.latent_norm_eps) and self.latent_norm_eps >= 0):
+            self._fail("latent_norm_eps", "must be >= 0 (0 = the model's norm_eps)")
         return self
 
 

@@ -42,7 +42,8 @@ def hf_config(arch: str):
     if arch == "olmoe":
         return T.OlmoeConfig(**COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2)
     if arch == "deepseek_v3":
-        common = dict(COMMON, num_key_value_heads=4)
+        # rms_norm_eps far from 1e-6: DeepSeek's two latent norms keep 1e-6 whatever it says
+        common = dict(COMMON, num_key_value_heads=4, rms_norm_eps=1e-3)
         return T.DeepseekV3Config(**common, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
                                   n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
                                   first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,

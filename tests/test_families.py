@@ -45,6 +45,32 @@ def test_family_configs_validate_and_infer_their_architecture(family):
     assert attention_shape(cfg.model)[0] == weights
 
 
+OPTIONAL_KEYS = ("rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling", "router_aux_loss_coef",
+                 "num_key_value_heads")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keys_a_config_leaves_out_take_the_family_config_classs_defaults(family):
+    """A config.json without the keys that have defaults reads as the family's transformers config
+    class reads it (RMSNorm epsilon, RoPE base, router loss weight, key/value heads)."""
+    pytest.importorskip("transformers")
+    import hf_models
+
+    from train.interop.families import FAMILIES as REGISTRY
+
+    hf = {k: v for k, v in hf_models.hf_config(family).to_dict().items() if k not in OPTIONAL_KEYS}
+    hf["num_attention_heads"], hf["hidden_size"] = 16, 256  # room for each class's default KV heads
+    theirs = type(hf_models.hf_config(family)).from_dict(hf)
+    ours = REGISTRY[family].from_hf_config(hf, "config.json")
+    assert ours.norm_eps == theirs.rms_norm_eps
+    theta = (getattr(theirs, "rope_parameters", None) or {}).get("rope_theta", getattr(theirs, "rope_theta", None))
+    assert ours.rope_theta == theta
+    if ours.attention != "mla":  # MLA has no key/value heads of its own
+        assert ours.kv_heads == theirs.num_key_value_heads
+    if hasattr(theirs, "router_aux_loss_coef"):
+        assert ours.moe.aux_loss_coef == theirs.router_aux_loss_coef
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_is_layout_invariant(family):
     """GQA, QK-norm, biases, shared experts, MLA, the sigmoid router: the same logits unsharded and with

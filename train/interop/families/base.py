@@ -36,7 +36,7 @@ def _refuse(hf: dict, key: str, ok: Callable, why: str, where: str) -> None:
         raise InteropError(f"{where}: {key}={hf[key]!r}: {why}")
 
 
-def rope_theta(hf: dict, where: str) -> float:
+def rope_theta(hf: dict, where: str, default: float = 10_000.0) -> float:
     """The RoPE base; scaled RoPE (YaRN, linear, dynamic...) is refused. ``rope_parameters`` is
     transformers 5's name, ``rope_scaling`` / ``rope_theta`` older configs'."""
     for key in ("rope_parameters", "rope_scaling"):
@@ -44,7 +44,7 @@ def rope_theta(hf: dict, where: str) -> float:
         kind = params.get("rope_type", params.get("type", "default"))
         if kind != "default":
             raise InteropError(f"{where}: {key}.rope_type={kind!r}: not supported (plain RoPE only)")
-    return float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    return float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", default)))
 
 
 def num_experts(hf: dict, where: str) -> int:
@@ -165,6 +165,9 @@ class Family:
     shared_expert = ""  # the shared experts under the MoE layer ("": the family has none)
     gates_shared = False  # a sigmoid gate scales the shared experts' output (MoEConfig.shared_gate)
     router_bias = ""  # the router's bias buffer under its gate ("": none)
+    # what the family's transformers config class takes for a key config.json leaves out
+    # (num_key_value_heads None: as many as the attention heads)
+    defaults = {"rms_norm_eps": 1e-6, "rope_theta": 10_000.0, "router_aux_loss_coef": 0.001, "num_key_value_heads": None}
 
     def matches(self, cfg: TransformerConfig) -> bool:
         """Whether ``cfg`` has this family's distinctive pieces (``infer_architecture``)."""
@@ -183,7 +186,7 @@ class Family:
                 "sliding-window attention is not supported", where)
         cfg = self._transformer(hf, where)
         moe = MoEConfig(experts_per_token=int(_get(hf, "num_experts_per_tok", where=where)), router=TopK.name,
-                        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)), z_loss_coef=0.0)
+                        aux_loss_coef=float(self._or_default(hf, "router_aux_loss_coef")), z_loss_coef=0.0)
         self.read(hf, cfg, moe, where)
         cfg.moe = moe
         try:
@@ -197,18 +200,24 @@ class Family:
     def _transformer(self, hf: dict, where: str) -> TransformerConfig:
         n_layers = int(_get(hf, "num_hidden_layers", where=where))
         heads = int(_get(hf, "num_attention_heads", where=where))
-        kv = int(hf.get("num_key_value_heads") or heads)
+        kv = int(self._or_default(hf, "num_key_value_heads") or heads)
         cfg = TransformerConfig(
             vocab_size=int(_get(hf, "vocab_size", where=where)), num_layers=n_layers,
             d_model=int(_get(hf, "hidden_size", where=where)), num_heads=heads, num_kv_heads=0 if kv == heads else kv,
             d_ff=int(_get(hf, "intermediate_size", where=where)), activation="silu", gated=True, tie_embeddings=False,
-            rope_theta=rope_theta(hf, where), norm_eps=float(hf.get("rms_norm_eps", 1e-6)), moe_every=1,
+            rope_theta=rope_theta(hf, where, self.defaults["rope_theta"]),
+            norm_eps=float(self._or_default(hf, "rms_norm_eps")), moe_every=1,
             scan_layers="auto",
         )
         head_dim = hf.get("head_dim")
         if self.reads_head_dim and head_dim and head_dim != cfg.d_model // heads:
             cfg.head_dim = int(head_dim)
         return cfg
+
+    def _or_default(self, hf: dict, key: str):
+        """``hf[key]``, or the family's default when config.json leaves it out (or null)."""
+        value = hf.get(key)
+        return self.defaults[key] if value is None else value
 
     def read(self, hf: dict, cfg: TransformerConfig, moe: MoEConfig, where: str) -> None:
         """This family's own keys into ``cfg`` and ``moe`` (the experts, above all); ``InteropError``

@@ -16,6 +16,10 @@ from moe.routers.sigmoid import Sigmoid
 from train.interop.families import register
 from train.interop.families.base import TRANSPOSE, Family, Table, _get, _heads_in, _heads_out, _refuse, on_off
 
+# DeepseekV3RMSNorm's default: the latent norms (q_a_layernorm, kv_a_layernorm) are built without
+# the config's rms_norm_eps
+LATENT_NORM_EPS = 1e-6
+
 
 def _rope_perm(nope: int, rope: int, interleaved: bool) -> np.ndarray | None:
     """Columns [nope part, rotary part] with the rotary part's interleaved pairs as evens then odds."""
@@ -58,7 +62,8 @@ class DeepseekV3(Family):
                             kv_lora_rank=int(_get(hf, "kv_lora_rank", where=where)),
                             nope_head_dim=int(_get(hf, "qk_nope_head_dim", where=where)),
                             rope_head_dim=int(_get(hf, "qk_rope_head_dim", where=where)),
-                            v_head_dim=int(_get(hf, "v_head_dim", where=where)))
+                            v_head_dim=int(_get(hf, "v_head_dim", where=where)),
+                            latent_norm_eps=LATENT_NORM_EPS)
         cfg.first_dense_layers = int(hf.get("first_k_dense_replace", 0))
         moe.num_experts = int(_get(hf, "n_routed_experts", where=where))
         moe.expert_d_ff = int(_get(hf, "moe_intermediate_size", where=where))
@@ -73,6 +78,8 @@ class DeepseekV3(Family):
         m, d, routing = cfg.moe, cfg.mla, Sigmoid.options_of(cfg.moe)
         f = m.expert_d_ff or cfg.d_ff
         shared = m.shared_d_ff // f
+        self.need(cfg, (d.latent_norm_eps or cfg.norm_eps) == LATENT_NORM_EPS, "mla.latent_norm_eps",
+                  f"{self.name}'s q_a_layernorm and kv_a_layernorm use {LATENT_NORM_EPS}")
         self.need(cfg, shared * f == m.shared_d_ff, "moe.shared_d_ff",
                   f"{self.name}'s shared experts are a whole number of experts wide")
         return dict(n_routed_experts=m.num_experts, moe_intermediate_size=f, n_shared_experts=shared or None,

@@ -15,6 +15,7 @@ class Mixtral(Family):
     experts_at_d_ff = True
     moe_module = "block_sparse_moe"
     expert_names = ("w1", "w3", "w2")
+    defaults = {**Family.defaults, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "num_key_value_heads": 8}
 
     def matches(self, cfg: TransformerConfig) -> bool:
         return True  # the plain one: any model no other family claims

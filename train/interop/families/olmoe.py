@@ -10,6 +10,7 @@ from train.interop.families.base import Family, Table, _reshape, _refuse, num_ex
 
 @register
 class Olmoe(Family):
+    defaults = {**Family.defaults, "rms_norm_eps": 1e-5, "router_aux_loss_coef": 0.01}
     name, hf_class, priority = "olmoe", "OlmoeForCausalLM", 30
     qk_norm = "proj"
     experts_at_d_ff = True

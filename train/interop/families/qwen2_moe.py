@@ -11,6 +11,7 @@ from train.interop.families.qwen_moe import QwenMoe
 
 @register
 class Qwen2Moe(QwenMoe):
+    defaults = {**QwenMoe.defaults, "num_key_value_heads": 16}
     name, hf_class, priority = "qwen2_moe", "Qwen2MoeForCausalLM", 10
     attn_bias = True
     shared_expert = "shared_expert"

@@ -11,6 +11,7 @@ from train.interop.families.qwen_moe import QwenMoe
 
 @register
 class Qwen3Moe(QwenMoe):
+    defaults = {**QwenMoe.defaults, "num_key_value_heads": 4}
     name, hf_class, priority = "qwen3_moe", "Qwen3MoeForCausalLM", 20
     qk_norm = "head"
 
