@@ -204,3 +204,90 @@ def test_import_uses_the_models_own_special_tokens(tmp_path):
     cfg.data.tokenizer_path = str(tmp_path / "hf" / "tokenizer.json")  # how a run reads it (data.special_tokens kept)
     again = build_tokenizer(cfg.data, None, lambda: iter(()))
     assert (again.eos_id, again.vocab_size) == (2, tokenizer.vocab_size)
+
+
+FP8_BLOCK = (16, 16)  # the tiny model's 24- and 40-wide projections end in partial blocks
+
+
+def _quantize_fp8(w: np.ndarray, block=FP8_BLOCK):
+    """(F8_E4M3 weight, float32 scale per block) as DeepSeek's releases store a projection."""
+    import ml_dtypes
+
+    (rows, cols), (bh, bw) = w.shape, block
+    padded = np.zeros((-(-rows // bh) * bh, -(-cols // bw) * bw), np.float32)
+    padded[:rows, :cols] = w
+    blocks = padded.reshape(padded.shape[0] // bh, bh, padded.shape[1] // bw, bw)
+    scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-12) / 448.0  # e4m3's largest value
+    spread = np.repeat(np.repeat(scale, bh, axis=0), bw, axis=1)[:rows, :cols]
+    return (w / spread).astype(ml_dtypes.float8_e4m3fn), scale.astype(np.float32)
+
+
+def _fp8_folders(hf_dir, tmp_path):
+    """The folder quantized (every projection F8_E4M3 with block scales, quantization_config) and the
+    same weights written dequantized in float32 (what the quantized folder means)."""
+    import shutil
+
+    from train.interop.quantized import dequantize
+    from train.interop.safetensors import SafetensorsFolder, write_shards
+
+    src = SafetensorsFolder(hf_dir)
+    quantized, plain = {}, {}
+    for name in src.names():
+        w = src[name]
+        if name.endswith("proj.weight") and w.ndim == 2:
+            q, s = _quantize_fp8(w)
+            quantized[name], quantized[name + "_scale_inv"] = q, s
+            plain[name] = dequantize(q, s, FP8_BLOCK)
+        else:
+            quantized[name] = plain[name] = w
+    for folder, tensors in ((tmp_path / "fp8", quantized), (tmp_path / "deq", plain)):
+        folder.mkdir()
+        for f in hf_dir.iterdir():
+            if f.is_file() and f.suffix not in (".safetensors", ".npz", ".npy"):
+                shutil.copy(f, folder / f.name)
+        write_shards(folder, [(n, a.shape, a.dtype) for n, a in tensors.items()], lambda t=tensors: t.items(), 1 << 40)
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(FP8_BLOCK)}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    return tmp_path / "fp8", tmp_path / "deq", src, plain
+
+
+def test_block_scaled_fp8_deepseek_imports_dequantized(imported, tmp_path, monkeypatch):
+    """DeepSeek-V3 as its releases ship it (F8_E4M3 projections, a float32 scale per block, partial
+    blocks at the edges): imported, it is the same model as its weights written dequantized in
+    float32, and its logits and experts match transformers on those."""
+    _, hf_dir, _ = imported["deepseek_v3"]
+    fp8, deq, src, plain = _fp8_folders(hf_dir, tmp_path)
+    assert any(not np.array_equal(plain[n], src[n]) for n in plain)  # quantizing changed the weights
+    ref_logits = hf_models.hf_logits(deq)
+    runs = {}
+    for name, folder in (("fp8", fp8), ("deq", deq)):
+        import_model(folder, tmp_path / f"run-{name}", log=lambda m: None)
+        runs[name] = our_routes(load_run(tmp_path / f"run-{name}", devices=jax.devices()[:1]), TOKENS, monkeypatch)
+    np.testing.assert_array_equal(runs["fp8"][0], runs["deq"][0])  # the same parameters, bit for bit
+    for i in runs["deq"][1]:
+        np.testing.assert_array_equal(runs["fp8"][1][i], runs["deq"][1][i])
+    assert np.max(np.abs(runs["fp8"][0] - ref_logits)) <= 1e-4 * np.max(np.abs(ref_logits))
+
+
+def test_quantized_folders_the_importer_cannot_read_are_one_line(imported, tmp_path, capsys, monkeypatch):
+    """Another scheme, fp8 without block scales, FP8 tensors without quantization_config, and scales
+    of another block size: one line naming the field or tensor, exit 2, nothing written."""
+    from test_interop_hardening import cli
+    from train.cli import import_main
+
+    _, hf_dir, _ = imported["deepseek_v3"]
+    fp8, _, _, _ = _fp8_folders(hf_dir, tmp_path)
+    config = json.loads((fp8 / "config.json").read_text())
+    cases = [
+        (dict(config, quantization_config={"quant_method": "gptq", "bits": 4}), "quant_method='gptq': not supported"),
+        (dict(config, quantization_config={"quant_method": "fp8"}), "weight_block_size=None"),
+        ({k: v for k, v in config.items() if k != "quantization_config"}, "needs config.json's quantization_config"),
+        (dict(config, quantization_config={"quant_method": "fp8", "weight_block_size": [8, 8]}), "_scale_inv"),
+    ]
+    for i, (cfg, expected) in enumerate(cases):
+        (fp8 / "config.json").write_text(json.dumps(cfg))
+        code, err = cli(import_main, [f"--hf_dir={fp8}", f"--workdir={tmp_path / f'w{i}'}"], capsys, monkeypatch)
+        assert code == 2 and len(err) == 1 and expected in err[0], (expected, err)
+        assert not (tmp_path / f"w{i}").exists()

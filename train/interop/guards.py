@@ -75,13 +75,16 @@ def check_tensors(hf_dir: pathlib.Path, hf: dict, arch: str, table: list[Tensor]
             if name not in folder:
                 raise InteropError(f"{hf_dir}: tensor {name} is missing ({arch}, needed for {t.path})")
             kind = folder.kind(name)
+            if kind.startswith("F8_"):
+                raise InteropError(f"{folder.file(name)}: tensor {name} has dtype {kind}: an FP8 checkpoint needs "
+                                   "config.json's quantization_config (quant_method fp8, weight_block_size)")
             if kind not in FLOAT_DTYPES:
                 raise InteropError(f"{folder.file(name)}: tensor {name} has dtype {kind}; weights are floats "
                                    f"({', '.join(FLOAT_DTYPES)})")
             if folder.shape(name) != t.hf_shape:
                 raise InteropError(f"{hf_dir}: tensor {name} has shape {list(folder.shape(name))}, "
                                    f"expected {list(t.hf_shape)} ({arch})")
-    used = {name for t in table for name in t.names}
+    used = {c for t in table for name in t.names for c in (name, *folder.companions(name))}
     unused = [name for name in folder.names() if name not in used and not ignored(name, hf)]
     if not unused:
         return

@@ -24,6 +24,7 @@ import numpy as np
 from train.errors import DataError
 from train.interop.families import InteropError, Tensor, from_hf_config, tensors
 from train.interop.guards import check_destination, check_tensors, read_hf_config
+from train.interop.quantized import open_folder
 from train.interop.safetensors import SafetensorsFolder
 from train.services.workdir import staged_folder
 
@@ -63,7 +64,7 @@ def plan_import(hf_dir: pathlib.Path, *, allow_unused: bool = False, log=print):
     cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps, cfg.optimizer.weight_decay = 1e-5, 10, 0.0
     cfg.mesh.data, cfg.mesh.expert = -1, 1
     validate(cfg)
-    folder = SafetensorsFolder(hf_dir)
+    folder = open_folder(SafetensorsFolder(hf_dir), hf, str(hf_dir / "config.json"))
     table = tensors(arch, model, interleaved=bool(hf.get("rope_interleave", True)))
     check_tensors(hf_dir, hf, arch, table, folder, allow_unused=allow_unused, log=log)
     return arch, cfg, table, folder, tokenizer

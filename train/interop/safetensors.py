@@ -20,7 +20,8 @@ import numpy as np
 
 from train.errors import DataError
 
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -66,6 +67,10 @@ class SafetensorsFolder:
 
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(DTYPES[self.kind(name)])
+
+    def companions(self, name: str) -> tuple[str, ...]:
+        """The tensors read with ``name`` (none here; a quantized folder's block scales)."""
+        return ()
 
     def __getitem__(self, name: str) -> np.ndarray:
         """The tensor, read from its file into memory of its own (freed with the array: a memory map
