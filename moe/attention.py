@@ -14,9 +14,11 @@ normalised key-value latent [B,P,Z] and the rotated shared key [B,P,O] for ``Lat
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moe.config import TransformerConfig
@@ -52,12 +54,47 @@ class RMSNorm(nnx.Module):
         return (x32 * scale.reshape((1,) * (x.ndim - len(n)) + n)).astype(x.dtype)
 
 
-def rope(x_BSNH: jax.Array, positions_BS: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half form (the first half of H pairs with the second), float32."""
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's ``0.1 mscale ln(factor) + 1`` (1 for a factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn(dim: int, theta: float, scaling: tuple) -> tuple[np.ndarray, float]:
+    """(the inverse frequencies [dim/2], float32; the factor on cos and sin) of YaRN for rotary
+    dimension ``dim`` (``RopeScaling.key()``), computed as ``transformers`` computes them."""
+    _, factor, original, beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim, truncate = scaling
+    if not attention_factor:
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_mscale(factor))
+
+    def correction_dim(rotations):  # the dimension that turns ``rotations`` times over the original context
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    extrapolate = 1 - np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv.astype(np.float32), float(attention_factor)
+
+
+def rope(x_BSNH: jax.Array, positions_BS: jax.Array, theta: float, scaling: tuple | None = None) -> jax.Array:
+    """Rotary embedding, rotate-half form (the first half of H pairs with the second), float32;
+    ``scaling``: YaRN's settings (``RopeScaling.key()``), None for plain RoPE."""
     half = x_BSNH.shape[-1] // 2
-    freq_H = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is None:
+        freq_H, factor = theta ** (-jnp.arange(half, dtype=jnp.float32) / half), 1.0
+    else:
+        inv, factor = yarn(2 * half, theta, scaling)
+        freq_H = jnp.asarray(inv)
     angle_BSH = positions_BS.astype(jnp.float32)[..., None] * freq_H[None, None, :]
     sin, cos = jnp.sin(angle_BSH)[:, :, None, :], jnp.cos(angle_BSH)[:, :, None, :]
+    if factor != 1.0:
+        sin, cos = sin * factor, cos * factor
     x1, x2 = jnp.split(x_BSNH.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSNH.dtype)
 
@@ -131,7 +168,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm((j, h), cfg.norm_eps, self.bias_axes[1])
         else:
             self.q_norm = self.k_norm = nnx.data(None)
-        self.theta = cfg.rope_theta
+        self.theta, self.scaling = cfg.rope_theta, cfg.rope_scaling.key()
         self.kv_act = ("batch", "seq", "act_heads" if j == n else "act_kv_heads", None)
 
     def _project(self, x_BSD, w, axes, bias, bias_axes, out_axes):
@@ -148,7 +185,7 @@ class Attention(nnx.Module):
         v = self._project(x_BSD, self.wv, kv_axes, self.bv, self.bias_axes[1], self.kv_act)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return rope(q, positions_BS, self.theta), rope(k, positions_BS, self.theta), v
+        return rope(q, positions_BS, self.theta, self.scaling), rope(k, positions_BS, self.theta, self.scaling), v
 
     def output(self, out_BSNH):
         wo = compute_value(self.wo, self.OUT_AXES).astype(out_BSNH.dtype)
@@ -205,7 +242,7 @@ class LatentAttention(nnx.Module):
         self.wo = sharded_param(rngs.params(), (n, m.v_head_dim, d), ("heads", "head_dim", "embed"),
                                 (n * m.v_head_dim) ** -0.5, pdtype)
         self.nope, self.rope_dim, self.kv_rank = m.nope_head_dim, m.rope_head_dim, m.kv_lora_rank
-        self.theta = cfg.rope_theta
+        self.theta, self.scaling = cfg.rope_theta, cfg.rope_scaling.key()
 
     def _queries(self, x_BSD, positions_BS):
         dtype = x_BSD.dtype
@@ -219,14 +256,14 @@ class LatentAttention(nnx.Module):
             q = einsum("bsd,dnh->bsnh", x_BSD, compute_value(self.wq, ("embed", "heads", "head_dim")).astype(dtype),
                        heads)
         q_nope, q_rot = q[..., : self.nope], q[..., self.nope:]
-        return jnp.concatenate([q_nope, rope(q_rot, positions_BS, self.theta)], axis=-1)
+        return jnp.concatenate([q_nope, rope(q_rot, positions_BS, self.theta, self.scaling)], axis=-1)
 
     def _latent(self, x_BSD, positions_BS):
         """(normalised latent [B,S,Z], rotated shared key [B,S,O])."""
         ckv = einsum("bsd,dz->bsz", x_BSD, compute_value(self.wkv_a, ("embed", "latent")).astype(x_BSD.dtype),
                      ("batch", "seq", None))
         latent, k_rot = ckv[..., : self.kv_rank], ckv[..., self.kv_rank:]
-        return self.kv_norm(latent), rope(k_rot[:, :, None, :], positions_BS, self.theta)[:, :, 0, :]
+        return self.kv_norm(latent), rope(k_rot[:, :, None, :], positions_BS, self.theta, self.scaling)[:, :, 0, :]
 
     def __call__(self, x_BSD, positions_BS, cache=None):
         q_BSNH = self._queries(x_BSD, positions_BS)
@@ -246,6 +283,8 @@ class LatentAttention(nnx.Module):
             k_rot = jax.sharding.reshard(k_rot, jax.typeof(k_nope).sharding.spec)
         k_BPNH = jnp.concatenate([k_nope, k_rot], axis=-1)
         scale = (self.nope + self.rope_dim) ** -0.5
+        if self.scaling is not None and self.scaling[7]:  # YaRN's mscale_all_dim, on every dimension's score
+            scale *= yarn_mscale(self.scaling[1], self.scaling[7]) ** 2
         out = attend(q_BSNH, k_BPNH, v_BPNH, causal_mask(x_BSD, positions_BS, keys), scale)
         wo = compute_value(self.wo, ("heads", "head_dim", "embed")).astype(out.dtype)
         return einsum("bsnh,nhd->bsd", out, wo, ("batch", "seq", "act_embed")), new_cache

@@ -73,6 +73,49 @@ class MLAConfig(StrictFields):
         return self
 
 
+ROPE_SCALINGS = ("none", "yarn")
+
+
+@dataclasses.dataclass
+class RopeScaling(StrictFields):
+    """RoPE for contexts longer than the pretraining one (``model.rope_scaling``): YaRN (Peng et al.
+    2023) interpolates the low frequencies by ``factor``, keeps the high ones, ramps between the
+    dimensions that turn ``beta_fast`` and ``beta_slow`` times over ``original_max_positions``, and
+    scales cos and sin by ``attention_factor`` (0: ``0.1 ln(factor) + 1``, or the ratio of the two
+    mscale terms when both are set). Multi-head latent attention also multiplies its softmax scale by
+    ``(0.1 mscale_all_dim ln(factor) + 1)^2``, as DeepSeek does. Computed as ``transformers`` does."""
+
+    kind: str = "none"  # see ROPE_SCALINGS
+    factor: float = 1.0
+    original_max_positions: int = 0  # the pretraining context
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 0.0  # 0 = from factor (and mscale, mscale_all_dim)
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True  # round the ramp's ends to whole dimensions
+
+    def check(self) -> RopeScaling:
+        self._choose("kind", ROPE_SCALINGS)
+        if self.kind == "none":
+            return self
+        if not (finite(self.factor) and self.factor >= 1):
+            self._fail("factor", "must be >= 1")
+        if not positive_int(self.original_max_positions):
+            self._fail("original_max_positions", "must be a positive integer (the pretraining context)")
+        for name in ("beta_fast", "beta_slow"):
+            if not (finite(getattr(self, name)) and getattr(self, name) > 0):
+                self._fail(name, "must be > 0")
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            if not (finite(getattr(self, name)) and getattr(self, name) >= 0):
+                self._fail(name, "must be >= 0 (0 = unset)")
+        return self
+
+    def key(self) -> tuple | None:
+        """The settings as a hashable value for the model's static structure; None: plain RoPE."""
+        return None if self.kind == "none" else dataclasses.astuple(self)
+
+
 @dataclasses.dataclass
 class TransformerConfig(StrictFields):
     """A decoder-only language model; also the ``model`` section of the run config."""
@@ -100,6 +143,7 @@ class TransformerConfig(StrictFields):
     allow_non_causal_router: bool = False
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
     dtype: str = "float32"  # activations; the router is always float32
     param_dtype: str = "float32"
     # scan the repeating block pattern (one dense-or-MoE period of moe_every blocks) over stacked
@@ -140,6 +184,7 @@ class TransformerConfig(StrictFields):
         self._check_part("", self.ffn())  # activation, dtype, param_dtype: FFNConfig's rules
         if not self.rope_theta > 0:
             self._fail("rope_theta", "must be > 0")
+        self._check_part("rope_scaling", self.rope_scaling)
         self._choose("scan_layers", SCAN_MODES)
         self._choose("remat", REMAT_POLICIES)
         self._check_part("moe", self.moe)

@@ -37,8 +37,10 @@ def hf_config(arch: str):
                                 shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=2,
                                 mlp_only_layers=[0])
     if arch == "qwen3_moe":
+        # YaRN over a 16-token original context, so the ramp falls inside the head's 8 frequencies
+        yarn = dict(rope_type="yarn", rope_theta=10_000.0, factor=4.0, original_max_position_embeddings=16)
         return T.Qwen3MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=24, num_experts=8,
-                                num_experts_per_tok=2, head_dim=16, norm_topk_prob=True)
+                                num_experts_per_tok=2, head_dim=16, norm_topk_prob=True, rope_parameters=yarn)
     if arch == "olmoe":
         return T.OlmoeConfig(**COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2)
     if arch == "deepseek_v3":
@@ -47,7 +49,11 @@ def hf_config(arch: str):
         return T.DeepseekV3Config(**common, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
                                   n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
                                   first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-                                  qk_rope_head_dim=4, v_head_dim=8, routed_scaling_factor=2.5)
+                                  qk_rope_head_dim=4, v_head_dim=8, routed_scaling_factor=2.5,
+                                  # DeepSeek-V3's YaRN (mscale, mscale_all_dim: its softmax scale too)
+                                  rope_parameters=dict(rope_type="yarn", rope_theta=10_000.0, factor=8.0,
+                                                       original_max_position_embeddings=16, mscale=0.707,
+                                                       mscale_all_dim=1.0, beta_fast=32, beta_slow=1))
     raise ValueError(arch)
 
 

@@ -4,7 +4,7 @@ refuses a bad field by its own name, and ``validate`` turns the same refusal int
 
 import pytest
 
-from moe.config import MLAConfig, MoEConfig, TransformerConfig
+from moe.config import MLAConfig, MoEConfig, RopeScaling, TransformerConfig
 from moe.fields import FieldError
 from train.core.config import Config, validate
 from train.errors import ConfigError
@@ -29,6 +29,12 @@ MODEL_RULES = [  # (fields of TransformerConfig, the one line validate prints)
     (dict(param_dtype="int8"), "config.model.param_dtype='int8': choose one of float32, bfloat16"),
     (dict(gated=1), "config.model.gated=1: must be True or False"),
     (dict(rope_theta=0.0), "config.model.rope_theta=0.0: must be > 0"),
+    (dict(rope_scaling=RopeScaling(kind="ntk")), "config.model.rope_scaling.kind='ntk': choose one of none, yarn"),
+    (dict(rope_scaling=RopeScaling(kind="yarn", factor=4.0)),
+     "config.model.rope_scaling.original_max_positions=0: must be a positive integer"),
+    (dict(rope_scaling=RopeScaling(kind="yarn", factor=0.5, original_max_positions=16)),
+     "config.model.rope_scaling.factor=0.5: must be >= 1"),
+    (dict(attention="mla", mla=MLAConfig(latent_norm_eps=-1.0)), "config.model.mla.latent_norm_eps=-1.0: must be >= 0"),
     (dict(scan_layers="yes"), "config.model.scan_layers='yes': choose one of auto, on, off"),
     (dict(remat="some"), "config.model.remat='some': choose one of none, full"),
     (dict(moe=MoEConfig(router="nope")), "config.model.moe.router='nope': unknown router"),

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from moe.config import MoEConfig, TransformerConfig
+from moe.config import MoEConfig, RopeScaling, TransformerConfig
 from moe.routers.learned import Frozen, TopK
 from train.errors import ConfigError
 
@@ -37,14 +37,46 @@ def _refuse(hf: dict, key: str, ok: Callable, why: str, where: str) -> None:
 
 
 def rope_theta(hf: dict, where: str, default: float = 10_000.0) -> float:
-    """The RoPE base; scaled RoPE (YaRN, linear, dynamic...) is refused. ``rope_parameters`` is
-    transformers 5's name, ``rope_scaling`` / ``rope_theta`` older configs'."""
+    """The RoPE base. ``rope_parameters`` is transformers 5's name, ``rope_scaling`` / ``rope_theta``
+    older configs'."""
+    return float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", default)))
+
+
+def rope_scaling(hf: dict, where: str) -> RopeScaling:
+    """YaRN's settings from ``rope_parameters`` (or ``rope_scaling``); plain RoPE is ``kind="none"``,
+    and any other scaling (linear, dynamic, longrope...) is refused, named."""
     for key in ("rope_parameters", "rope_scaling"):
         params = hf.get(key) or {}
         kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise InteropError(f"{where}: {key}.rope_type={kind!r}: not supported (plain RoPE only)")
-    return float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", default)))
+        if kind == "default":
+            continue
+        if kind != "yarn":
+            raise InteropError(f"{where}: {key}.rope_type={kind!r}: not supported (plain RoPE or yarn)")
+        _refuse(params, "partial_rotary_factor", lambda v: v == 1, "rotary embedding of every dimension only",
+                f"{where}: {key}")
+        original = params.get("original_max_position_embeddings") or _get(hf, "max_position_embeddings", where=where)
+        factor = params.get("factor") or _get(hf, "max_position_embeddings", where=where) / original
+        scaling = RopeScaling("yarn", float(factor), int(original), float(params.get("beta_fast") or 32),
+                              float(params.get("beta_slow") or 1), float(params.get("attention_factor") or 0),
+                              float(params.get("mscale") or 0), float(params.get("mscale_all_dim") or 0),
+                              bool(params.get("truncate", True)))
+        try:
+            return scaling.check()
+        except ValueError as e:
+            raise InteropError(f"{where}: {key}: {e}") from None
+    return RopeScaling()
+
+
+def rope_scaling_fields(cfg: TransformerConfig) -> dict:
+    """``config.json``'s RoPE keys for ``cfg`` (the ``rope_scaling`` of YaRN, if any)."""
+    s = cfg.rope_scaling
+    if s.kind == "none":
+        return {"rope_theta": cfg.rope_theta, "max_position_embeddings": 4096}
+    params = {"rope_type": "yarn", "factor": s.factor, "original_max_position_embeddings": s.original_max_positions,
+              "beta_fast": s.beta_fast, "beta_slow": s.beta_slow, "truncate": s.truncate}
+    params.update({k: getattr(s, k) for k in ("attention_factor", "mscale", "mscale_all_dim") if getattr(s, k)})
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": params,
+            "max_position_embeddings": max(4096, int(s.original_max_positions * s.factor))}
 
 
 def num_experts(hf: dict, where: str) -> int:
@@ -205,7 +237,7 @@ class Family:
             vocab_size=int(_get(hf, "vocab_size", where=where)), num_layers=n_layers,
             d_model=int(_get(hf, "hidden_size", where=where)), num_heads=heads, num_kv_heads=0 if kv == heads else kv,
             d_ff=int(_get(hf, "intermediate_size", where=where)), activation="silu", gated=True, tie_embeddings=False,
-            rope_theta=rope_theta(hf, where, self.defaults["rope_theta"]),
+            rope_theta=rope_theta(hf, where, self.defaults["rope_theta"]), rope_scaling=rope_scaling(hf, where),
             norm_eps=float(self._or_default(hf, "rms_norm_eps")), moe_every=1,
             scan_layers="auto",
         )
@@ -238,9 +270,9 @@ class Family:
         out = {"architectures": [self.hf_class], "model_type": self.name, "vocab_size": cfg.vocab_size,
                "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
                "num_key_value_heads": cfg.kv_heads, "intermediate_size": cfg.d_ff, "hidden_act": "silu",
-               "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": False,
+               "rms_norm_eps": cfg.norm_eps, **rope_scaling_fields(cfg), "tie_word_embeddings": False,
                "num_experts_per_tok": m.experts_per_token, "router_aux_loss_coef": m.aux_loss_coef,
-               "max_position_embeddings": 4096, "attention_dropout": 0.0, "use_cache": True, "torch_dtype": dtype,
+               "attention_dropout": 0.0, "use_cache": True, "torch_dtype": dtype,
                "initializer_range": 0.02}
         out.update(self.hf_fields(cfg, norm))
         return out
