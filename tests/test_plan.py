@@ -111,7 +111,7 @@ def test_plan_emulates_a_mesh_larger_than_the_machine_and_exits_3_when_it_does_n
     """16 emulated devices (data=4 x expert=4) in a fresh process; 1 MiB per device cannot fit."""
     cmd = [str(pathlib.Path(sys.executable).parent / "moe-train"), f"--config={ROOT / 'configs/default.py'}", "--plan", "--cpu_devices=16", "--config.mesh.data=4",
             "--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.seq_len=32",
-            "--device_memory_gb=0.001"]
+            "--device_memory_gb=0.000001"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""})
     assert proc.returncode == 3, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -119,3 +119,40 @@ def test_plan_emulates_a_mesh_larger_than_the_machine_and_exits_3_when_it_does_n
     assert result["devices"] == 16 and result["mesh"]["data"] == 4 and result["fits"] is False
     assert lines[-2].startswith("does not fit:") and "biggest part is" in lines[-2]
     np.testing.assert_array_less(0, [result[k] for k in KEYS[:5]])
+
+
+def test_moe_import_plans_a_model_from_its_config_json_alone(tmp_path, capsys, monkeypatch):
+    """A folder holding only DeepSeek-V3's config.json (YaRN, FP8 quantization_config): the parameter
+    count of the model transformers builds from it, the plan's JSON last, exit 3 when one device's
+    memory is too small, and bad flags in one line."""
+    import hf_models
+    from test_interop_hardening import cli
+    from train.cli import import_main
+
+    hf = hf_models.hf_config("deepseek_v3").to_dict()
+    hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    plan = [f"--hf_dir={tmp_path / 'hf'}", "--plan", "--config.mesh.data=1", "--config.mesh.expert=8",
+            "--config.train.batch_size=8", "--config.train.seq_len=32"]
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    capsys.readouterr()
+    assert import_main(plan) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["fits"] is None and result["mesh"]["expert"] == 8 and result["params_bytes"] > 0
+    ours = int(out[0].split()[1].replace(",", ""))
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_models.hf_config("deepseek_v3"))
+    assert ours == sum(p.numel() for p in model.parameters())
+    code, err = cli(import_main, [*plan, "--device_memory_gb=0.000001"], capsys, monkeypatch)
+    assert code == 3
+    for bad, line in ((["--config.mesh.expert=8"], "--config.mesh.expert: goes with --plan"),
+                      ([*plan, "--workdir=w"], "--workdir=w: --plan writes nothing"),
+                      ([*plan, "--config.model.nope=1"], "config.model.nope")):
+        args = bad if bad[0].startswith("--hf_dir") else [f"--hf_dir={tmp_path / 'hf'}", "--workdir=w", *bad]
+        code, err = cli(import_main, args, capsys, monkeypatch)
+        assert code == 2 and len(err) == 1 and line in err[0], (bad, err)
+    assert not (tmp_path / "hf" / "w").exists() and sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json"]

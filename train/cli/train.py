@@ -60,7 +60,7 @@ def _dry_run(cfg, sizes) -> int:
     return 0
 
 
-def _plan(cfg, device_memory_gb) -> int:
+def print_plan(cfg, device_memory_gb) -> int:
     """``--plan``: the compiled step's memory per device and FLOPs; the last stdout line is JSON."""
     import json
 
@@ -85,7 +85,7 @@ def _train(cfg, args) -> int:
     if args.dry_run:
         return _dry_run(cfg, sizes)
     if args.plan:
-        return _plan(cfg, args.device_memory_gb)
+        return print_plan(cfg, args.device_memory_gb)
     from sharding.distributed import prefix
     from train.services.signals import StopSignals
 

@@ -33,11 +33,9 @@ HF_EXTRAS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
 HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}  # float16 is read into float32
 
 
-def plan_import(hf_dir: pathlib.Path, *, allow_unused: bool = False, log=print):
-    """(architecture, run Config, tensor table, the open folder, the tokenizer) after every check
-    (``guards.check_tensors``: tensors the config does not read are refused unless ``allow_unused``)."""
-    from train.core.config import Config, validate
-    from train.data.tokenizers import BPETokenizer
+def import_config(hf_dir: pathlib.Path):
+    """(config.json, architecture, the run Config an import writes), from ``config.json`` alone."""
+    from train.core.config import Config
 
     hf = read_hf_config(hf_dir)
     try:
@@ -50,6 +48,21 @@ def plan_import(hf_dir: pathlib.Path, *, allow_unused: bool = False, log=print):
     if dtype not in HF_DTYPES:
         raise InteropError(f"{hf_dir / 'config.json'}: dtype={dtype!r}: not supported ({', '.join(HF_DTYPES)})")
     model.dtype = model.param_dtype = HF_DTYPES[dtype]
+    cfg = Config(model=model)
+    # fine-tuning defaults (override on the command line): a small learning rate, every device on the batch
+    cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps, cfg.optimizer.weight_decay = 1e-5, 10, 0.0
+    cfg.mesh.data, cfg.mesh.expert = -1, 1
+    return hf, arch, cfg
+
+
+def plan_import(hf_dir: pathlib.Path, *, allow_unused: bool = False, log=print):
+    """(architecture, run Config, tensor table, the open folder, the tokenizer) after every check
+    (``guards.check_tensors``: tensors the config does not read are refused unless ``allow_unused``)."""
+    from train.core.config import validate
+    from train.data.tokenizers import BPETokenizer
+
+    hf, arch, cfg = import_config(hf_dir)
+    model = cfg.model
     tokenizer_file = hf_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise DataError(f"--hf_dir={hf_dir}: no tokenizer.json (Switchyard reads the tokenizer from it)")
@@ -58,11 +71,7 @@ def plan_import(hf_dir: pathlib.Path, *, allow_unused: bool = False, log=print):
     if tokenizer.vocab_size > model.vocab_size:
         raise InteropError(f"{tokenizer_file}: {tokenizer.vocab_size} tokens (with <pad>, <bos>, <eos>) exceed the "
                            f"model's vocab_size={model.vocab_size}")
-    cfg = Config(model=model)
     cfg.data.tokenizer, cfg.data.special_tokens = "bpe", ",".join(specials)
-    # fine-tuning defaults (override on the command line): a small learning rate, every device on the batch
-    cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps, cfg.optimizer.weight_decay = 1e-5, 10, 0.0
-    cfg.mesh.data, cfg.mesh.expert = -1, 1
     validate(cfg)
     folder = open_folder(SafetensorsFolder(hf_dir), hf, str(hf_dir / "config.json"))
     table = tensors(arch, model, interleaved=bool(hf.get("rope_interleave", True)))
