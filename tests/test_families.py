@@ -137,3 +137,26 @@ def test_deepseek_from_scratch_trains_scanned_on_8_devices_and_exports(tmp_path)
     with torch.no_grad():
         ref = back(torch.tensor(tokens)).logits.numpy()
     assert np.max(np.abs(np.asarray(ours) - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+# (file, total, active) as published: the active figures have two significant digits (3.3B, 1.3B,
+# 37B), so they are met within 2%; the totals within 1%
+RELEASED = [("deepseek-v3.json", 671e9, 37e9), ("mixtral-8x7b.json", 46.7e9, 12.9e9), ("olmoe-1b-7b.json", 6.9e9, 1.3e9),
+            ("qwen3-30b-a3b.json", 30.5e9, 3.3e9), ("qwen3-235b-a22b.json", 235e9, 22e9)]
+
+
+@pytest.mark.parametrize("name,total,active", RELEASED, ids=[r[0][:-5] for r in RELEASED])
+def test_released_configs_are_accepted_with_their_published_sizes(name, total, active):
+    """The config.json of released checkpoints (tests/data/hf_configs: YaRN and FP8 for DeepSeek-V3)
+    import without a refusal, validate as a run, and count the published parameters."""
+    import json
+
+    from train.core.config import Config
+    from train.interop.families import from_hf_config
+
+    path = ROOT / "tests/data/hf_configs" / name
+    _, model = from_hf_config(json.loads(path.read_text()), where=str(path))
+    validate(Config(model=model), num_devices=8)
+    counts = param_counts(model)
+    assert abs(counts["total"] / total - 1) < 0.01, counts
+    assert abs(counts["active"] / active - 1) < 0.02, counts
