@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import child_env
+
 from test_train import tiny_config
 from train.cli import eval_main, generate_main
 from train.errors import ConfigError
@@ -240,7 +242,7 @@ meta = ocp.CheckpointManager({str(path)!r}, item_names=("meta",)).restore(step, 
 assert not any(m.split(".")[0] in ("moe", "train", "sharding") for m in sys.modules)
 print(step, jax.device_count(), float(abs(params["embed"]).sum()), meta["config"]["model"]["d_model"])
 """
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     step, devices, total, d_model = proc.stdout.split()

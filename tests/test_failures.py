@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_train_args
+from conftest import child_env, tiny_train_args
 from test_checkpoint import assert_trees_equal, host, train, train_losses
 from test_train import tiny_config
 from train.errors import CheckpointError
@@ -36,8 +36,7 @@ def cli_args(tmp, workdir):
 def run_until(cmd, marker, sig, timeout=240, then=None):
     """Start ``cmd``; when a stderr line contains ``marker`` send ``sig`` (and, 50 ms later, ``then``);
     returns (exit code, later stderr)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
+    env = child_env(PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:
@@ -58,8 +57,7 @@ def run_until(cmd, marker, sig, timeout=240, then=None):
 
 
 def run_to_end(cmd):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = child_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -234,8 +232,7 @@ def test_a_stalled_dead_or_preempted_peer_makes_process_0_stop(tmp_path, sig):
                                                  "--num_processes=2"]
     if sig == signal.SIGTERM:  # the watchdog is for the frozen peer; a slow final save is no stall
         base.append("--config.train.step_timeout_s=120")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
+    env = child_env(PYTHONUNBUFFERED="1")
     peer = subprocess.Popen([*base, "--process_id=1"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     main = subprocess.Popen([*base, "--process_id=0"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

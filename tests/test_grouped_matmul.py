@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import child_env
+
 from moe import grouped_matmul as gm
 
 # rows 0-9 to group 0, none to group 1, 10-29 to group 2, 30-43 to group 3; rows 44-60 are past the
@@ -124,7 +126,7 @@ def test_the_accelerator_oracle_script_runs_on_cpu_with_a_kernel():
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = child_env(JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(root / "scripts" / "gpu_oracle.py"), "--kernels", "megablox",
                           "--shape", "256,128,64"], env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

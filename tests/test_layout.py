@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from conftest import child_env
+
 from moe import layout
 from train.core.config import Config, apply_override, from_dict, upgrade
 from train.errors import ConfigError
@@ -90,8 +92,7 @@ def test_a_v1_checkpoint_evaluates_generates_and_resumes_as_that_version_did(tmp
     assert result["step"] == 4 and result["loss"] == pytest.approx(expected["eval_loss_step4"], rel=STORED_RTOL)
     assert generate_main([f"--workdir={work}", "--prompt=def ", "--max_new_tokens=4"]) == 0
     assert capsys.readouterr().out.startswith("def ")
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "train", *V1_ARGS, f"--workdir={work}", "--config.train.steps=6"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and f"resumed from {work / 'checkpoints' / '4'}" in proc.stderr, proc.stderr[-3000:]

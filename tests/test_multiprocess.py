@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_train_args
+from conftest import child_env, tiny_train_args
 from test_checkpoint import host
 from train.core.checkpoint import Checkpoints
 from train.core.config import from_dict
@@ -29,10 +29,9 @@ pytestmark = pytest.mark.slow
 
 
 def _env(cmd=None):
-    env = dict(os.environ)
+    env = child_env()  # each process sets its own device count
     env["MOE_CMD"] = cmd or f"{sys.executable} -m train"
     env["PYTHON"] = sys.executable
-    env.pop("XLA_FLAGS", None)  # each process sets its own device count
     return env
 
 

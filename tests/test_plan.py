@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import child_env
+
 from test_train import tiny_config
 from train.analysis.plan import make_plan
 from train.cli import train_main
@@ -112,7 +114,7 @@ def test_plan_emulates_a_mesh_larger_than_the_machine_and_exits_3_when_it_does_n
     cmd = [str(pathlib.Path(sys.executable).parent / "moe-train"), f"--config={ROOT / 'configs/default.py'}", "--plan", "--cpu_devices=16", "--config.mesh.data=4",
             "--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.seq_len=32",
             "--device_memory_gb=0.000001"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=child_env())
     assert proc.returncode == 3, proc.stderr
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])

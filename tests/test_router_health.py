@@ -61,7 +61,8 @@ def test_stable_router_in_stage_one_is_topk(mesh_name, k):
     # the same slots: stable's are sized for its balance option (1.25) equal shares per expert
     topk = run_layer(layer_spec(num_experts=8, experts_per_token=k, router="topk", capacity_factor=1.25),
                      mesh_name, x, ids, ct)
-    np.testing.assert_array_equal(stable["y"], topk["y"])
+    # two programs computing the same sums: XLA may fuse (and so round) them differently
+    np.testing.assert_allclose(stable["y"], topk["y"], rtol=1e-6, atol=1e-6 * np.abs(topk["y"]).max())
     for name in ("x", "wi", "wg", "wo", "router_w"):
         scale = np.abs(topk["grads"][name]).max()
         np.testing.assert_allclose(stable["grads"][name], topk["grads"][name], rtol=1e-5, atol=1e-6 * scale, err_msg=name)

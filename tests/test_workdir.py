@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import tiny_train_args
+from conftest import child_env, tiny_train_args
 from test_checkpoint import train_losses
 from test_train import tiny_config
 from train.cli import train_main
@@ -20,9 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _env():
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    return env
+    return child_env(PYTHONUNBUFFERED="1")
 
 
 def hold_lock(workdir):
