@@ -99,13 +99,17 @@ def rope(x_BSNH: jax.Array, positions_BS: jax.Array, theta: float, scaling: tupl
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSNH.dtype)
 
 
-def causal_mask(x_BSD: jax.Array, positions_BS: jax.Array, keys: int | None) -> jax.Array:
+def causal_mask(x_BSD: jax.Array, positions_BS: jax.Array, keys: int | None, window: int = 0) -> jax.Array:
     """[B,S,P] True where query s may see key p: the lower triangle without a cache, else every
-    cached position up to the query's own."""
+    cached position up to the query's own; with ``window`` only the last ``window`` of those (the
+    query's own position and the window - 1 before it)."""
     if keys is None:
         s = x_BSD.shape[1]
-        return jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (x_BSD.shape[0], s, s))
-    return jnp.arange(keys)[None, None, :] <= positions_BS[:, :, None]
+        q_S1, p_1P = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
+        visible = (p_1P <= q_S1) & (p_1P > q_S1 - window) if window else p_1P <= q_S1
+        return jnp.broadcast_to(visible, (x_BSD.shape[0], s, s))
+    q_BS1, p_11P = positions_BS[:, :, None], jnp.arange(keys)[None, None, :]
+    return (p_11P <= q_BS1) & (p_11P > q_BS1 - window) if window else p_11P <= q_BS1
 
 
 def write_cache(cache_BP: jax.Array, new_BS: jax.Array, positions_BS: jax.Array) -> jax.Array:
@@ -117,33 +121,52 @@ def write_cache(cache_BP: jax.Array, new_BS: jax.Array, positions_BS: jax.Array)
     return jax.lax.dynamic_update_slice(cache_BP, new_BS, start)
 
 
-def attend(q_BSNH, k_BPJH, v_BPJH, mask_BSP, scale: float) -> jax.Array:
+def softmax_with_sink(logits, sink):
+    """softmax over the last axis with one more logit ``sink`` (broadcast to the rows) in the
+    denominator only: the row's weights sum to less than 1 by the sink's share."""
+    top = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
+    e = jnp.exp(logits - top)
+    return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top))
+
+
+def attend(q_BSNH, k_BPJH, v_BPJH, mask_BSP, scale: float, sinks_N=None) -> jax.Array:
     """softmax(q k^T * scale + mask) v per head, float32 softmax: [B,S,N,H_v]. With J < N key/value
-    heads, query head n reads key/value head n // (N / J) (grouped-query attention)."""
+    heads, query head n reads key/value head n // (N / J) (grouped-query attention). ``sinks_N``:
+    each head's sink logit (float32), in its softmax's denominator (attention sinks)."""
     n, j = q_BSNH.shape[2], k_BPJH.shape[2]
     if n == j:
         logits = einsum("bsnh,bpnh->bnsp", q_BSNH, k_BPJH, ("batch", "act_heads", "seq", None), jnp.float32)
         logits = jnp.where(mask_BSP[:, None], logits * scale, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v_BPJH.dtype)
+        if sinks_N is None:
+            probs = jax.nn.softmax(logits, axis=-1)
+        else:
+            probs = softmax_with_sink(logits, sinks_N[None, :, None, None])
+        probs = probs.astype(v_BPJH.dtype)
         return einsum("bnsp,bpnh->bsnh", probs, v_BPJH, ("batch", "seq", "act_heads", None))
     b, s, _, h = q_BSNH.shape
     q_BSJQH = q_BSNH.reshape(b, s, j, n // j, h)
     logits = einsum("bsjqh,bpjh->bjqsp", q_BSJQH, k_BPJH, ("batch", "act_kv_heads", None, "seq", None), jnp.float32)
     logits = jnp.where(mask_BSP[:, None, None], logits * scale, -1e30)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BPJH.dtype)
+    if sinks_N is None:
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        probs = softmax_with_sink(logits, sinks_N.reshape(j, n // j)[None, :, :, None, None])
+    probs = probs.astype(v_BPJH.dtype)
     out = einsum("bjqsp,bpjh->bsjqh", probs, v_BPJH, ("batch", "seq", "act_kv_heads", None, None))
     return out.reshape(b, s, n, v_BPJH.shape[-1])
 
 
 class Attention(nnx.Module):
     """Causal self-attention with RoPE: N query heads, J = ``num_kv_heads`` key/value heads (GQA when
-    J < N), optional QK-norm (``qk_norm``: per head or over the whole projection) and q/k/v biases."""
+    J < N), optional QK-norm (``qk_norm``: per head or over the whole projection), q/k/v biases and an
+    output bias, attention sinks (``sinks`` [N]) and a sliding window (``window`` > 0: a query sees
+    the ``window`` positions ending at its own; the KV cache is read through the same window)."""
 
     IN_AXES = ("embed", "heads", "head_dim")
     KV_AXES = ("embed", "kv_heads", "head_dim")
     OUT_AXES = ("heads", "head_dim", "embed")
 
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, window: int = 0):
         d, n, j, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_width
         pdtype = jnp.dtype(cfg.param_dtype)
         kv_axes = self.IN_AXES if j == n else self.KV_AXES
@@ -160,6 +183,12 @@ class Attention(nnx.Module):
             self.bv = bias((j, h), self.bias_axes[1])
         else:
             self.bq = self.bk = self.bv = nnx.data(None)
+        self.bo = (sharded_param(None, (d,), ("embed",), 0.0, pdtype, init="zeros", decay=False) if cfg.attn_out_bias
+                   else nnx.data(None))
+        # the sink logits stay float32 (they join the float32 softmax)
+        self.sinks = (sharded_param(None, (n,), ("heads",), 0.0, jnp.float32, init="zeros", decay=False)
+                      if cfg.attn_sinks else nnx.data(None))
+        self.window = window
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(h, cfg.norm_eps)
             self.k_norm = RMSNorm(h, cfg.norm_eps)
@@ -189,19 +218,23 @@ class Attention(nnx.Module):
 
     def output(self, out_BSNH):
         wo = compute_value(self.wo, self.OUT_AXES).astype(out_BSNH.dtype)
-        return einsum("bsnh,nhd->bsd", out_BSNH, wo, ("batch", "seq", "act_embed"))
+        y_BSD = einsum("bsnh,nhd->bsd", out_BSNH, wo, ("batch", "seq", "act_embed"))
+        return y_BSD if self.bo is None else y_BSD + compute_value(self.bo, ("embed",)).astype(y_BSD.dtype)[None, None]
+
+    def _attend(self, q, k, v, mask):
+        sinks = None if self.sinks is None else compute_value(self.sinks, ("heads",))
+        return self.output(attend(q, k, v, mask, q.shape[-1] ** -0.5, sinks))
 
     def __call__(self, x_BSD, positions_BS, cache=None):
         """Causal self-attention. With ``cache`` ({"k","v"}: [B,P,J,H]) the new keys and values
         are written at ``positions`` (one start index for the batch) and the queries attend to
         every cached position up to their own; returns (y, new cache or None)."""
         q, k, v = self.project_qkv(x_BSD, positions_BS)
-        scale = q.shape[-1] ** -0.5
         if cache is None:
-            return self.output(attend(q, k, v, causal_mask(x_BSD, positions_BS, None), scale)), None
+            return self._attend(q, k, v, causal_mask(x_BSD, positions_BS, None, self.window)), None
         k_BPJH, v_BPJH = write_cache(cache["k"], k, positions_BS), write_cache(cache["v"], v, positions_BS)
-        mask = causal_mask(x_BSD, positions_BS, k_BPJH.shape[1])
-        return self.output(attend(q, k_BPJH, v_BPJH, mask, scale)), {"k": k_BPJH, "v": v_BPJH}
+        mask = causal_mask(x_BSD, positions_BS, k_BPJH.shape[1], self.window)
+        return self._attend(q, k_BPJH, v_BPJH, mask), {"k": k_BPJH, "v": v_BPJH}
 
     @staticmethod
     def empty_cache(cfg: TransformerConfig, batch: int, max_len: int, lead=()) -> dict:
@@ -220,8 +253,8 @@ class LatentAttention(nnx.Module):
     (H_nope + O)^-1/2. The cache keeps the latent and the rotated key, and rebuilds keys and values
     from the latent at each step."""
 
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        m = cfg.mla
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, window: int = 0):
+        m = cfg.mla  # (``window``: always 0, model.sliding_window is for mha)
         d, n = cfg.d_model, cfg.num_heads
         pdtype = jnp.dtype(cfg.param_dtype)
         qk = m.nope_head_dim + m.rope_head_dim

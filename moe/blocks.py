@@ -16,7 +16,7 @@ from flax import nnx
 
 from moe.attention import ATTENTION, Attention, RMSNorm, einsum, rope
 from moe.config import FFNConfig, TransformerConfig
-from moe.experts import ACTIVATION_FNS
+from moe.experts import ACTIVATION_FNS, glu
 from moe.layer import MoEFeedForward
 from moe.params import compute_value, sharded_param
 
@@ -34,18 +34,27 @@ class DenseFFN(nnx.Module):
         self.wg = sharded_param(rngs.params(), (d, f), self.IN_AXES, d**-0.5, pdtype) if cfg.gated else None
         self.wo = sharded_param(rngs.params(), (f, d), self.OUT_AXES, f**-0.5, pdtype)
         self.act = ACTIVATION_FNS[cfg.activation]
+        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+        if cfg.ffn_bias:
+            bias = lambda n, axis: sharded_param(None, (n,), (axis,), 0.0, pdtype, init="zeros", decay=False)  # noqa: E731
+            self.bi, self.bo = bias(f, "mlp"), bias(d, "embed")
+            self.bg = bias(f, "mlp") if cfg.gated else nnx.data(None)
+        else:
+            self.bi = self.bg = self.bo = nnx.data(None)
+
+    def _project(self, eq, x, w, axes, b, b_axes, out_axes):
+        y = einsum(eq, x, compute_value(w, axes).astype(x.dtype), out_axes)
+        return y if b is None else y + compute_value(b, b_axes).astype(x.dtype)[None, None]
 
     def __call__(self, x_BSD):
-        dtype = x_BSD.dtype
         hidden = ("batch", "seq", "act_mlp")
-        h_BSF = einsum("bsd,df->bsf", x_BSD, compute_value(self.wi, self.IN_AXES).astype(dtype), hidden)
+        h_BSF = self._project("bsd,df->bsf", x_BSD, self.wi, self.IN_AXES, self.bi, ("mlp",), hidden)
         if self.wg is not None:
-            g_BSF = einsum("bsd,df->bsf", x_BSD, compute_value(self.wg, self.IN_AXES).astype(dtype), hidden)
-            h_BSF = self.act(g_BSF) * h_BSF
+            g_BSF = self._project("bsd,df->bsf", x_BSD, self.wg, self.IN_AXES, self.bg, ("mlp",), hidden)
+            h_BSF = glu(self.act, g_BSF, h_BSF, self.limit, self.alpha)
         else:
             h_BSF = self.act(h_BSF)
-        wo = compute_value(self.wo, self.OUT_AXES).astype(dtype)
-        return einsum("bsf,fd->bsd", h_BSF, wo, ("batch", "seq", "act_embed"))
+        return self._project("bsf,fd->bsd", h_BSF, self.wo, self.OUT_AXES, self.bo, ("embed",), ("batch", "seq", "act_embed"))
 
 
 class Block(nnx.Module):
@@ -55,7 +64,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, index: int, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = ATTENTION[cfg.attention](cfg, rngs=rngs)
+        self.attn = ATTENTION[cfg.attention](cfg, rngs=rngs, window=cfg.attention_window(index))
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_block(index)
         self.shared = self.shared_gate = nnx.data(None)

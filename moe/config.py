@@ -11,6 +11,7 @@ naming the field, so a caller can label it (``config.model.moe.router=...``) wit
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from moe.fields import FieldError, StrictFields, finite, positive_int, resumable
 from moe.layer_config import (  # noqa: F401 - re-exported: the model's config names them all
@@ -129,11 +130,25 @@ class TransformerConfig(StrictFields):
     attention: str = "mha"  # see ATTENTIONS
     mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)  # attention="mla" only
     qk_norm: str = "none"  # see QK_NORMS
-    attn_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    attn_bias: bool = False  # biases on the query, key and value projections (Qwen2, GPT-OSS)
+    attn_out_bias: bool = False  # a bias on the attention's output projection (GPT-OSS)
+    # attention sinks: a learned logit per head beside every query's keys in the softmax (GPT-OSS), so a
+    # head can attend to nothing
+    attn_sinks: bool = False
+    # sliding-window attention: a query sees its own position and the sliding_window - 1 before it; 0 = all
+    sliding_window: int = 0
+    # with sliding_window: every n-th block (blocks n-1, 2n-1, ...) attends to every earlier position
+    # (GPT-OSS: 2, windowed and full blocks alternate); 0 = every block is windowed
+    full_attention_every: int = 0
     norm_eps: float = 1e-6  # every RMSNorm's epsilon
     d_ff: int = 512  # hidden width of dense FFN blocks (and of experts unless moe.expert_d_ff)
     activation: str = "silu"
     gated: bool = True
+    ffn_bias: bool = False  # biases on every FFN's projections, the experts' included (GPT-OSS)
+    # GPT-OSS's clamped SwiGLU: gate <= limit, -limit <= up <= limit, (up + 1) * gate * sigmoid(alpha gate);
+    # 0 = the plain GLU act(gate) * up
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.702
     moe_every: int = 1  # every n-th block has an MoE FFN (blocks n-1, 2n-1, ...); 0 = dense model
     first_dense_layers: int = 0  # the first n blocks are dense whatever moe_every says (DeepSeek)
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
@@ -171,8 +186,14 @@ class TransformerConfig(StrictFields):
             self._fail("num_kv_heads", f"must divide model.num_heads={self.num_heads} (0 = num_heads)")
         self._choose("attention", ATTENTIONS)
         self._choose("qk_norm", QK_NORMS)
-        if self.attention != "mha" and (self.qk_norm != "none" or self.attn_bias or self.num_kv_heads):
-            self._fail("attention", "mla has its own key/value layout: leave qk_norm, attn_bias and num_kv_heads unset")
+        mha_only = ("qk_norm", "attn_bias", "attn_out_bias", "attn_sinks", "sliding_window", "num_kv_heads")
+        if self.attention != "mha" and any(getattr(self, name) not in (0, "none") for name in mha_only):
+            self._fail("attention", f"mla has its own key/value layout: leave {', '.join(mha_only)} unset")
+        for name in ("sliding_window", "full_attention_every"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 0:
+                self._fail(name, "must be an integer >= 0 (0 = none)")
+        if self.full_attention_every and not self.sliding_window:
+            self._fail("full_attention_every", "needs model.sliding_window > 0 (the other blocks' window)")
         if not (finite(self.norm_eps) and self.norm_eps > 0):
             self._fail("norm_eps", "must be > 0")
         if type(self.first_dense_layers) is not int or not 0 <= self.first_dense_layers <= self.num_layers:
@@ -203,7 +224,14 @@ class TransformerConfig(StrictFields):
     def ffn(self, expert: bool = False, shared: bool = False) -> FFNConfig:
         """The shape of the dense FFN blocks, of each expert (``expert``), or of the shared experts."""
         d_ff = (self.moe.expert_d_ff or self.d_ff) if expert else self.moe.shared_d_ff if shared else self.d_ff
-        return FFNConfig(self.d_model, d_ff, self.activation, self.gated, self.dtype, self.param_dtype)
+        return FFNConfig(self.d_model, d_ff, self.activation, self.gated, self.dtype, self.param_dtype, self.ffn_bias,
+                         self.swiglu_limit, self.swiglu_alpha)
+
+    def attention_window(self, index: int) -> int:
+        """The positions a query of block ``index`` sees, its own included (0: every earlier one)."""
+        if not self.sliding_window or (self.full_attention_every and (index + 1) % self.full_attention_every == 0):
+            return 0
+        return self.sliding_window
 
     def is_moe_block(self, index: int) -> bool:
         return self.moe_every > 0 and index >= self.first_dense_layers and (index + 1) % self.moe_every == 0
@@ -229,8 +257,9 @@ class TransformerConfig(StrictFields):
 
     @property
     def period(self) -> int:
-        """Blocks in one repeat of the pattern: ``moe_every`` (the last of them MoE), 1 when dense."""
-        return self.moe_every or 1
+        """Blocks in one repeat of the pattern: ``moe_every`` (the last of them MoE; 1 when dense), and a
+        whole number of windowed/full attention cycles (``full_attention_every``)."""
+        return math.lcm(self.moe_every or 1, self.full_attention_every or 1)
 
     @property
     def scan_repeats(self) -> int:

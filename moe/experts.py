@@ -21,12 +21,31 @@ ACTIVATION_FNS = {
 }
 
 
+def glu(act, gate: jax.Array, up: jax.Array, limit: float = 0.0, alpha: float = 1.702) -> jax.Array:
+    """``act(gate) * up``; with ``limit`` > 0 GPT-OSS's clamped SwiGLU: the gate clamped from above and
+    the up projection on both sides at ``limit``, then ``(up + 1) * gate * sigmoid(alpha * gate)``."""
+    if not limit:
+        return act(gate) * up
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(alpha * gate))
+
+
+def expert_of_rows(group_sizes_L: jax.Array, rows: int) -> jax.Array:
+    """[R] the group (local expert) of each row of a grouped buffer; rows past the groups get the last."""
+    ends_L = jnp.cumsum(group_sizes_L.astype(jnp.int32))
+    return jnp.minimum(jnp.searchsorted(ends_L, jnp.arange(rows, dtype=jnp.int32), side="right"),
+                       group_sizes_L.shape[0] - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Experts:
-    """y = act(x @ wg) * (x @ wi) @ wo (GLU, with ``wg``) or act(x @ wi) @ wo, per local expert.
+    """y = act(x @ wg) * (x @ wi) @ wo (GLU, with ``wg``) or act(x @ wi) @ wo, per local expert
+    (``glu``: the clamped SwiGLU with ``swiglu_limit``); with ``biases`` (bi [L,F], bg [L,F] or None,
+    bo [L,D]) each projection adds its expert's bias.
 
     With ``tensor_axis`` the hidden dimension is split across that mesh axis and the partial
-    outputs are summed with one psum.
+    outputs are summed with one psum (the output bias added once, after it).
     """
 
     wi_LDF: jax.Array
@@ -35,15 +54,24 @@ class Experts:
     activation: str
     tensor_axis: str | None = None
     grouped_impl: str = "auto"  # moe.grouped_matmul.GROUPED_MATMULS
+    biases: tuple | None = None  # (bi_LF, bg_LF or None, bo_LD)
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.702
 
     def batched(self, x_LCD: jax.Array) -> jax.Array:
         """[L, C, D] -> [L, C, D]: slot buffer l through expert l."""
-        return self._ffn(lambda x, w: jnp.einsum("ecd,edh->ech", x, w), x_LCD)
+        return self._ffn(lambda x, w: jnp.einsum("ecd,edh->ech", x, w), x_LCD, lambda b: b[:, None, :])
 
     def grouped(self, x_RD: jax.Array, group_sizes_L: jax.Array) -> jax.Array:
         """[R, D] -> [R, D]: rows [starts[l], starts[l] + sizes[l]) through expert l, by the
         grouped matmul ``grouped_impl`` (``moe.grouped_matmul``); rows past the last group are zero."""
-        return self._ffn(lambda x, w: grouped_matmul(x, w, group_sizes_L, self.grouped_impl), x_RD)
+        rows = x_RD.shape[0]
+        y_RD = self._ffn(lambda x, w: grouped_matmul(x, w, group_sizes_L, self.grouped_impl), x_RD,
+                         lambda b: b[expert_of_rows(group_sizes_L, rows)])
+        if self.biases is None:
+            return y_RD
+        real_R1 = (jnp.arange(rows) < jnp.sum(group_sizes_L))[:, None]
+        return jnp.where(real_R1, y_RD, jnp.zeros((), y_RD.dtype))
 
     def one(self, expert: jax.Array, plan) -> Experts:
         """Global expert ``expert`` alone, on every device: the device holding it gives its weights,
@@ -59,14 +87,26 @@ class Experts:
             w = jnp.where(mine, w[i], jnp.zeros((), w.dtype))[None]
             return jax.lax.psum(w, plan.expert_axis) if split else w
 
-        return dataclasses.replace(self, wi_LDF=pick(self.wi_LDF), wo_LFD=pick(self.wo_LFD), wg_LDF=pick(self.wg_LDF))
+        biases = None if self.biases is None else tuple(pick(b) for b in self.biases)
+        return dataclasses.replace(self, wi_LDF=pick(self.wi_LDF), wo_LFD=pick(self.wo_LFD), wg_LDF=pick(self.wg_LDF),
+                                   biases=biases)
 
-    def _ffn(self, matmul, x):
+    def _ffn(self, matmul, x, per_row):
+        """``per_row(b_L...)``: expert biases laid out to add to the rows of ``matmul``'s result."""
         act = ACTIVATION_FNS[self.activation]
         dtype = x.dtype
-        h = matmul(x, self.wi_LDF.astype(dtype))
-        h = act(matmul(x, self.wg_LDF.astype(dtype))) * h if self.wg_LDF is not None else act(h)
+        bi, bg, bo = self.biases or (None, None, None)
+
+        def project(x, w, b):
+            y = matmul(x, w.astype(dtype))
+            return y if b is None else y + per_row(b.astype(dtype))
+
+        h = project(x, self.wi_LDF, bi)
+        if self.wg_LDF is not None:
+            h = glu(act, project(x, self.wg_LDF, bg), h, self.swiglu_limit, self.swiglu_alpha)
+        else:
+            h = act(h)
         y = matmul(h, self.wo_LFD.astype(dtype))
         if self.tensor_axis is not None:
             y = jax.lax.psum(y, self.tensor_axis)
-        return y
+        return y if bo is None else y + per_row(bo.astype(dtype))

@@ -10,6 +10,7 @@ With no mesh set the very same functions run on one device.
 Parameters (global arrays, created already sharded under the current mesh):
   router/...                   the router's own (``moe.routers``: ``w`` [D,E], ``bias``, ``table``)
   wi [E,D,F], wg [E,D,F] (gated only), wo [E,F,D]   (E over ``expert``, F over ``tensor``)
+  bi [E,F], bg [E,F], bo [E,D]                      (``ffn_bias`` only: each expert's biases)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sharding.rules import logical_to_spec, mesh_axis_of
 
 EXPERT_IN_AXES = ("experts", "expert_embed", "expert_mlp")
 EXPERT_OUT_AXES = ("experts", "expert_mlp", "expert_embed")
+EXPERT_BIAS_AXES = (("experts", "expert_mlp"), ("experts", "expert_mlp"), ("experts", "expert_embed"))  # bi, bg, bo
 
 
 class MoEFeedForward(nnx.Module):
@@ -72,6 +74,13 @@ class MoEFeedForward(nnx.Module):
         if ffn.gated:
             self.wg = sharded_param(k_wg, (e, d, f), EXPERT_IN_AXES, d**-0.5, pdtype)
         self.wo = sharded_param(k_wo, (e, f, d), EXPERT_OUT_AXES, f**-0.5, pdtype)
+        if ffn.ffn_bias:
+            bias = lambda width, axes: sharded_param(None, (e, width), axes, 0.0, pdtype, init="zeros", decay=False)  # noqa: E731
+            self.bi = bias(f, EXPERT_BIAS_AXES[0])
+            self.bg = bias(f, EXPERT_BIAS_AXES[1]) if ffn.gated else nnx.data(None)
+            self.bo = bias(d, EXPERT_BIAS_AXES[2])
+        else:
+            self.bi = self.bg = self.bo = nnx.data(None)
 
     # ------------------------------------------------------------------ the stages
     def route(self, x_BSD, token_ids_BS=None, key=None, positions_BS=None, prev_token_ids_BS=None,
@@ -155,27 +164,33 @@ class MoEFeedForward(nnx.Module):
         """``dispatch`` over the whole mesh (returning y [B,S,D] and a replicated scalar), or plainly."""
         mesh = current_mesh()
         tp_axis = mesh_axis_of("expert_mlp", mesh)
-        gated = self.ffn.gated
+        gated, ffn = self.ffn.gated, self.ffn
         weights = (
             compute_value(self.wi, EXPERT_IN_AXES),
             compute_value(self.wo, EXPERT_OUT_AXES),
             compute_value(self.wg, EXPERT_IN_AXES) if gated else None,
         )
+        biased = (self.bi, self.bg, self.bo)
+        biases = tuple(None if b is None else compute_value(b, axes) for b, axes in zip(biased, EXPERT_BIAS_AXES))
         single = expert is not None
         route_args = (expert,) if single else (ids_BSK, gates_BSK)
 
         def body(x, *args):
             route = LocalRoute(None, None, args[0]) if single else LocalRoute(args[0], args[1])
-            wi, wo, wg = args[len(route_args):]
-            return dispatch(x, route, Experts(wi, wo, wg, self.ffn.activation, tp_axis, self.cfg.grouped_matmul), plan)
+            wi, wo, wg, bi, bg, bo = args[len(route_args):]
+            experts = Experts(wi, wo, wg, ffn.activation, tp_axis, self.cfg.grouped_matmul,
+                              None if bi is None else (bi, bg, bo), ffn.swiglu_limit, ffn.swiglu_alpha)
+            return dispatch(x, route, experts, plan)
 
-        args = (x_BSD, *route_args, *weights)
+        args = (x_BSD, *route_args, *weights, *biases)
         if mesh is None:
             return body(*args)
         w_in, w_out = (logical_to_spec(a, mesh, compute=True) for a in (EXPERT_IN_AXES, EXPERT_OUT_AXES))
+        b_specs = tuple(None if b is None else logical_to_spec(axes, mesh, compute=True)
+                        for b, axes in zip(biases, EXPERT_BIAS_AXES))
         route_specs = (P(),) if single else (logical_to_spec(ROUTE_AXES, mesh),) * 2
         act_spec = logical_to_spec(ACT_AXES, mesh)
-        in_specs = (act_spec, *route_specs, w_in, w_out, w_in if gated else None)
+        in_specs = (act_spec, *route_specs, w_in, w_out, w_in if gated else None, *b_specs)
         # Explicit-mode shard_map needs its inputs in exactly in_specs: reshard (a no-op when they already are)
         args = tuple(a if p is None else jax.sharding.reshard(a, p) for a, p in zip(args, in_specs, strict=True))
         # a Pallas grouped-matmul kernel declares no varying mesh axes for its output, which

@@ -40,6 +40,9 @@ class FFNConfig:
     gated: bool = True  # GLU (SwiGLU with silu) when True; plain wi/wo MLP when False
     dtype: str = "float32"  # activations and matmul inputs; the router is always float32
     param_dtype: str = "float32"
+    ffn_bias: bool = False  # a bias after each projection
+    swiglu_limit: float = 0.0  # > 0: GPT-OSS's clamped SwiGLU (moe.experts.glu); 0 = act(gate) * up
+    swiglu_alpha: float = 1.702  # the clamped SwiGLU's sigmoid gain
 
     def check(self) -> FFNConfig:
         for name in ("d_model", "d_ff"):
@@ -52,6 +55,15 @@ class FFNConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise FieldError("FFNConfig", name, getattr(self, name), f"choose one of {', '.join(DTYPES)}")
+        if not isinstance(self.ffn_bias, bool):
+            raise FieldError("FFNConfig", "ffn_bias", self.ffn_bias, "must be True or False")
+        if not (finite(self.swiglu_limit) and self.swiglu_limit >= 0):
+            raise FieldError("FFNConfig", "swiglu_limit", self.swiglu_limit, "must be >= 0 (0 = the plain GLU)")
+        if self.swiglu_limit and not (self.gated and self.activation == "silu"):
+            raise FieldError("FFNConfig", "swiglu_limit", self.swiglu_limit,
+                             "the clamped SwiGLU needs gated=True and activation='silu'")
+        if not (finite(self.swiglu_alpha) and self.swiglu_alpha > 0):
+            raise FieldError("FFNConfig", "swiglu_alpha", self.swiglu_alpha, "must be > 0")
         return self
 
 
@@ -102,6 +114,7 @@ class MoEConfig(StrictFields):
     # "megablox" (Pallas interpret mode off TPU: slow, for tests), "tokamax" (pip install 'switchyard[gpu]')
     grouped_matmul: str = resumable("auto", run_time=True)
     norm_topk_prob: str = "auto"  # see NORM_TOPK
+    router_bias: bool = False  # a learned bias on a learned router's logits (GPT-OSS)
     # shared experts: a dense FFN of this hidden width beside the routed experts, seen by every token
     # (DeepSeek: n_shared_experts * expert width; Qwen2-MoE: shared_expert_intermediate_size); 0 = none
     shared_d_ff: int = 0
@@ -147,6 +160,10 @@ class MoEConfig(StrictFields):
         if not isinstance(self.router_options, RouterOptions):
             self._fail("router_options", "must be a moe.routers.RouterOptions (a section per router)")
         self._check_part("router_options", self.router_options)
+        if not isinstance(self.router_bias, bool):
+            self._fail("router_bias", "must be True or False")
+        if self.router_bias and not ROUTERS[self.router].scores_tokens:
+            self._fail("router_bias", f"router={self.router!r} has no learned scores to bias")
         ROUTERS[self.router].check(self)
         return self
 

@@ -55,13 +55,16 @@ def layer_spec(**kw) -> LayerSpec:
 
 
 def layer_params(layer: MoEFeedForward) -> dict:
-    """The layer's variables by their oracle names: router_w, wi, wg, wo, hash_table, expert_bias."""
-    where = {"router_w": (layer.router, "w"), "hash_table": (layer.router, "table"),
-             "expert_bias": (layer.router, "bias"), "wi": (layer, "wi"), "wg": (layer, "wg"), "wo": (layer, "wo")}
-    return {name: getattr(obj, attr) for name, (obj, attr) in where.items() if hasattr(obj, attr)}
+    """The layer's variables by their oracle names: router_w, router_b, wi, wg, wo, the experts'
+    biases bi, bg, bo, hash_table, expert_bias (those it has)."""
+    where = {"router_w": (layer.router, "w"), "router_b": (layer.router, "b"), "hash_table": (layer.router, "table"),
+             "expert_bias": (layer.router, "bias"), "wi": (layer, "wi"), "wg": (layer, "wg"), "wo": (layer, "wo"),
+             "bi": (layer, "bi"), "bg": (layer, "bg"), "bo": (layer, "bo")}
+    return {name: getattr(obj, attr) for name, (obj, attr) in where.items() if getattr(obj, attr, None) is not None}
 
 
-GRAD_PATHS = {"router_w": ("router", "w"), "wi": ("wi",), "wg": ("wg",), "wo": ("wo",)}
+GRAD_PATHS = {"router_w": ("router", "w"), "router_b": ("router", "b"), "wi": ("wi",), "wg": ("wg",), "wo": ("wo",),
+              "bi": ("bi",), "bg": ("bg",), "bo": ("bo",)}
 
 
 def make_inputs(seed=0, b=B, s=S):
@@ -80,6 +83,10 @@ def run_layer(cfg: LayerSpec, mesh_name, x, token_ids, ct, key=None, determinist
         layer = cfg.build(rngs=nnx.Rngs(0), vocab_size=50)
         if cfg.router == "loss_free":  # a bias that changes the choices (eval mode keeps it fixed)
             layer.router.bias[...] = jnp.linspace(-0.3, 0.3, cfg.num_experts)
+        for i, name in enumerate(("router_b", "bi", "bg", "bo")):  # biases that matter (they start at 0)
+            v = layer_params(layer).get(name)
+            if v is not None:
+                v[...] = jax.random.normal(jax.random.key(100 + i), v.shape, v.dtype)
         if deterministic:
             layer.eval()
         if mesh is not None:

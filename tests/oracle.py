@@ -37,6 +37,7 @@ def oracle_routing(cfg, params, x, token_ids, key=None, deterministic=False, num
         return ids
     if cfg.router in ("topk", "frozen", "gshard", "loss_free"):
         logits = np.asarray(jnp.einsum("bsd,de->bse", x.astype(jnp.float32), params["router_w"])).reshape(t, e)
+        logits = logits + np.asarray(params.get("router_b", 0.0))[None]
         top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
         if cfg.router == "loss_free":  # selection by probability + bias
             probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
@@ -118,6 +119,8 @@ def make_oracle(cfg, ids, num_groups, capacity, gate_ids=None):
             router_loss = cfg.z_loss_coef * jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
         elif cfg.router in ("topk", "frozen", "gshard", "loss_free"):
             logits = (x_td.astype(jnp.float32) @ params["router_w"]).astype(jnp.float32)
+            if "router_b" in params:
+                logits = logits + params["router_b"][None]
             probs = jax.nn.softmax(logits, axis=-1)
             gates = probs[np.arange(t)[:, None], gate_ids]
             if k > 1:
@@ -143,9 +146,15 @@ def make_oracle(cfg, ids, num_groups, capacity, gate_ids=None):
             for i, (tok, j) in enumerate(kept[e]):
                 toks[i], choice[i], live[i] = tok, j, 1.0
             xe = x_td[toks]
-            h = xe @ params["wi"][e]
-            h = act(xe @ params["wg"][e]) * h if cfg.gated else act(h)
-            out = h @ params["wo"][e]
+            bias = {n: params[n][e][None] if n in params else 0.0 for n in ("bi", "bg", "bo")}
+            h = xe @ params["wi"][e] + bias["bi"]
+            if cfg.gated and cfg.swiglu_limit:  # GPT-OSS: clamped, (up + 1) * gate * sigmoid(alpha * gate)
+                g = jnp.minimum(xe @ params["wg"][e] + bias["bg"], cfg.swiglu_limit)
+                h = jnp.clip(h, -cfg.swiglu_limit, cfg.swiglu_limit)
+                h = (h + 1) * g * jax.nn.sigmoid(cfg.swiglu_alpha * g)
+            else:
+                h = act(xe @ params["wg"][e] + bias["bg"]) * h if cfg.gated else act(h)
+            out = h @ params["wo"][e] + bias["bo"]
             y = y.at[toks].add((live * gates[toks, choice])[:, None] * out)
         if cfg.router == "expert_choice":  # its "drops": tokens that no expert took
             return y.reshape(b, s, d), router_loss, float(np.mean(np.all(ids == cfg.num_experts, axis=1)))

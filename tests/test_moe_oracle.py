@@ -88,6 +88,18 @@ def test_dropless_dispatch_matches_oracle_and_drops_nothing(mesh_name, k, router
     assert dropped == 0 and out["aux"].dropped_fraction == 0
 
 
+@pytest.mark.parametrize("mesh_name, dispatch", [("d2e4", "capacity"), ("e4t2", "dropless"), ("d1e8", "dropless")])
+def test_expert_biases_clamped_swiglu_and_router_bias_match_oracle(mesh_name, dispatch):
+    """GPT-OSS's MoE layer: a bias after each expert projection (added once after the tensor axis's
+    sum), the clamped SwiGLU, a bias on the router's logits; with drops (capacity) and through the
+    grouped matmul (dropless), whose rows past the groups stay zero."""
+    cfg = layer_spec(num_experts=E, experts_per_token=2, router="topk", dispatch=dispatch, capacity_factor=1.0,
+                     activation="silu", gated=True, ffn_bias=True, swiglu_limit=0.5, router_bias=True)
+    out, dropped = check_against_oracle(cfg, mesh_name)
+    assert {"router_b", "bi", "bg", "bo"} <= set(out["grads"])
+    assert (dropped > 0) == (dispatch == "capacity")
+
+
 @pytest.mark.parametrize("mesh_name, impl", [("d2e4", "megablox"), ("e4t2", "megablox"), ("d1e8", "tokamax")])
 def test_dropless_dispatch_with_a_grouped_matmul_kernel_matches_oracle(mesh_name, impl):
     """The experts' grouped matmul through the Megablox kernel (Pallas interpret mode on CPU) and

@@ -76,6 +76,7 @@ class Router(nnx.Module):
     ranks_group: ClassVar[bool] = False  # the capacity group matters even when nothing is dropped
     wants_token_counts: ClassVar[bool] = False  # ``fit`` learns from the training split's token counts
     consistency: ClassVar[bool] = False  # two passes draw different experts (see ``consistency_weight``)
+    scores_tokens: ClassVar[bool] = False  # learned weights score each token (``LearnedRouter``)
     # The family's own settings: a ``StrictFields`` dataclass with defaults and a ``check()`` that
     # raises ``FieldError`` for a bad field (each field on its own); ``MoEConfig.router_options``
     # holds one per router name. None: the router has none.

@@ -35,12 +35,16 @@ class LearnedRouter(Router):
     """A router with weights ``w`` [D, E] scoring every token (a ``Param``, or ``RouterState`` if frozen)."""
 
     frozen = False
+    scores_tokens = True
 
     def __init__(self, cfg, d_model, *, key, rngs, eval_seed=0, vocab_size=0):
         super().__init__(cfg, d_model, key=key, rngs=rngs, eval_seed=eval_seed, vocab_size=vocab_size)
         kind = RouterState if self.frozen else nnx.Param
         std = 0.1 * d_model**-0.5
         self.w = sharded_param(key, (d_model, cfg.num_experts), ROUTER_AXES, std, jnp.float32, kind=kind)
+        # moe.router_bias: a learned bias on the logits (GPT-OSS)
+        self.b = (sharded_param(None, (cfg.num_experts,), ROUTER_AXES[1:], 0.0, jnp.float32, kind=kind, init="zeros",
+                                decay=False) if cfg.router_bias else nnx.data(None))
 
     def logits(self, x_BSD: jax.Array, key: jax.Array | None) -> jax.Array:
         """float32 [B,S,E] router logits; in training with ``router_jitter`` the input is first
@@ -54,7 +58,11 @@ class LearnedRouter(Router):
         w_DE = compute_value(self.w, ROUTER_AXES).astype(jnp.float32)
         if self.frozen:
             w_DE = jax.lax.stop_gradient(w_DE)
-        return jnp.einsum("bsd,de->bse", x32_BSD, w_DE)
+        logits_BSE = jnp.einsum("bsd,de->bse", x32_BSD, w_DE)
+        if self.b is not None:
+            b_E = compute_value(self.b, ROUTER_AXES[1:])
+            logits_BSE = logits_BSE + (jax.lax.stop_gradient(b_E) if self.frozen else b_E)[None, None]
+        return logits_BSE
 
 
 @register
