@@ -9,6 +9,8 @@
   olmoe        QK-norm over the whole projection, 16 experts top-4 (gates not renormalised)
   deepseek_v3  multi-head latent attention, 16 experts top-4 by sigmoid scores in 4 groups (2 chosen),
                routed scaling, loss-free bias, one shared expert, the first block dense
+  gpt_oss      GQA with q/k/v/o biases and attention sinks, windowed (32 positions) and full attention
+               blocks alternating, 16 experts top-4 with biases and the clamped SwiGLU, a router with a bias
 """
 
 from train.core.config import Config
@@ -45,6 +47,12 @@ def tiny(family: str) -> Config:
         routing = m.moe.router_options.sigmoid
         routing.num_groups, routing.topk_groups, routing.routed_scaling = 4, 2, 2.5
         m.moe.shared_d_ff, m.moe.aux_loss_coef = 128, 1e-4
+    elif family == "gpt_oss":
+        m.d_ff, m.moe.num_experts, m.moe.experts_per_token, m.moe.expert_d_ff = 128, 16, 4, 128
+        m.moe.norm_topk_prob, m.moe.router_bias = "on", True
+        m.attn_bias = m.attn_out_bias = m.attn_sinks = m.ffn_bias = True
+        m.sliding_window, m.full_attention_every = 32, 2
+        m.swiglu_limit = 7.0
     else:
         raise ValueError(f"unknown family {family!r}")
     cfg.mesh.data, cfg.mesh.expert = 2, 4

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 VOCAB = 96
 TOKENS = np.random.RandomState(0).randint(3, VOCAB - 8, size=(8, 12))
 PROMPT, NEW_TOKENS = TOKENS[:1, :6], 32
@@ -54,6 +54,13 @@ def hf_config(arch: str):
                                   rope_parameters=dict(rope_type="yarn", rope_theta=10_000.0, factor=8.0,
                                                        original_max_position_embeddings=16, mscale=0.707,
                                                        mscale_all_dim=1.0, beta_fast=32, beta_slow=1))
+    if arch == "gpt_oss":
+        # windows of 4 (every other layer) and a clamp the random experts reach (make_model scales
+        # them up); experts 32 wide on both sides (MXFP4 packs 32 values per scale); YaRN untruncated
+        yarn = dict(rope_type="yarn", rope_theta=150_000.0, factor=4.0, original_max_position_embeddings=16,
+                    beta_fast=32.0, beta_slow=1.0, truncate=False)
+        return T.GptOssConfig(**COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                              sliding_window=4, swiglu_limit=1.0, rope_parameters=yarn, rms_norm_eps=1e-5)
     raise ValueError(arch)
 
 
@@ -80,8 +87,12 @@ def make_model(arch: str, folder: pathlib.Path, seed: int = 0, perturb_bias: boo
     model = T.AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.float32)
     with torch.no_grad():  # spread the router and norm weights so routing and norms are exercised
         for name, p in model.named_parameters():
-            if name.endswith("gate.weight") or "norm" in name:
+            if name.endswith(("gate.weight", "router.weight")) or "norm" in name:
                 p.add_(torch.randn_like(p) * (0.5 if "norm" in name else 1.0))
+            elif arch == "gpt_oss" and name.endswith(("bias", "sinks")):  # every bias, the sinks
+                p.copy_(torch.randn_like(p) * 0.5)
+            elif arch == "gpt_oss" and name.endswith(("gate_up_proj", "down_proj")):  # experts past the clamp
+                p.mul_(10.0 if name.endswith("gate_up_proj") else 3.0)
         if perturb_bias:
             for name, b in model.named_buffers():
                 if name.endswith("e_score_correction_bias"):
@@ -99,7 +110,7 @@ def _routes_and_logits(model, tokens):
     routes, hooks = {}, []
     for i, layer in enumerate(model.model.layers):
         moe = getattr(layer, "block_sparse_moe", None) or getattr(layer, "mlp", None)
-        gate = getattr(moe, "gate", None)
+        gate = getattr(moe, "gate", None) or getattr(moe, "router", None)  # GPT-OSS: router
         if gate is None or not hasattr(moe, "experts"):
             continue
         hooks.append(gate.register_forward_hook(lambda m, a, out, i=i: routes.__setitem__(i, out[2].numpy())))

@@ -62,16 +62,25 @@ def our_routes(run, tokens, monkeypatch):
     return np.asarray(logits), {i: np.sort(np.asarray(r), axis=-1) for i, r in zip(moe_layers, routes, strict=True)}
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    """{arch: (the reference's outputs, its folder, the imported workdir)}, built once."""
-    out = {}
-    for arch in hf_models.ARCHS:
-        base = tmp_path_factory.mktemp(arch)
+class _Imported(dict):
+    """{arch: (the reference's outputs, its folder, the imported workdir)}, each built once, when a
+    test first asks for it (a lane that runs one family's tests builds only that family)."""
+
+    def __init__(self, tmp_path_factory):
+        super().__init__()
+        self.tmp_path_factory = tmp_path_factory
+
+    def __missing__(self, arch):
+        base = self.tmp_path_factory.mktemp(arch)
         ref = hf_models.reference(arch, base / "hf")
         import_model(base / "hf", base / "run", log=lambda m: None)
-        out[arch] = (ref, base / "hf", base / "run")
-    return out
+        self[arch] = (ref, base / "hf", base / "run")
+        return self[arch]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    return _Imported(tmp_path_factory)
 
 
 @pytest.mark.parametrize("arch", hf_models.ARCHS)
@@ -222,35 +231,100 @@ def _quantize_fp8(w: np.ndarray, block=FP8_BLOCK):
     return (w / spread).astype(ml_dtypes.float8_e4m3fn), scale.astype(np.float32)
 
 
-def _fp8_folders(hf_dir, tmp_path):
-    """The folder quantized (every projection F8_E4M3 with block scales, quantization_config) and the
-    same weights written dequantized in float32 (what the quantized folder means)."""
+FP4 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)  # e2m1's magnitudes (code + 8: negative)
+
+
+def _quantize_mxfp4(w: np.ndarray):
+    """(blocks, scales) as GPT-OSS's release stores an expert tensor [E, K, N]: its [E, N, K] transpose
+    in groups of 32 along K, each a power-of-two scale (E8M0, bias 127) and 32 e2m1 codes, two a byte
+    (the first in the low nibble)."""
+    x = np.swapaxes(w, 1, 2)
+    groups = x.reshape(*x.shape[:2], x.shape[2] // 32, 32)
+    exponent = np.ceil(np.log2(np.maximum(np.abs(groups).max(axis=-1), 1e-30) / FP4[-1])).astype(np.int32)
+    exponent = np.clip(exponent, -127, 127)
+    scaled = groups / np.ldexp(np.float32(1), exponent)[..., None]
+    codes = (np.abs(np.abs(scaled)[..., None] - FP4).argmin(axis=-1) + 8 * (scaled < 0)).astype(np.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exponent + 127).astype(np.uint8)
+
+
+def _requantized(hf_dir, tmp_path, quantize, quantization_config):
+    """``hf_dir`` as a release ships it (``quantize(name, w)``: the stored tensors replacing ``name`` and
+    what they mean in float32, or None to keep it; ``quantization_config`` in config.json) and the same
+    weights written dequantized (what the quantized folder means): (quantized folder, dequantized
+    folder, the source folder, the dequantized tensors)."""
     import shutil
 
-    from train.interop.quantized import dequantize
     from train.interop.safetensors import SafetensorsFolder, write_shards
 
     src = SafetensorsFolder(hf_dir)
     quantized, plain = {}, {}
     for name in src.names():
         w = src[name]
-        if name.endswith("proj.weight") and w.ndim == 2:
-            q, s = _quantize_fp8(w)
-            quantized[name], quantized[name + "_scale_inv"] = q, s
-            plain[name] = dequantize(q, s, FP8_BLOCK)
-        else:
+        out = quantize(name, w)
+        if out is None:
             quantized[name] = plain[name] = w
-    for folder, tensors in ((tmp_path / "fp8", quantized), (tmp_path / "deq", plain)):
+        else:
+            stored, plain[name] = out
+            quantized.update(stored)
+    for folder, tensors in ((tmp_path / "q", quantized), (tmp_path / "deq", plain)):
         folder.mkdir()
         for f in hf_dir.iterdir():
             if f.is_file() and f.suffix not in (".safetensors", ".npz", ".npy"):
                 shutil.copy(f, folder / f.name)
         write_shards(folder, [(n, a.shape, a.dtype) for n, a in tensors.items()], lambda t=tensors: t.items(), 1 << 40)
-    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(FP8_BLOCK)}
-    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
-    return tmp_path / "fp8", tmp_path / "deq", src, plain
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    return tmp_path / "q", tmp_path / "deq", src, plain
+
+
+def _fp8_folders(hf_dir, tmp_path):
+    """Every projection F8_E4M3 with block scales."""
+    from train.interop.quantized import dequantize
+
+    def quantize(name, w):
+        if not (name.endswith("proj.weight") and w.ndim == 2):
+            return None
+        q, s = _quantize_fp8(w)
+        return {name: q, name + "_scale_inv": s}, dequantize(q, s, FP8_BLOCK)
+
+    return _requantized(hf_dir, tmp_path, quantize, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                                     "weight_block_size": list(FP8_BLOCK)})
+
+
+def _imports_as_dequantized(quantized, deq, tmp_path, monkeypatch):
+    """Both folders imported: the same parameters bit for bit (so the same logits and experts), and
+    transformers' logits on the dequantized one within the parity bound."""
+    ref_logits = hf_models.hf_logits(deq)
+    runs = {}
+    for name, folder in (("q", quantized), ("deq", deq)):
+        import_model(folder, tmp_path / f"run-{name}", log=lambda m: None)
+        runs[name] = our_routes(load_run(tmp_path / f"run-{name}", devices=jax.devices()[:1]), TOKENS, monkeypatch)
+    np.testing.assert_array_equal(runs["q"][0], runs["deq"][0])
+    for i in runs["deq"][1]:
+        np.testing.assert_array_equal(runs["q"][1][i], runs["deq"][1][i])
+    assert np.max(np.abs(runs["q"][0] - ref_logits)) <= 1e-4 * np.max(np.abs(ref_logits))
+
+
+def test_mxfp4_gpt_oss_imports_dequantized(imported, tmp_path, monkeypatch):
+    """GPT-OSS as its releases ship it (each layer's experts MXFP4: gate_up_proj and down_proj as
+    _blocks and _scales): imported, it is the same model as its weights written dequantized, and its
+    logits and experts match transformers on those."""
+    _, hf_dir, _ = imported["gpt_oss"]
+
+    def quantize(name, w):
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return None
+        from train.interop.quantized import dequantize_mxfp4
+
+        blocks, scales = _quantize_mxfp4(w)
+        return {name + "_blocks": blocks, name + "_scales": scales}, dequantize_mxfp4(blocks, scales)
+
+    q, deq, src, plain = _requantized(hf_dir, tmp_path, quantize, {"quant_method": "mxfp4"})
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not np.array_equal(plain[name], src[name])  # quantizing changed the weights
+    assert np.max(np.abs(plain[name] - src[name])) <= 0.25 * np.max(np.abs(src[name]))  # and kept them
+    _imports_as_dequantized(q, deq, tmp_path, monkeypatch)
 
 
 def test_block_scaled_fp8_deepseek_imports_dequantized(imported, tmp_path, monkeypatch):
@@ -260,15 +334,7 @@ def test_block_scaled_fp8_deepseek_imports_dequantized(imported, tmp_path, monke
     _, hf_dir, _ = imported["deepseek_v3"]
     fp8, deq, src, plain = _fp8_folders(hf_dir, tmp_path)
     assert any(not np.array_equal(plain[n], src[n]) for n in plain)  # quantizing changed the weights
-    ref_logits = hf_models.hf_logits(deq)
-    runs = {}
-    for name, folder in (("fp8", fp8), ("deq", deq)):
-        import_model(folder, tmp_path / f"run-{name}", log=lambda m: None)
-        runs[name] = our_routes(load_run(tmp_path / f"run-{name}", devices=jax.devices()[:1]), TOKENS, monkeypatch)
-    np.testing.assert_array_equal(runs["fp8"][0], runs["deq"][0])  # the same parameters, bit for bit
-    for i in runs["deq"][1]:
-        np.testing.assert_array_equal(runs["fp8"][1][i], runs["deq"][1][i])
-    assert np.max(np.abs(runs["fp8"][0] - ref_logits)) <= 1e-4 * np.max(np.abs(ref_logits))
+    _imports_as_dequantized(fp8, deq, tmp_path, monkeypatch)
 
 
 def test_quantized_folders_the_importer_cannot_read_are_one_line(imported, tmp_path, capsys, monkeypatch):

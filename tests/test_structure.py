@@ -166,7 +166,7 @@ def test_what_a_resumed_run_may_change_is_declared_on_the_fields():
     assert flagged_keys(Config(), "run_time") == ("model.moe.ragged_exchange", "model.moe.grouped_matmul")
 
 
-FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 REGISTRY = {"ARCHITECTURES", "FAMILIES"}  # an architecture may be looked up in these, nothing else
 
 

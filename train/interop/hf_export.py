@@ -53,14 +53,20 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: in
     table = tensors(arch, cfg)
     params, state = to_nested(run.params), to_nested(run.model_state)
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
-    plan = [(name, t.hf_shape, np_dtype) for t in table for name in t.names]
+    plan = list({name: (name, t.hf_shape, np_dtype) for t in table for name in t.names}.values())
 
     def produce():
+        parts: dict[str, list] = {}  # the parts of a tensor several variables share, until the last
         for t in table:
             value = np.asarray(jax.device_get(lookup(params if t.item == "params" else state, t.path)))
             if t.stacked:
                 for e, name in enumerate(t.names):
                     yield name, t.to_hf(value[e])
+            elif t.join is not None:
+                name = t.names[0]
+                parts.setdefault(name, []).append(t.to_hf(value))
+                if len(parts[name]) == sum(1 for other in table if other.names == t.names):
+                    yield name, t.join(*parts.pop(name))
             else:
                 yield t.names[0], t.to_hf(value)
 

@@ -101,7 +101,9 @@ def model_specials(hf: dict, tokenizer_file: pathlib.Path) -> tuple[str, ...]:
 
 def _reader(folder: SafetensorsFolder, t: Tensor, dtype):
     """``callback(index) -> the slice of the Switchyard array`` (``jax.make_array_from_callback``),
-    reading only the experts the slice covers."""
+    reading only the experts the slice covers (per-expert tensors), or the tensor once for all the
+    slices (a tensor of every expert, as GPT-OSS stores them: read and converted once, not per device)."""
+    whole = []
 
     def read(index):
         if t.stacked:
@@ -114,7 +116,9 @@ def _reader(folder: SafetensorsFolder, t: Tensor, dtype):
                     out = np.empty((len(experts), *one.shape), dtype)
                 out[i] = one
             return out
-        return np.asarray(t.to_ours(folder[t.names[0]]))[index].astype(dtype, copy=False)
+        if not whole:
+            whole.append(np.asarray(t.to_ours(folder[t.names[0]])))
+        return whole[0][index].astype(dtype, copy=False)
 
     return read
 

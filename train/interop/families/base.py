@@ -102,7 +102,10 @@ class Tensor:
 
     ``path``: its nested path in the unrolled layout ("blocks/3/attn/wq"); ``item``: "params" or
     "model_state"; ``names``: the Hugging Face tensors (one per expert for expert weights, which
-    stack on axis 0); ``to_ours`` / ``to_hf``: one tensor's conversion (numpy), each other's inverse."""
+    stack on axis 0); ``to_ours`` / ``to_hf``: one tensor's conversion (numpy), each other's inverse.
+    ``join``: set when several variables share one Hugging Face tensor (GPT-OSS's interleaved gate and
+    up projections): ``to_ours`` takes this variable's part of it, ``to_hf`` gives the part, and
+    ``join`` makes the tensor of all the parts (in table order)."""
 
     path: str
     item: str
@@ -111,6 +114,7 @@ class Tensor:
     hf_shape: tuple[int, ...]  # of each named tensor
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    join: Callable[..., np.ndarray] | None = None
 
     @property
     def stacked(self) -> bool:
@@ -165,6 +169,13 @@ class Table(list):
         one = tuple(shape[1:]) if len(names) > 1 else tuple(shape)
         self.append(Tensor(path, item, names, tuple(shape), tuple(conv[2](one)), conv[0], conv[1]))
 
+    def joined(self, paths, name, shape, convs, join) -> None:
+        """Variables ``paths`` (each of ``shape``) held together in one tensor ``name``: ``convs``
+        (a conversion each) take each one's part, ``join`` makes the tensor of the parts."""
+        for path, conv in zip(paths, convs, strict=True):
+            self.append(Tensor(path, "params", (name,), tuple(shape), tuple(conv[2](tuple(shape))), conv[0], conv[1],
+                               join))
+
     def ffn(self, ours: str, hf: str, d: int, f: int) -> None:
         """A dense SwiGLU feed-forward block (gate_proj, up_proj, down_proj)."""
         self.add(f"{ours}/wg", f"{hf}.gate_proj.weight", (d, f), TRANSPOSE)
@@ -189,6 +200,9 @@ class Family:
     qk_norm = "none"  # TransformerConfig.qk_norm
     attn_bias = False  # q/k/v biases (TransformerConfig.attn_bias)
     first_dense = False  # dense blocks may come first
+    # GPT-OSS's pieces (TransformerConfig.attn_out_bias, attn_sinks, ffn_bias, swiglu_limit > 0,
+    # moe.router_bias, sliding_window)
+    attn_out_bias = attn_sinks = ffn_bias = clamped_swiglu = learned_router_bias = sliding_windows = False
     moe_every_block = True  # every block after those is an MoE one
     experts_at_d_ff = False  # the experts are the model's d_ff wide
     # tensor names
@@ -289,6 +303,12 @@ class Family:
         need(cfg.attention == self.attention, "attention", f"{arch} does not use it")
         need(cfg.qk_norm == self.qk_norm, "qk_norm", f"{arch} does not use it")
         need(cfg.attn_bias == self.attn_bias, "attn_bias", f"{arch} differs")
+        need(cfg.attn_out_bias == self.attn_out_bias, "attn_out_bias", f"{arch} differs")
+        need(cfg.attn_sinks == self.attn_sinks, "attn_sinks", f"{arch} differs")
+        need(cfg.ffn_bias == self.ffn_bias, "ffn_bias", f"{arch} differs")
+        need(bool(cfg.swiglu_limit) == self.clamped_swiglu, "swiglu_limit", f"{arch} differs")
+        need(m.router_bias == self.learned_router_bias, "moe.router_bias", f"{arch} differs")
+        need(self.sliding_windows or not cfg.sliding_window, "sliding_window", f"{arch} attends to every position")
         if not self.first_dense:
             need(cfg.first_dense_layers == 0, "first_dense_layers", f"{arch} has no dense blocks")
         if self.moe_every_block:
