@@ -172,6 +172,39 @@ def test_scanned_decoding_equals_the_full_forward_pass():
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_windowed_and_full_blocks_scan_as_one_pattern():
+    """GPT-OSS's blocks (a window of 3 positions on blocks 0, 2, 4, full attention on 1 and 3, sinks,
+    biases, the clamped SwiGLU, a biased router; an MoE layer in every block): the scanned pattern
+    is the two kinds of block (``period`` 2, though every block is MoE), with the unrolled model's
+    loss bit for bit and its gradients; decoding through the scanned windowed cache equals the
+    full forward pass."""
+    pieces = dict(moe_every=1, sliding_window=3, full_attention_every=2, attn_bias=True, attn_out_bias=True,
+                  attn_sinks=True, ffn_bias=True, swiglu_limit=1.0)
+    configs = {scan: dataclasses.replace(model_config(scan_layers=scan), **pieces) for scan in ("on", "off")}
+    for cfg in configs.values():
+        cfg.moe.router_bias = True
+    assert configs["on"].period == 2 and configs["on"].scan_repeats == 2
+    mesh = build_mesh("d2e4")
+    scanned, unrolled = loss_and_grads(configs["on"], mesh), loss_and_grads(configs["off"], mesh)
+    assert_same(scanned, unrolled)
+    assert "sinks" in scanned["params"]["blocks"]["2"]["attn"] and "bo" in scanned["params"]["blocks"]["3"]["ffn"]
+    graphdef, params, rest = build(configs["on"])
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, V)
+    full = np.asarray(model(tokens)[0])
+    cache = model.init_cache(2, 8)
+    decode = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
+    logits, cache = decode(model, tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)), cache)
+    steps = [np.asarray(logits)]
+    for t in range(5, 8):
+        logits, cache = decode(model, tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+    model.stack.pattern[0].attn.window = 0  # the same parameters without the window: other logits
+    assert not np.allclose(np.asarray(model(tokens)[0]), full, atol=1e-3)
+
+
 def test_layout_maps_scanned_and_unrolled_trees_both_ways():
     blocks = {str(i): {"attn": {"wq": np.full((2,), i)}} for i in range(5)}
     tree = {"params": {"embed": 0, "blocks": blocks}, "opt": {"mu": {"blocks": dict(blocks)}}}
