@@ -1,7 +1,6 @@
 """Checkpoints: round trip, bit-exact resume, restore on other meshes, eval and generation."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

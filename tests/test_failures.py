@@ -3,7 +3,6 @@ non-finite updates are skipped, stalled peers stop the job, and bad input ends i
 
 import dataclasses
 import json
-import os
 import pathlib
 import re
 import shutil

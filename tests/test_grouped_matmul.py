@@ -120,7 +120,6 @@ def test_tokamax_missing_falls_back_to_ragged_dot(monkeypatch):
 def test_the_accelerator_oracle_script_runs_on_cpu_with_a_kernel():
     """scripts/gpu_oracle.py is what a GPU or TPU session runs first; a CPU smoke run keeps it working
     (the Megablox kernel in interpret mode in the layer cases and the grouped-matmul cases)."""
-    import os
     import pathlib
     import subprocess
     import sys

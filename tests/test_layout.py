@@ -2,7 +2,6 @@
 generate and resume, with the numbers that version computed from them."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess

@@ -12,7 +12,7 @@ import numpy as np
 
 from moe.config import MoEConfig, RopeScaling, TransformerConfig
 from train.interop.families import register
-from train.interop.families.base import TRANSPOSE, Family, InteropError, Table, _get, _reshape, num_experts
+from train.interop.families.base import TRANSPOSE, Family, InteropError, Table, _reshape, num_experts
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 # GptOssConfig's rope_parameters when config.json has none
