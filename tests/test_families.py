@@ -63,8 +63,12 @@ def test_keys_a_config_leaves_out_take_the_family_config_classs_defaults(family)
     theirs = type(hf_models.hf_config(family)).from_dict(hf)
     ours = REGISTRY[family].from_hf_config(hf, "config.json")
     assert ours.norm_eps == theirs.rms_norm_eps
-    theta = (getattr(theirs, "rope_parameters", None) or {}).get("rope_theta", getattr(theirs, "rope_theta", None))
-    assert ours.rope_theta == theta
+    rope = getattr(theirs, "rope_parameters", None) or {}
+    assert ours.rope_theta == rope.get("rope_theta", getattr(theirs, "rope_theta", None))
+    assert ours.rope_scaling.kind == {"default": "none"}.get(rope.get("rope_type", "default"), rope.get("rope_type"))
+    if ours.rope_scaling.kind == "yarn":  # GPT-OSS's class gives YaRN when config.json has no RoPE key
+        assert (ours.rope_scaling.factor, ours.rope_scaling.original_max_positions, ours.rope_scaling.truncate) == (
+            rope["factor"], rope["original_max_position_embeddings"], rope.get("truncate", True))
     if ours.attention != "mla":  # MLA has no key/value heads of its own
         assert ours.kv_heads == theirs.num_key_value_heads
     if hasattr(theirs, "router_aux_loss_coef"):
