@@ -5,6 +5,7 @@ whose logits equal Switchyard's."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -24,7 +25,7 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_os
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_configs_validate_and_infer_their_architecture(family):
-    from train.interop.families import infer_architecture, to_hf_config
+    from train.interop.families import from_hf_config, infer_architecture, to_hf_config
 
     cfg = load_config_file(str(ROOT / f"configs/{family}_tiny.py"))
     validate(cfg, num_devices=8)
@@ -32,7 +33,16 @@ def test_family_configs_validate_and_infer_their_architecture(family):
     counts = param_counts(cfg.model)
     assert counts["active"] < counts["total"]
     assert infer_architecture(cfg.model) == family
-    assert to_hf_config(family, cfg.model, "float32")["model_type"] == family
+    hf = to_hf_config(family, cfg.model, "float32")
+    assert hf["model_type"] == family
+    # its RoPE read back as written, by us and by the family's transformers config class
+    _, back = from_hf_config(hf)
+    assert (back.rope_scaling, back.rope_theta) == (cfg.model.rope_scaling, cfg.model.rope_theta)
+    if importlib.util.find_spec("transformers"):
+        import hf_models
+
+        rope = type(hf_models.hf_config(family)).from_dict(hf).to_dict().get("rope_parameters") or {}
+        assert rope.get("rope_type", "default") == "default", rope
     # the FLOPs count the attention projections this model really has (GQA, head_dim, MLA)
     from flax import nnx
 

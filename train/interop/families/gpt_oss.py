@@ -77,9 +77,11 @@ class GptOss(Family):
     def hf_fields(self, cfg: TransformerConfig, norm: bool) -> dict:
         self.need(cfg, norm, "moe.norm_topk_prob", f"{self.name} softmaxes the chosen logits (renormalised gates)")
         types = [SLIDING if cfg.attention_window(i) else FULL for i in range(cfg.num_layers)]
+        # plain RoPE said so: without a RoPE key GptOssConfig (and ``read``) take YaRN
+        plain = {} if cfg.rope_scaling.kind != "none" else {"rope_scaling": {"rope_type": "default"}}
         return dict(num_local_experts=cfg.moe.num_experts, head_dim=cfg.head_width, attention_bias=True,
                     sliding_window=cfg.sliding_window or None, layer_types=types, swiglu_limit=cfg.swiglu_limit,
-                    swiglu_alpha=cfg.swiglu_alpha)
+                    swiglu_alpha=cfg.swiglu_alpha, **plain)
 
     def attention_tensors(self, t: Table, cfg: TransformerConfig, ours: str, hf: str, interleaved: bool) -> None:
         super().attention_tensors(t, cfg, ours, hf, interleaved)
