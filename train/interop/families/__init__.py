@@ -2,14 +2,18 @@
 (``base.Family``) registered by its ``model_type``: its ``config.json`` <-> a ``TransformerConfig``,
 and which of its tensors holds each Switchyard variable.
 
-Supported (``model_type``): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3. A setting Switchyard
-does not compute the same way (sliding windows, RoPE scaling, tied embeddings, clipped q/k/v...)
-is refused with ``InteropError`` naming the ``config.json`` field, before anything is written.
+Supported (``model_type``): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss. A setting
+Switchyard does not compute the same way (a family's sliding windows where it declares them off, RoPE
+scaling other than YaRN, tied embeddings, clipped q/k/v...) is refused with ``InteropError`` naming the
+``config.json`` field, before anything is written.
 
 Tensor layouts: a Hugging Face ``Linear`` stores [out, in]; Switchyard stores [in, (heads, head
 dim | out)], experts stacked on a leading axis [E, ...]. DeepSeek's rotary parts are stored in
 interleaved pairs (``rope_interleave``): their rows are reordered, evens then odds, into the
 rotate-half layout Switchyard computes (the dot products are unchanged), and back on export.
+GPT-OSS keeps each layer's experts in one tensor, [E, ...], the gate and up projections interleaved
+in ``gate_up_proj``: two Switchyard variables read from it (``Table.joined``) and the exporter joins
+them back.
 
 ``FAMILIES`` maps a ``model_type`` to its family. Every module in this package registers its class
 with ``@register`` and is imported here, so a new family is one new module (plus its tests):
