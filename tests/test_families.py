@@ -1,7 +1,8 @@
 """The MoE families from scratch: each ``configs/<family>_tiny.py`` validates and builds, and a
-DeepSeek-style model (MLA, dense first block, sigmoid group-limited routing, shared expert) trains
-with its experts split over 8 devices and its blocks scanned, then exports to a Hugging Face model
-whose logits equal Switchyard's."""
+DeepSeek-style model (MLA, dense first block, sigmoid group-limited routing, shared expert) and a
+GPT-OSS-style one (sinks, windows, biased experts, clamped SwiGLU) train with their experts split
+over 8 devices and their blocks scanned, then export to a Hugging Face model whose logits equal
+Switchyard's."""
 
 from __future__ import annotations
 
@@ -121,13 +122,19 @@ def test_family_is_layout_invariant(family):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5, err_msg=f"{family} {rules}")
 
 
+# (family, layers, scanned repeats, the first scanned block): DeepSeek's dense first block runs before
+# the scan; GPT-OSS's pattern is a windowed and a full-attention block
+FROM_SCRATCH = [("deepseek_v3", 5, 4, 1), ("gpt_oss", 4, 2, 0)]
+
+
 @pytest.mark.slow
-def test_deepseek_from_scratch_trains_scanned_on_8_devices_and_exports(tmp_path):
+@pytest.mark.parametrize("family, layers, repeats, first", FROM_SCRATCH, ids=[f[0] for f in FROM_SCRATCH])
+def test_family_from_scratch_trains_scanned_on_8_devices_and_exports(tmp_path, family, layers, repeats, first):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     work, out = tmp_path / "run", tmp_path / "hf"
-    args = [f"--config={ROOT / 'configs/deepseek_v3_tiny.py'}", f"--workdir={work}", "--config.model.num_layers=5",
+    args = [f"--config={ROOT / f'configs/{family}_tiny.py'}", f"--workdir={work}", f"--config.model.num_layers={layers}",
             "--config.model.d_model=64", "--config.model.d_ff=128", "--config.model.scan_layers=on",
             "--config.train.steps=3", "--config.train.batch_size=8", "--config.train.seq_len=32",
             f"--config.data.path={ROOT / 'tests/data/corpus'}", "--config.data.max_bytes=0", "--config.mesh.data=2",
@@ -143,8 +150,8 @@ def test_deepseek_from_scratch_trains_scanned_on_8_devices_and_exports(tmp_path)
     from train.inference.evaluate import load_run
 
     loaded = load_run(work, devices=jax.devices()[:1])
-    assert loaded.cfg.model.scan_repeats == 4 and loaded.cfg.model.first_scanned == 1
-    tokens = np.random.RandomState(1).randint(0, 250, size=(2, 16))
+    assert loaded.cfg.model.scan_repeats == repeats and loaded.cfg.model.first_scanned == first
+    tokens = np.random.RandomState(1).randint(0, 250, size=(2, 48))  # past GPT-OSS's window of 32
     with loaded.context():
         ours, _ = loaded.model()(jnp.asarray(tokens, jnp.int32))
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
