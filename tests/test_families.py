@@ -185,3 +185,25 @@ def test_released_configs_are_accepted_with_their_published_sizes(name, total, a
         counts["active"] -= model.vocab_size * model.d_model
     assert abs(counts["total"] / total - 1) < 0.01, counts
     assert abs(counts["active"] / active - 1) < 0.02, counts
+
+
+GPT_OSS_REFUSED = [  # a GPT-OSS config.json edited -> what its one line names
+    (dict(attention_bias=False), "attention_bias=False"),
+    (dict(layer_types=["sliding_attention"] * 3), "layer_types=["),
+    (dict(layer_types=["chunked_attention"] * 24), "layer_types=["),
+    (dict(layer_types=["full_attention", "sliding_attention"] * 12), "full attention every n-th layer only"),
+    (dict(sliding_window=0), "sliding_window=0: a positive integer needed"),
+]
+
+
+@pytest.mark.parametrize("edit, message", GPT_OSS_REFUSED, ids=[m.split("=")[0] for _, m in GPT_OSS_REFUSED])
+def test_gpt_oss_settings_it_cannot_compute_are_one_line(edit, message):
+    import json
+
+    from train.interop.families import InteropError, from_hf_config
+
+    hf = json.loads((ROOT / "tests/data/hf_configs/gpt-oss-20b.json").read_text()) | edit
+    with pytest.raises(InteropError) as err:
+        from_hf_config(hf, "config.json")
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert str(err.value).startswith("config.json: ")
