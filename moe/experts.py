@@ -66,10 +66,11 @@ class Experts:
         """[R, D] -> [R, D]: rows [starts[l], starts[l] + sizes[l]) through expert l, by the
         grouped matmul ``grouped_impl`` (``moe.grouped_matmul``); rows past the last group are zero."""
         rows = x_RD.shape[0]
-        y_RD = self._ffn(lambda x, w: grouped_matmul(x, w, group_sizes_L, self.grouped_impl), x_RD,
-                         lambda b: b[expert_of_rows(group_sizes_L, rows)])
+        matmul = lambda x, w: grouped_matmul(x, w, group_sizes_L, self.grouped_impl)  # noqa: E731
         if self.biases is None:
-            return y_RD
+            return self._ffn(matmul, x_RD, None)
+        expert_R = expert_of_rows(group_sizes_L, rows)  # once, for the three biases
+        y_RD = self._ffn(matmul, x_RD, lambda b: b[expert_R])
         real_R1 = (jnp.arange(rows) < jnp.sum(group_sizes_L))[:, None]
         return jnp.where(real_R1, y_RD, jnp.zeros((), y_RD.dtype))
 

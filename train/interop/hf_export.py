@@ -13,6 +13,7 @@ complete. A byte-tokenizer run's tokenizer is written as a ``tokenizer.json`` th
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -55,6 +56,8 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: in
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
     plan = list({name: (name, t.hf_shape, np_dtype) for t in table for name in t.names}.values())
 
+    sharers = collections.Counter(t.names[0] for t in table if t.join is not None)  # variables per shared tensor
+
     def produce():
         parts: dict[str, list] = {}  # the parts of a tensor several variables share, until the last
         for t in table:
@@ -65,7 +68,7 @@ def export_model(workdir: str | os.PathLike, out: str | os.PathLike, *, step: in
             elif t.join is not None:
                 name = t.names[0]
                 parts.setdefault(name, []).append(t.to_hf(value))
-                if len(parts[name]) == sum(1 for other in table if other.names == t.names):
+                if len(parts[name]) == sharers[name]:
                     yield name, t.join(*parts.pop(name))
             else:
                 yield t.names[0], t.to_hf(value)

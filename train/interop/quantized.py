@@ -66,7 +66,20 @@ def block_size(hf: dict, where: str) -> tuple[int, int] | None:
     return block[0], block[1]
 
 
-class BlockFp8Folder:
+class _Dequantized:
+    """What a quantized folder shares: its ``quantized`` tensors read as float32, the rest as stored."""
+
+    folder: SafetensorsFolder
+    quantized: set | dict
+
+    def kind(self, name: str) -> str:
+        return "F32" if name in self.quantized else self.folder.kind(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(np.float32) if name in self.quantized else self.folder.dtype(name)
+
+
+class BlockFp8Folder(_Dequantized):
     """A ``SafetensorsFolder`` whose FP8 weights read dequantized (float32); each is checked when the
     folder is opened: two-dimensional, with a float ``<name>_scale_inv`` of one value per block."""
 
@@ -100,12 +113,6 @@ class BlockFp8Folder:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.folder.shape(name)
 
-    def kind(self, name: str) -> str:
-        return "F32" if name in self.quantized else self.folder.kind(name)
-
-    def dtype(self, name: str) -> np.dtype:
-        return np.dtype(np.float32) if name in self.quantized else self.folder.dtype(name)
-
     def companions(self, name: str) -> tuple[str, ...]:
         """The tensors read with ``name`` (its block scales)."""
         return (name + SCALE,) if name in self.quantized else ()
@@ -123,7 +130,7 @@ def dequantize(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]
     return weight.astype(np.float32) * scales
 
 
-class Mxfp4Folder:
+class Mxfp4Folder(_Dequantized):
     """A ``SafetensorsFolder`` whose MXFP4 parameters read dequantized (float32): each ``P_blocks`` and
     ``P_scales`` pair is the one tensor ``P`` (``dequantize_mxfp4``), checked when the folder is
     opened (both uint8, ``[E, N, G, 16]`` and ``[E, N, G]``); the pair's own names are hidden."""
@@ -168,12 +175,6 @@ class Mxfp4Folder:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.quantized[name] if name in self.quantized else self.folder.shape(name)
-
-    def kind(self, name: str) -> str:
-        return "F32" if name in self.quantized else self.folder.kind(name)
-
-    def dtype(self, name: str) -> np.dtype:
-        return np.dtype(np.float32) if name in self.quantized else self.folder.dtype(name)
 
     def companions(self, name: str) -> tuple[str, ...]:
         """The tensors read for ``name`` (its blocks and scales)."""
