@@ -103,13 +103,13 @@ def causal_mask(x_BSD: jax.Array, positions_BS: jax.Array, keys: int | None, win
     """[B,S,P] True where query s may see key p: the lower triangle without a cache, else every
     cached position up to the query's own; with ``window`` only the last ``window`` of those (the
     query's own position and the window - 1 before it)."""
+    def visible(q, p):
+        return (p <= q) & (p > q - window) if window else p <= q
+
     if keys is None:
         s = x_BSD.shape[1]
-        q_S1, p_1P = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
-        visible = (p_1P <= q_S1) & (p_1P > q_S1 - window) if window else p_1P <= q_S1
-        return jnp.broadcast_to(visible, (x_BSD.shape[0], s, s))
-    q_BS1, p_11P = positions_BS[:, :, None], jnp.arange(keys)[None, None, :]
-    return (p_11P <= q_BS1) & (p_11P > q_BS1 - window) if window else p_11P <= q_BS1
+        return jnp.broadcast_to(visible(jnp.arange(s)[:, None], jnp.arange(s)[None, :]), (x_BSD.shape[0], s, s))
+    return visible(positions_BS[:, :, None], jnp.arange(keys)[None, None, :])
 
 
 def write_cache(cache_BP: jax.Array, new_BS: jax.Array, positions_BS: jax.Array) -> jax.Array:
@@ -122,8 +122,10 @@ def write_cache(cache_BP: jax.Array, new_BS: jax.Array, positions_BS: jax.Array)
 
 
 def softmax_with_sink(logits, sink):
-    """softmax over the last axis with one more logit ``sink`` (broadcast to the rows) in the
-    denominator only: the row's weights sum to less than 1 by the sink's share."""
+    """softmax over the last axis with one more logit ``sink`` (broadcast to the rows; None: plain
+    softmax) in the denominator only: the row's weights sum to less than 1 by the sink's share."""
+    if sink is None:
+        return jax.nn.softmax(logits, axis=-1)
     top = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
     e = jnp.exp(logits - top)
     return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top))
@@ -137,21 +139,15 @@ def attend(q_BSNH, k_BPJH, v_BPJH, mask_BSP, scale: float, sinks_N=None) -> jax.
     if n == j:
         logits = einsum("bsnh,bpnh->bnsp", q_BSNH, k_BPJH, ("batch", "act_heads", "seq", None), jnp.float32)
         logits = jnp.where(mask_BSP[:, None], logits * scale, -1e30)
-        if sinks_N is None:
-            probs = jax.nn.softmax(logits, axis=-1)
-        else:
-            probs = softmax_with_sink(logits, sinks_N[None, :, None, None])
-        probs = probs.astype(v_BPJH.dtype)
+        sinks = None if sinks_N is None else sinks_N[None, :, None, None]
+        probs = softmax_with_sink(logits, sinks).astype(v_BPJH.dtype)
         return einsum("bnsp,bpnh->bsnh", probs, v_BPJH, ("batch", "seq", "act_heads", None))
     b, s, _, h = q_BSNH.shape
     q_BSJQH = q_BSNH.reshape(b, s, j, n // j, h)
     logits = einsum("bsjqh,bpjh->bjqsp", q_BSJQH, k_BPJH, ("batch", "act_kv_heads", None, "seq", None), jnp.float32)
     logits = jnp.where(mask_BSP[:, None, None], logits * scale, -1e30)
-    if sinks_N is None:
-        probs = jax.nn.softmax(logits, axis=-1)
-    else:
-        probs = softmax_with_sink(logits, sinks_N.reshape(j, n // j)[None, :, :, None, None])
-    probs = probs.astype(v_BPJH.dtype)
+    sinks = None if sinks_N is None else sinks_N.reshape(j, n // j)[None, :, :, None, None]
+    probs = softmax_with_sink(logits, sinks).astype(v_BPJH.dtype)
     out = einsum("bjqsp,bpjh->bsjqh", probs, v_BPJH, ("batch", "seq", "act_kv_heads", None, None))
     return out.reshape(b, s, n, v_BPJH.shape[-1])
 
