@@ -43,19 +43,14 @@ $(STAMP312): $(BIN312)/python pyproject.toml lanes/py312.txt
 	$(BIN312)/pip install --quiet -c lanes/py312.txt -e '.[test,gpu]' xprof transformers safetensors
 	touch $(STAMP312)
 
-# The tests that touch what differs between the stacks: scanned layers, layout conversion and remat,
-# --plan, the grouped matmul with tokamax, the stage split of profiles, the families (parity and
-# layout invariance), checkpoint restore, and scanned training end to end.
+# The second lane runs the tests marked `stack` (tests/conftest.py), those about what differs between
+# the stacks: scanned layers, layout conversion and remat, --plan against a real step, the grouped
+# matmul with tokamax, the stage split of profiles, the families' config readers and two families'
+# layout invariance, one family's transformers parity, export and FP8 reading (DeepSeek-V3: MLA,
+# YaRN, shared experts), checkpoint restore and Orbax's reads, and scanned training end to end.
 STACK_TESTS ?= tests/test_stack.py tests/test_scan.py tests/test_plan.py tests/test_grouped_matmul.py tests/test_stages.py \
 	tests/test_families.py tests/test_interop.py tests/test_checkpoint.py
-# Transformers parity, the export round trip and training from scratch for one family there
-# (DeepSeek-V3: MLA, YaRN, FP8, shared experts, dense layers); every family's layout invariance runs in
-# both lanes, GPT-OSS's MXFP4 reading (numpy) in the first.
-STACK_SELECT ?= ((not test_import_parity and not test_export_round_trip) or deepseek_v3) and not mxfp4 \
-	and not (from_scratch and gpt_oss)
 
-# Both lanes at once (each one's output kept together): the second fills the cores whenever the first
-# waits (a peer that is late on purpose, a watchdog's timeout, a file left to one worker at the end).
 # The two environments install side by side too, and the first lane starts as soon as its own is ready.
 test:
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-311 test-312
@@ -67,7 +62,7 @@ test-311: $(STAMP)
 
 test-312: $(STAMP312) $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" SWITCHYARD_HF_PYTHON=$(CURDIR)/$(BIN)/python \
-		$(BIN312)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -k '$(STACK_SELECT)' $(PYTEST_ARGS) $(STACK_TESTS)
+		$(BIN312)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "stack or accelerator_lane" $(PYTEST_ARGS) $(STACK_TESTS)
 
 # The inner loop: the structure, the MoE layer against its naive oracle, causal routing, data, the
 # one-line refusals of bad input and metrics (this lane's stack, tests not marked slow).

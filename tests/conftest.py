@@ -40,6 +40,16 @@ import pytest  # noqa: E402
 
 from sharding import make_mesh  # noqa: E402
 
+# Tests about what differs between the two stacks `make test` runs (JAX 0.10 and JAX 0.11 with
+# tokamax, a newer Flax, Orbax and transformers): the second lane (test-312) runs only these.
+stack = pytest.mark.stack
+
+
+def on_both_stacks(values, *chosen):
+    """``values`` for ``parametrize``, the ``chosen`` ones marked ``stack`` (run in both lanes)."""
+    return [pytest.param(v, marks=stack) if v in chosen else v for v in values]
+
+
 MESHES = {
     "none": None,  # no mesh set at all
     "1dev": dict(data=1, expert=1),  # a 1-device mesh

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import child_env
+from conftest import child_env, on_both_stacks, stack
 
 from test_train import tiny_config
 from train.cli import eval_main, generate_main
@@ -70,6 +70,7 @@ def resumed_runs(tmp_path_factory):
                 resumed=resumed, resumed_data=resumed_data)
 
 
+@stack
 def test_resume_is_bit_exact(resumed_runs):
     r = resumed_runs
     straight, split = train_losses(r["tmp"] / "straight"), train_losses(r["tmp"] / "split")
@@ -82,6 +83,7 @@ def test_resume_is_bit_exact(resumed_runs):
     assert steps[-1] == 6 and 3 in steps
 
 
+@stack
 def test_round_trip_restores_the_whole_state(resumed_runs):
     r = resumed_runs
     run, state = setup(r["cfg"], r["tmp"] / "straight")  # finds step 6 and restores it
@@ -94,7 +96,8 @@ def test_round_trip_restores_the_whole_state(resumed_runs):
         run.close()
 
 
-@pytest.mark.parametrize("mesh", [dict(data=1, expert=8), dict(data=1, expert=1)], ids=["expert8", "1device"])
+@pytest.mark.parametrize("mesh", on_both_stacks([dict(data=1, expert=8), dict(data=1, expert=1)], dict(data=1, expert=8)),
+                         ids=["expert8", "1device"])
 def test_restore_onto_another_mesh_and_continue(resumed_runs, tmp_path, mesh):
     """Saved on data=2 x expert=4; restored on expert=8 or on one device, step 4 matches."""
     r = resumed_runs
@@ -138,6 +141,7 @@ def test_incompatible_config_is_refused_and_extending_steps_is_allowed(resumed_r
     assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [6, 7]  # checkpoint.keep=2
 
 
+@stack
 def test_params_only_restore_never_reads_the_optimizer_state(resumed_runs, tmp_path):
     r = resumed_runs
     work = tmp_path / "w"
@@ -148,6 +152,7 @@ def test_params_only_restore_never_reads_the_optimizer_state(resumed_runs, tmp_p
     assert_trees_equal(host(run.params), r["straight"].params)
 
 
+@stack
 def test_eval_gives_the_same_loss_on_1_and_8_devices(resumed_runs):
     work = resumed_runs["tmp"] / "straight"
     one = evaluate_run(load_run(work, devices=jax.devices()[:1]), log=lambda m: None)
@@ -210,6 +215,7 @@ def test_eval_and_generate_read_a_workdir_a_run_holds_and_bad_generation_flags_g
         held.release()
 
 
+@stack
 def test_kv_cache_generation_equals_recomputing_the_prefix(resumed_runs):
     run = load_run(resumed_runs["tmp"] / "straight", devices=jax.devices()[:1])
     with run.context():
@@ -225,6 +231,7 @@ def test_kv_cache_generation_equals_recomputing_the_prefix(resumed_runs):
     assert sampled_a == sampled_b
 
 
+@stack
 def test_a_plain_orbax_reader_can_list_and_restore_the_checkpoint_on_one_device(resumed_runs):
     """Saved on 8 devices; read back on 1 by plain Orbax (the README's recipe), without this project."""
     path = resumed_runs["tmp"] / "straight" / "checkpoints"
@@ -253,6 +260,7 @@ def _largest_file(folder):
     return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+@stack
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's aborted reads
 def test_eval_and_generate_fall_back_from_an_unreadable_checkpoint_without_renaming_it(resumed_runs, tmp_path, capsys):
     work = tmp_path / "w"

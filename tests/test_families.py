@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import on_both_stacks, stack
+
 from moe.costs import param_counts
 from train.core.config import load_config_file, validate
 
@@ -24,6 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 
 
+@stack  # (transformers' config classes)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_configs_validate_and_infer_their_architecture(family):
     from train.interop.families import from_hf_config, infer_architecture, to_hf_config
@@ -60,6 +63,7 @@ OPTIONAL_KEYS = ("rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling"
                  "num_key_value_heads")
 
 
+@stack
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keys_a_config_leaves_out_take_the_family_config_classs_defaults(family):
     """A config.json without the keys that have defaults reads as the family's transformers config
@@ -86,7 +90,7 @@ def test_keys_a_config_leaves_out_take_the_family_config_classs_defaults(family)
         assert ours.moe.aux_loss_coef == theirs.router_aux_loss_coef
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", on_both_stacks(FAMILIES, "deepseek_v3", "gpt_oss"))
 def test_family_is_layout_invariant(family):
     """GQA, QK-norm, biases, shared experts, MLA, the sigmoid router: the same logits unsharded and with
     heads/hidden split over ``tensor`` (ep+tp, fsdp+tp), experts over ``expert``, weights over ``fsdp``."""

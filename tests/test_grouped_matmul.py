@@ -12,6 +12,8 @@ from moe import grouped_matmul as gm
 
 # rows 0-9 to group 0, none to group 1, 10-29 to group 2, 30-43 to group 3; rows 44-60 are past the
 # last group (R = 61 is no multiple of Megablox's row tile: the rows are padded)
+pytestmark = pytest.mark.stack
+
 SIZES = [10, 0, 20, 14]
 R, K, N = 61, 24, 40
 

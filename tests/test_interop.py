@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import hf_models
+from conftest import on_both_stacks, stack
 from hf_models import TOKENS
 
 from moe.layer import MoEFeedForward  # noqa: E402
@@ -83,7 +84,7 @@ def imported(tmp_path_factory):
     return _Imported(tmp_path_factory)
 
 
-@pytest.mark.parametrize("arch", hf_models.ARCHS)
+@pytest.mark.parametrize("arch", on_both_stacks(hf_models.ARCHS, "deepseek_v3"))
 def test_import_parity(arch, imported, monkeypatch):
     ref, _, workdir = imported[arch]
     ref_logits, ref_ids = ref["logits"], ref["greedy"].tolist()
@@ -126,7 +127,7 @@ def greedy_on_mesh(run, prompt, n):
     return out
 
 
-@pytest.mark.parametrize("arch", hf_models.ARCHS)
+@pytest.mark.parametrize("arch", on_both_stacks(hf_models.ARCHS, "deepseek_v3"))
 def test_export_round_trip(arch, imported, tmp_path):
     ref, _, workdir = imported[arch]
     export_model(workdir, tmp_path / "out", log=lambda m: None)
@@ -327,6 +328,7 @@ def test_mxfp4_gpt_oss_imports_dequantized(imported, tmp_path, monkeypatch):
     _imports_as_dequantized(q, deq, tmp_path, monkeypatch)
 
 
+@stack
 def test_block_scaled_fp8_deepseek_imports_dequantized(imported, tmp_path, monkeypatch):
     """DeepSeek-V3 as its releases ship it (F8_E4M3 projections, a float32 scale per block, partial
     blocks at the edges): imported, it is the same model as its weights written dequantized in
@@ -337,6 +339,7 @@ def test_block_scaled_fp8_deepseek_imports_dequantized(imported, tmp_path, monke
     _imports_as_dequantized(fp8, deq, tmp_path, monkeypatch)
 
 
+@stack
 def test_quantized_folders_the_importer_cannot_read_are_one_line(imported, tmp_path, capsys, monkeypatch):
     """Another scheme, fp8 without block scales, FP8 tensors without quantization_config, and scales
     of another block size: one line naming the field or tensor, exit 2, nothing written."""

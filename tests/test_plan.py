@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import child_env
+from conftest import child_env, stack
 
 from test_train import tiny_config
 from train.analysis.plan import make_plan
@@ -39,6 +39,7 @@ def peak(memory) -> int:
             + memory.temp_size_in_bytes)
 
 
+@stack
 def test_plan_equals_what_a_real_step_holds(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.model.num_layers, cfg.model.scan_layers, cfg.model.remat = 4, "on", "full"
@@ -109,6 +110,7 @@ def test_the_plan_fits_its_largest_program_which_can_be_the_evaluation(tmp_path,
 
 
 @pytest.mark.slow
+@stack
 def test_plan_emulates_a_mesh_larger_than_the_machine_and_exits_3_when_it_does_not_fit():
     """16 emulated devices (data=4 x expert=4) in a fresh process; 1 MiB per device cannot fit."""
     cmd = [str(pathlib.Path(sys.executable).parent / "moe-train"), f"--config={ROOT / 'configs/default.py'}", "--plan", "--cpu_devices=16", "--config.mesh.data=4",

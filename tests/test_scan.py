@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import build_mesh
+from conftest import build_mesh, stack
 from moe import layout
 from moe.config import REMAT_POLICIES, TransformerConfig
 from moe.transformer import Transformer
@@ -79,6 +79,7 @@ def assert_same(a: dict, b: dict, exact_grads=False):
     jax.tree.map(check, a["grads"], b["grads"])
 
 
+@stack
 def test_scanned_model_equals_the_unrolled_one_on_a_mesh():
     """Same parameters from the same seed, the same loss bit for bit, the same gradients, per-layer
     statistics, RNG draws (router jitter) and router-state updates (loss_free's bias), on the
@@ -127,6 +128,7 @@ def test_scan_layers_auto_scans_from_eight_layers():
 
 
 @pytest.mark.slow
+@stack
 def test_every_remat_policy_gives_the_same_loss_and_gradients():
     """Every policy on the scanned pattern, and full remat of unrolled blocks (``run_block``),
     with random routing: the recomputed forward pass draws what the first one drew."""
@@ -137,6 +139,7 @@ def test_every_remat_policy_gives_the_same_loss_and_gradients():
     assert_same(loss_and_grads(model_config("random", scan_layers="off", remat="full"), mesh), base)
 
 
+@stack
 def test_full_remat_keeps_less_for_the_backward_pass():
     """XLA's temporary bytes of the compiled gradient: full remat < none."""
     temp = {}
@@ -172,6 +175,7 @@ def test_scanned_decoding_equals_the_full_forward_pass():
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
 
 
+@stack
 def test_windowed_and_full_blocks_scan_as_one_pattern():
     """GPT-OSS's blocks (a window of 3 positions on blocks 0, 2, 4, full attention on 1 and 3, sinks,
     biases, the clamped SwiGLU, a biased router; an MoE layer in every block): the scanned pattern
@@ -217,6 +221,7 @@ def test_layout_maps_scanned_and_unrolled_trees_both_ways():
 
 
 @pytest.mark.slow
+@stack
 def test_checkpoints_move_between_scanned_and_unrolled(tmp_path):
     """A run trained scanned evaluates unrolled (and the reverse) with the same loss, and resumes
     unrolled with the step the scanned run takes next (equal to float rounding: XLA fuses a
@@ -271,6 +276,7 @@ def test_routers_fit_their_tables_in_every_scanned_layer():
     jax.tree.map(np.testing.assert_array_equal, tables["on"], tables["off"])
 
 
+@stack
 @pytest.mark.parametrize("rules, sizes", [("ep+tp", dict(expert=4, tensor=2)), ("fsdp+tp", dict(fsdp=4, tensor=2))])
 def test_a_scanned_body_computes_with_the_unrolled_models_shardings(monkeypatch, rules, sizes):
     """Every parameter a forward pass gathers (``compute_value``) gets the same compute spec inside
@@ -301,6 +307,7 @@ def test_a_scanned_body_computes_with_the_unrolled_models_shardings(monkeypatch,
     assert seen["on"] == seen["off"]
 
 
+@stack
 def test_compute_value_refuses_axes_that_do_not_name_every_dimension():
     from moe.params import compute_value, sharded_param
 
@@ -309,6 +316,7 @@ def test_compute_value_refuses_axes_that_do_not_name_every_dimension():
         compute_value(var, ("layers", "embed", "mlp"))
 
 
+@stack
 def test_the_same_parameters_are_decayed_scanned_and_unrolled():
     """Weight decay by meaning: matrices and tensors (a stacked ``layers`` axis does not count),
     never norm scales (QK-norm over a whole projection is 2-D), biases or the stable router's
@@ -330,6 +338,7 @@ def test_the_same_parameters_are_decayed_scanned_and_unrolled():
     assert not moe_block["router"]["distill"]
 
 
+@stack
 def test_an_unrolled_model_is_initialised_through_the_scan_with_the_same_draws():
     """Unrolled parameters and model state (RNG streams, router state) come from the scanned
     initialisation, unstacked (one block pattern to compile, not every block), bit for bit what

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from conftest import tiny_train_args
+from conftest import on_both_stacks, tiny_train_args
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("rules", ["ep", "ep+tp"])
+@pytest.mark.parametrize("rules", on_both_stacks(["ep", "ep+tp"], "ep+tp"))
 def test_a_scanned_model_trains_with_the_losses_of_the_unrolled_one(tmp_path, rules):
     """4 blocks (2 repeats of dense, MoE; grouped-query attention), 3 steps, 8 emulated devices,
     with the tensor axis too: JAX 0.11 refuses a stacked ``layers`` axis left in a scanned body's

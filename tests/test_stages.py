@@ -16,6 +16,8 @@ from train.analysis.stages import (
     summarize,
 )
 
+pytestmark = pytest.mark.stack
+
 HLO = """\
 HloModule jit_f, is_scheduled=true, entry_computation_layout={(f32[8,4]{1,0})->f32[8]{0}}
 

@@ -263,3 +263,16 @@ def test_the_run_is_a_frozen_value_and_the_loop_is_functions_over_it():
                     base = getattr(target, "value", None)
                     assert not (isinstance(target, ast.Attribute) and getattr(base, "id", None) == "run"), \
                         f"{path.relative_to(ROOT)}:{node.lineno} rebinds a part of the run"
+
+
+def test_every_test_marked_stack_is_in_a_file_the_second_lane_runs():
+    """`make test-312` runs the tests marked ``stack`` in ``STACK_TESTS`` only: a mark in another file
+    would be silently left out of that lane."""
+    import re
+
+    makefile = (ROOT / "Makefile").read_text()
+    listed = re.search(r"^STACK_TESTS \?=((?:.*\\\n)*.*)$", makefile, re.M).group(1).replace("\\\n", " ").split()
+    marked = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("test_*.py")
+                    if p.name != "test_structure.py" and re.search(r"@stack\b|pytest\.mark\.stack\b|on_both_stacks\(", p.read_text()))
+    assert marked and set(marked) <= set(listed), sorted(set(marked) - set(listed))
+    assert set(listed) <= set(marked), sorted(set(listed) - set(marked))  # no file there for nothing
