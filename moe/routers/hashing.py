@@ -83,26 +83,29 @@ class BigramHash(Hash):
         return bigram_hash_route(prev_BS, ids_BS, self.cfg.num_experts, self.cfg.experts_per_token, self.options.seed)
 
 
-def _mix32(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser: a bijective avalanche mix of uint32 values."""
+def _mix32(x):
+    """MurmurHash3's 32-bit finaliser: a bijective avalanche mix of uint32 values (JAX or NumPy
+    arrays: the same bits)."""
     x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
+    x = x * np.uint32(0x85EBCA6B)
     x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
+    x = x * np.uint32(0xC2B2AE35)
     return x ^ (x >> 16)
 
 
-def hash_scores(token_ids_BS: jax.Array, num_experts: int, seed: int) -> jax.Array:
+def hash_scores(token_ids_BS, num_experts: int, seed: int, xp=jnp):
     """[B,S,E] pseudo-random scores that depend only on (token id, expert, seed).
 
     Their ranking per token is a fixed random permutation of the experts: the top k are the
     token's experts. It plays the part of Hash Layers' random lookup table, for any vocabulary.
+    ``xp=np`` computes the same scores with NumPy on the host.
     """
-    seed_mix = _mix32(jnp.uint32(seed & 0xFFFFFFFF) ^ jnp.uint32(0x9E3779B9))
-    ids_BS1 = token_ids_BS.astype(jnp.uint32)[..., None]
-    experts_E = jnp.arange(num_experts, dtype=jnp.uint32)
-    h_BSE = _mix32(_mix32(ids_BS1 ^ seed_mix) + (experts_E * jnp.uint32(0x632BE5AB))[None, None, :])
-    return (h_BSE >> 8).astype(jnp.float32)  # 24 bits: exact in float32, exact comparisons
+    seed_111 = xp.full((1, 1, 1), seed & 0xFFFFFFFF, xp.uint32)  # an array: NumPy wraps arrays silently
+    ids_BS1 = token_ids_BS.astype(xp.uint32)[..., None]
+    experts_E = xp.arange(num_experts, dtype=xp.uint32)
+    seed_mix = _mix32(seed_111 ^ np.uint32(0x9E3779B9))
+    h_BSE = _mix32(_mix32(ids_BS1 ^ seed_mix) + (experts_E * np.uint32(0x632BE5AB))[None, None, :])
+    return (h_BSE >> 8).astype(xp.float32)  # 24 bits: exact in float32, exact comparisons
 
 
 def hash_route(token_ids_BS: jax.Array, num_experts: int, k: int, seed: int) -> Routing:
@@ -111,10 +114,11 @@ def hash_route(token_ids_BS: jax.Array, num_experts: int, k: int, seed: int) -> 
 
 
 def hash_table(vocab_size: int, num_experts: int, k: int, seed: int) -> np.ndarray:
-    """int32 [V, K]: the ``hash`` router's experts for every token id (as a lookup table)."""
-    with jax.ensure_compile_time_eval():  # concrete even while a model is built under jit
-        _, ids = jax.lax.top_k(hash_scores(jnp.arange(vocab_size, dtype=jnp.int32)[None], num_experts, seed), k)
-        return np.array(ids[0], np.int32)  # a writable copy
+    """int32 [V, K]: the ``hash`` router's experts for every token id (as a lookup table), computed
+    with NumPy: concrete while a model is built under jit, and no device program per operation. The
+    order is ``jax.lax.top_k``'s: highest score first, equal scores by lower expert index."""
+    scores_VE = hash_scores(np.arange(vocab_size)[None], num_experts, seed, xp=np)[0]
+    return np.argsort(-scores_VE, axis=1, kind="stable")[:, :k].astype(np.int32)
 
 
 def counts_for(token_counts, vocab_size: int) -> np.ndarray:
@@ -159,7 +163,7 @@ def previous_tokens(token_ids_BS: jax.Array) -> jax.Array:
 def bigram_ids(prev_ids_BS: jax.Array, token_ids_BS: jax.Array) -> jax.Array:
     """uint32 [B,S] id of each (previous token, token) pair: a bijective mix of the previous id,
     xor-ed with the current one (distinct pairs collide only as 32-bit hashes do)."""
-    prev = _mix32(prev_ids_BS.astype(jnp.uint32) ^ jnp.uint32(0xB5297A4D))
+    prev = _mix32(prev_ids_BS.astype(jnp.uint32) ^ np.uint32(0xB5297A4D))
     return prev ^ token_ids_BS.astype(jnp.uint32)
 
 
