@@ -103,6 +103,23 @@ def test_tensorboard_scalars_and_histogram(tmp_path):
     assert histograms == {"train/moe/expert_load"}
 
 
+def test_tensorboard_is_written_without_importing_torch(tmp_path):
+    """tensorboardX imports torch whenever it is installed (as it is in the test environment): a run
+    writes its events without it, and torch still imports afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from train.services.metrics import MetricsWriter\n"
+            f"with MetricsWriter({str(tmp_path)!r}, total_steps=1, progress=False) as w: w.write(1, {{'loss': 1.0}})\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "import torch")
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert next((tmp_path / "tensorboard").glob("events.out.tfevents.*")).stat().st_size > 0
+
+
 def test_disabled_creates_nothing(tmp_path):
     workdir = tmp_path / "run"
     stream = io.StringIO()

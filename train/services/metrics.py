@@ -50,6 +50,21 @@ def _to_json_value(value: Any) -> Any:
     raise TypeError(f"metric value of type {type(value).__name__} is not a number or list of numbers")
 
 
+def _summary_writer() -> type:
+    """tensorboardX's ``SummaryWriter``, imported without torch: tensorboardX imports torch whenever
+    it is installed (1.5 s and its memory at every start) only to accept torch tensors, which a run
+    never passes. Where torch is already loaded, nothing changes."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """JSONL + TensorBoard + console progress for one run; a no-op when ``enabled`` is False."""
 
@@ -80,9 +95,7 @@ class MetricsWriter:
             self._jsonl.write("\n")  # a killed run left half a line: keep it on its own line
             self._jsonl.flush()
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=str(self.workdir / TENSORBOARD_DIR))
+            self._tb = _summary_writer()(logdir=str(self.workdir / TENSORBOARD_DIR))
         if progress is None:
             progress = _is_terminal(self.stream)
         if progress:
