@@ -69,6 +69,10 @@ def loss_and_grads(cfg: TransformerConfig, mesh):
             "state": unrolled(new_rest), "per_layer": jax.tree.map(np.asarray, aux.per_layer)}
 
 
+# the full forward pass as one program (eagerly, every operation around the scan is a program of its own)
+forward = nnx.jit(lambda model, tokens: model(tokens)[0])
+
+
 def assert_same(a: dict, b: dict, exact_grads=False):
     assert a["loss"] == b["loss"]  # bit for bit
     jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
@@ -163,7 +167,7 @@ def test_scanned_decoding_equals_the_full_forward_pass():
     model = nnx.merge(graphdef, params, rest)
     model.eval()
     tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, V)
-    full = np.asarray(model(tokens)[0])
+    full = np.asarray(forward(model, tokens))
     cache = model.init_cache(2, 8)
     assert cache["stack"][0]["k"].shape[0] == 2  # stacked over the repeats
     decode = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
@@ -196,7 +200,7 @@ def test_windowed_and_full_blocks_scan_as_one_pattern():
     model = nnx.merge(graphdef, params, rest)
     model.eval()
     tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, V)
-    full = np.asarray(model(tokens)[0])
+    full = np.asarray(forward(model, tokens))
     cache = model.init_cache(2, 8)
     decode = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
     logits, cache = decode(model, tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)), cache)
@@ -206,7 +210,7 @@ def test_windowed_and_full_blocks_scan_as_one_pattern():
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
     model.stack.pattern[0].attn.window = 0  # the same parameters without the window: other logits
-    assert not np.allclose(np.asarray(model(tokens)[0]), full, atol=1e-3)
+    assert not np.allclose(np.asarray(forward(model, tokens)), full, atol=1e-3)
 
 
 def test_layout_maps_scanned_and_unrolled_trees_both_ways():
