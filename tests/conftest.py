@@ -70,6 +70,18 @@ def build_mesh(name):
     return make_mesh(devices=jax.devices()[:n], **sizes)
 
 
+# The files that take longest (summed --durations of each lane), started first: each worker runs whole
+# files (--dist loadfile), so a long file started last would leave the other workers idle at the end.
+LONGEST_FIRST = ("test_scan.py", "test_families.py", "test_moe_oracle.py", "test_train.py", "test_causality.py",
+                 "test_failures.py", "test_grouped_matmul.py", "test_multiprocess.py", "test_interop.py", "test_stack.py",
+                 "test_routers.py", "test_checkpoint.py", "test_plan.py", "test_interrupts.py", "test_bench_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests expect 8 emulated CPU devices"
