@@ -46,8 +46,9 @@ stack = pytest.mark.stack
 
 
 def on_both_stacks(values, *chosen):
-    """``values`` for ``parametrize``, the ``chosen`` ones marked ``stack`` (run in both lanes)."""
-    return [pytest.param(v, marks=stack) if v in chosen else v for v in values]
+    """``values`` for ``parametrize``, the ``chosen`` ones marked ``stack`` (run in both lanes); a tuple
+    is one value per argument name."""
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=stack) if v in chosen else v for v in values]
 
 
 MESHES = {

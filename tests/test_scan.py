@@ -2,6 +2,7 @@
 the same numbers, and checkpoints that move between the two layouts."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import build_mesh, stack
+from conftest import build_mesh, on_both_stacks, stack
 from moe import layout
 from moe.config import REMAT_POLICIES, TransformerConfig
 from moe.transformer import Transformer
@@ -131,16 +132,23 @@ def test_scan_layers_auto_scans_from_eight_layers():
     assert cfg.scan_repeats == 0  # one repeat: nothing to scan
 
 
+@functools.cache
+def no_remat_on_a_mesh() -> dict:
+    return loss_and_grads(model_config("random", scan_layers="on"), build_mesh("d2e4"))
+
+
+# (scan_layers, remat): every policy on the scanned pattern and full remat of unrolled blocks; the second
+# lane checks the policy that combines the others' and the unrolled one
+REMATTED = [("on", policy) for policy in REMAT_POLICIES[1:]] + [("off", "full")]
+
+
 @pytest.mark.slow
-@stack
-def test_every_remat_policy_gives_the_same_loss_and_gradients():
-    """Every policy on the scanned pattern, and full remat of unrolled blocks (``run_block``),
-    with random routing: the recomputed forward pass draws what the first one drew."""
+@pytest.mark.parametrize("scan, policy", on_both_stacks(REMATTED, ("on", "save_dots_exchange"), ("off", "full")),
+                         ids=[f"{p}-{'scanned' if s == 'on' else 'unrolled'}" for s, p in REMATTED])
+def test_every_remat_policy_gives_the_same_loss_and_gradients(scan, policy):
+    """With random routing: the recomputed forward pass draws what the first one drew."""
     mesh = build_mesh("d2e4")
-    base = loss_and_grads(model_config("random", scan_layers="on"), mesh)
-    for policy in REMAT_POLICIES[1:]:
-        assert_same(loss_and_grads(model_config("random", scan_layers="on", remat=policy), mesh), base)
-    assert_same(loss_and_grads(model_config("random", scan_layers="off", remat="full"), mesh), base)
+    assert_same(loss_and_grads(model_config("random", scan_layers=scan, remat=policy), mesh), no_remat_on_a_mesh())
 
 
 @stack
