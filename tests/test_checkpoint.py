@@ -215,7 +215,6 @@ def test_eval_and_generate_read_a_workdir_a_run_holds_and_bad_generation_flags_g
         held.release()
 
 
-@stack
 def test_kv_cache_generation_equals_recomputing_the_prefix(resumed_runs):
     run = load_run(resumed_runs["tmp"] / "straight", devices=jax.devices()[:1])
     with run.context():
@@ -260,7 +259,6 @@ def _largest_file(folder):
     return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-@stack
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's aborted reads
 def test_eval_and_generate_fall_back_from_an_unreadable_checkpoint_without_renaming_it(resumed_runs, tmp_path, capsys):
     work = tmp_path / "w"

@@ -328,7 +328,6 @@ def test_mxfp4_gpt_oss_imports_dequantized(imported, tmp_path, monkeypatch):
     _imports_as_dequantized(q, deq, tmp_path, monkeypatch)
 
 
-@stack
 def test_block_scaled_fp8_deepseek_imports_dequantized(imported, tmp_path, monkeypatch):
     """DeepSeek-V3 as its releases ship it (F8_E4M3 projections, a float32 scale per block, partial
     blocks at the edges): imported, it is the same model as its weights written dequantized in
