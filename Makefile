@@ -22,21 +22,22 @@ TEST_WORKERS ?= 2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
 
-# what training needs (make train); make test installs it with the test stack in one go (one resolve, one
-# editable build; the venv's own pip)
+# what training needs (make train), and on top of it the test stack (make test)
 $(RUN_STAMP): $(BIN)/python pyproject.toml lanes/py311.txt
 	$(BIN)/pip install --quiet -c lanes/py311.txt -e .
 	touch $(RUN_STAMP)
 
-$(STAMP): $(BIN)/python pyproject.toml lanes/py311.txt
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/pip install --quiet -c lanes/py311.txt -e '.[dev]'
-	touch $(RUN_STAMP) $(STAMP)
+	touch $(STAMP)
 
 # The second lane's interpreter: PYTHON312, python3.12, or pyenv's 3.12 (lanes/find-python312);
 # none found is an error, never a skipped lane.
 $(BIN312)/python:
 	py=$$(lanes/find-python312) && $$py -m venv $(VENV312)
+	$(BIN312)/pip install --quiet --upgrade pip
 
 # No torch here (PyPI's Linux torch for 3.12 is the CUDA build): the Hugging Face references come
 # from the first lane's interpreter (SWITCHYARD_HF_PYTHON).
