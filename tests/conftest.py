@@ -40,8 +40,8 @@ import pytest  # noqa: E402
 
 from sharding import make_mesh  # noqa: E402
 
-# Tests about what differs between the two stacks `make test` runs (JAX 0.10 and JAX 0.11 with
-# tokamax, a newer Flax, Orbax and transformers): the second lane (test-312) runs only these.
+# Tests about what differs between the two stacks `make test` runs (Python, JAX/jaxlib, Flax, NumPy and
+# tokamax; Orbax, optax, transformers and ml_dtypes are pinned alike): the second lane runs only these.
 stack = pytest.mark.stack
 
 

@@ -61,7 +61,7 @@ def _summary_writer() -> type:
         from tensorboardX import SummaryWriter
     finally:
         if hide:
-            del sys.modules["torch"]
+            sys.modules.pop("torch", None)
     return SummaryWriter
 
 
