@@ -14,35 +14,45 @@ STAMP312 := $(VENV312)/.installed
 CONFIG ?= configs/default.py
 WORKDIR ?= runs/default
 # pytest worker processes (pytest-xdist; whole files per worker, so module fixtures run once, the longest
-# files first: tests/conftest.py). A third worker in the first lane costs more than it fills: each worker
-# traces and compiles its own programs (a fresh clone's make test took 25 s longer with three).
+# files first: tests/conftest.py). A third worker costs more than it fills: each worker traces and
+# compiles its own programs, and more workers than cores contend (a fresh clone's make test took 25 s
+# longer with three in the first lane, when the lanes still ran side by side).
 TEST_WORKERS ?= 2
 
 .PHONY: test test-311 test-312 test-fast train bench clean
 
+# Packages install with uv (a fresh environment in seconds where pip takes a minute), itself installed
+# first by the interpreter's pip. uv does not read pip's configuration: the folders of wheels pip is
+# pointed at (find-links, in its config files or PIP_FIND_LINKS) are handed on, since that is where
+# a machine keeps the CPU build of torch that lanes/py311.txt pins (PyPI has only the 5 GB CUDA one
+# for Linux). Byte code is compiled at install, as pip does.
+UV_VERSION := 0.13.9
+FIND_LINKS = $(sort $(PIP_FIND_LINKS) $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_INSTALL = pip install --quiet --compile-bytecode $(foreach d,$(FIND_LINKS),--find-links $(d))
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
 
 # what training needs (make train), and on top of it the test stack (make test)
 $(RUN_STAMP): $(BIN)/python pyproject.toml lanes/py311.txt
-	$(BIN)/pip install --quiet -c lanes/py311.txt -e .
+	$(BIN)/uv $(UV_INSTALL) --python $(BIN)/python -c lanes/py311.txt -e .
 	touch $(RUN_STAMP)
 
 $(STAMP): $(RUN_STAMP)
-	$(BIN)/pip install --quiet -c lanes/py311.txt -e '.[dev]'
+	$(BIN)/uv $(UV_INSTALL) --python $(BIN)/python -c lanes/py311.txt -e '.[dev]'
 	touch $(STAMP)
 
 # The second lane's interpreter: PYTHON312, python3.12, or pyenv's 3.12 (lanes/find-python312);
 # none found is an error, never a skipped lane.
 $(BIN312)/python:
 	py=$$(lanes/find-python312) && $$py -m venv $(VENV312)
-	$(BIN312)/pip install --quiet --upgrade pip
+	$(BIN312)/pip install --quiet uv==$(UV_VERSION)
 
 # No torch here (PyPI's Linux torch for 3.12 is the CUDA build): the Hugging Face references come
 # from the first lane's interpreter (SWITCHYARD_HF_PYTHON).
 $(STAMP312): $(BIN312)/python pyproject.toml lanes/py312.txt
-	$(BIN312)/pip install --quiet -c lanes/py312.txt -e '.[test,gpu]' xprof transformers safetensors
+	$(BIN312)/uv $(UV_INSTALL) --python $(BIN312)/python -c lanes/py312.txt -e '.[test,gpu]' xprof transformers safetensors
 	touch $(STAMP312)
 
 # The second lane runs the tests marked `stack` (tests/conftest.py), those about what differs between
@@ -54,9 +64,12 @@ $(STAMP312): $(BIN312)/python pyproject.toml lanes/py312.txt
 STACK_TESTS ?= tests/test_stack.py tests/test_scan.py tests/test_plan.py tests/test_grouped_matmul.py tests/test_stages.py \
 	tests/test_families.py tests/test_interop.py tests/test_checkpoint.py
 
-# The two environments install side by side too, and the first lane starts as soon as its own is ready.
+# The two environments install side by side, then the lanes run one after the other, each on every
+# core (side by side, four workers on two cores took longer in all than the two lanes one by one).
+# -k: the second lane runs even when the first failed; make test fails if either did.
 test:
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-311 test-312
+	$(MAKE) --no-print-directory -j2 --output-sync=target $(STAMP) $(STAMP312)
+	$(MAKE) --no-print-directory -k test-311 test-312
 
 # (tests marked accelerator_lane are about the accelerator hosts' stack: the second lane runs them)
 test-311: $(STAMP)
