@@ -71,11 +71,12 @@ def build_mesh(name):
     return make_mesh(devices=jax.devices()[:n], **sizes)
 
 
-# The files that take longest (summed --durations of each lane), started first: each worker runs whole
-# files (--dist loadfile), so a long file started last would leave the other workers idle at the end.
-LONGEST_FIRST = ("test_scan.py", "test_families.py", "test_moe_oracle.py", "test_train.py", "test_causality.py",
-                 "test_failures.py", "test_grouped_matmul.py", "test_multiprocess.py", "test_interop.py", "test_stack.py",
-                 "test_routers.py", "test_checkpoint.py", "test_plan.py", "test_interrupts.py", "test_bench_cli.py")
+# The files that take longest (summed --durations of each lane, a fresh clone's make test), started
+# first: each worker runs whole files (--dist loadfile), so a long file started last would leave the
+# other workers idle at the end.
+LONGEST_FIRST = ("test_scan.py", "test_failures.py", "test_multiprocess.py", "test_moe_oracle.py", "test_interop.py",
+                 "test_train.py", "test_families.py", "test_routers.py", "test_causality.py", "test_grouped_matmul.py",
+                 "test_bench_cli.py", "test_checkpoint.py", "test_plan.py", "test_stack.py", "test_interrupts.py")
 
 
 def pytest_collection_modifyitems(config, items):
