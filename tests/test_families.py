@@ -59,6 +59,35 @@ def test_family_configs_validate_and_infer_their_architecture(family):
     assert attention_shape(cfg.model)[0] == weights
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_tensor_map_names_exactly_the_variables_the_model_has(family):
+    """A family's tensor map spells Switchyard's variable paths ("blocks/3/attn/wq"): checked here
+    against the model ``moe/`` builds (unrolled, as import writes it): every parameter is mapped with
+    its shape and nothing else is, and the mapped model state (router biases) exists with its shape."""
+    import dataclasses
+
+    from flax import nnx
+
+    from moe.transformer import abstract_model
+    from train.core.checkpoint import to_nested
+    from train.interop.families import tensors
+
+    cfg = load_config_file(str(ROOT / f"configs/{family}_tiny.py")).model
+    cfg = dataclasses.replace(cfg, vocab_size=256, scan_layers="off")
+    model = abstract_model(cfg)
+
+    def shapes(state) -> dict:
+        flat = jax.tree_util.tree_flatten_with_path(to_nested(state))[0]
+        return {"/".join(str(k.key) for k in path): tuple(x.shape) for path, x in flat}
+
+    mapped = {item: {t.path: tuple(t.shape) for t in tensors(family, cfg) if t.item == item}
+              for item in ("params", "model_state")}
+    assert mapped["params"] == shapes(nnx.state(model, nnx.Param))
+    state = shapes(nnx.state(model, nnx.Not(nnx.Param)))
+    assert {path: state.get(path) for path in mapped["model_state"]} == mapped["model_state"]
+    assert bool(mapped["model_state"]) == (family == "deepseek_v3")  # its routers' load-balancing biases
+
+
 OPTIONAL_KEYS = ("rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling", "router_aux_loss_coef",
                  "num_key_value_heads")
 
