@@ -14,9 +14,9 @@ STAMP312 := $(VENV312)/.installed
 CONFIG ?= configs/default.py
 WORKDIR ?= runs/default
 # pytest worker processes (pytest-xdist; whole files per worker, so module fixtures run once, the longest
-# files first: tests/conftest.py). A third worker costs more than it fills: each worker traces and
-# compiles its own programs, and more workers than cores contend (a fresh clone's make test took 25 s
-# longer with three in the first lane, when the lanes still ran side by side).
+# files first: tests/conftest.py). As many as the 2 cores: a third in the first lane (its tests that
+# wait on other processes leave a core idle) ran it in 8 min 33 s against 9 min 5 s once, within this
+# machine's noise, and more workers than cores make every timing-sensitive test more fragile.
 TEST_WORKERS ?= 2
 
 .PHONY: test test-311 test-312 test-fast train bench clean
