@@ -71,14 +71,14 @@ def test_the_tensor_map_names_exactly_the_variables_the_model_has(family):
     from moe.transformer import abstract_model
     from train.core.checkpoint import to_nested
     from train.interop.families import tensors
+    from train.interop.hf_import import _leaves
 
     cfg = load_config_file(str(ROOT / f"configs/{family}_tiny.py")).model
     cfg = dataclasses.replace(cfg, vocab_size=256, scan_layers="off")
     model = abstract_model(cfg)
 
-    def shapes(state) -> dict:
-        flat = jax.tree_util.tree_flatten_with_path(to_nested(state))[0]
-        return {"/".join(str(k.key) for k in path): tuple(x.shape) for path, x in flat}
+    def shapes(state) -> dict:  # as import walks its target
+        return {path: tuple(x.shape) for path, x in _leaves(to_nested(state))}
 
     mapped = {item: {t.path: tuple(t.shape) for t in tensors(family, cfg) if t.item == item}
               for item in ("params", "model_state")}
